@@ -1,0 +1,42 @@
+# Two set-up commands: `make run` (score examples/) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PIP_TORCH_ARGS ?=
+CLIP_MODEL_DIR ?= models/clip-vit-base-patch32
+export CLIP_MODEL_DIR
+
+.PHONY: run test bench lint clean tiny-clip
+
+$(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(PIP_TORCH_ARGS) -r requirements/torch-cpu.txt
+	$(PIP) install -q -e ".[torch,onnx,export,hub,lambda,dev]"
+	touch $@
+
+# The main job: score the shipped examples. Fetches the model on first use when there is network.
+run: $(VENV)/.installed
+	@if [ ! -f "$(CLIP_MODEL_DIR)/config.json" ]; then \
+	  echo "model directory $(CLIP_MODEL_DIR) is missing: fetching openai/clip-vit-base-patch32"; \
+	  $(PY) -m similarity model fetch --to "$(CLIP_MODEL_DIR)" || exit 3; \
+	fi
+	$(PY) -m similarity score examples/challenge_set.csv -o out/challenge_set_scored.csv --model "$(CLIP_MODEL_DIR)"
+	@echo "--- out/challenge_set_scored.csv"; cat out/challenge_set_scored.csv
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/run.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/cfn-lint template.yaml
+
+# Regenerate the committed test model (deterministic; ~2 minutes on 2 cores).
+tiny-clip: $(VENV)/.installed
+	$(PY) tests/fixtures/make_tiny_clip.py
+
+clean:
+	rm -rf $(VENV) out build dist src/*.egg-info .pytest_cache

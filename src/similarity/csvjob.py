@@ -1,0 +1,63 @@
+"""Score a whole CSV: stream rows in, score them, stream rows out. Used by the CLI, the chunk
+workers and the GPU task alike, so every path writes the same bytes for the same input."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .csvio import DEFAULT_MAX_FIELD, CsvReader, CsvWriter, open_input, open_output
+from .fetch import Fetcher
+from .model import ClipModel
+from .scoring import ScoreStats, Scorer
+
+
+@dataclass
+class CsvJobResult:
+    stats: ScoreStats
+    seconds: float
+    header: list[str] = field(default_factory=list)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.stats.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def score_stream(
+    src: TextIO,
+    dst: TextIO,
+    model: ClipModel,
+    fetcher: Fetcher,
+    *,
+    batch_size: int = 32,
+    workers: int = 16,
+    url_column: str | None = None,
+    caption_column: str | None = None,
+    max_field: int = DEFAULT_MAX_FIELD,
+    excel_safe: bool = False,
+    on_row: Callable[[int], None] | None = None,
+) -> CsvJobResult:
+    start = time.perf_counter()
+    reader = CsvReader(src, url_column=url_column, caption_column=caption_column, max_field=max_field)
+    writer = CsvWriter(dst, reader.header, excel_safe=excel_safe)
+    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers)
+    for result in scorer.score(reader):
+        writer.write(result)
+        if on_row is not None:
+            on_row(1)
+    return CsvJobResult(scorer.stats, time.perf_counter() - start, reader.header)
+
+
+def score_csv(
+    input_uri: str,
+    output_uri: str,
+    model: ClipModel,
+    fetcher: Fetcher,
+    s3_client: Any = None,
+    **kwargs: Any,
+) -> CsvJobResult:
+    """Local paths, ``-`` or ``s3://`` URIs on either side. The output appears only when complete."""
+    with open_input(input_uri, s3_client) as src, open_output(output_uri, s3_client) as dst:
+        return score_stream(src, dst, model, fetcher, **kwargs)
