@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
+import dataclasses
 import http.cookiejar
 import os
 import random
@@ -208,6 +210,13 @@ class Fetcher:
 
     def close(self) -> None:
         self.session.close()
+
+    def with_settings(self, **changes: Any) -> Fetcher:
+        """A view with other settings (e.g. a request's deadline) sharing the pooled session, the
+        per-host slots and the S3 client."""
+        clone = copy.copy(self)
+        clone.settings = dataclasses.replace(self.settings, **changes)
+        return clone
 
     # -- dispatch
     def fetch(self, url: str) -> bytes:

@@ -18,10 +18,10 @@ import numpy as np
 
 from .errors import BackendUnavailable, ModelIncomplete, ModelNotFound
 from .images import PreprocessConfig
+from .onnx_backend import ONNX_SUBDIR  # noqa: F401  (re-exported: the model directory layout)
 
 DEFAULT_MODEL_ID = "openai/clip-vit-base-patch32"
 MODEL_META_FILE = ".similarity-model.json"  # written by `model fetch`: id and resolved revision
-ONNX_SUBDIR = "onnx"
 
 
 @dataclass(frozen=True)
@@ -262,8 +262,12 @@ def load_model(
         from .onnx_backend import OnnxBackend
 
         impl = OnnxBackend(path, dtype=dtype, threads=threads)
+    elif backend == "openvino":
+        from .onnx_backend import OpenVinoBackend
+
+        impl = OpenVinoBackend(path, dtype=dtype, threads=threads)
     else:
-        raise BackendUnavailable(f"unknown backend {backend!r} (auto, torch, onnx)")
+        raise BackendUnavailable(f"unknown backend {backend!r} (auto, torch, onnx, openvino)")
     model_id, revision = read_identity(path)
     info = ModelInfo(
         model_id=model_id,

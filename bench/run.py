@@ -1,0 +1,319 @@
+"""End-to-end benchmark: the project's score_pairs against a straightforward baseline, in one run.
+
+    make bench            # or: .venv/bin/python bench/run.py [--pairs 160] [--out bench/results.json]
+
+Builds a full-size ViT-B/32 CLIP with random weights (same cost as the real one) and the real CLIP
+BPE vocabulary (from the open_clip_torch wheel, when `make bench` could download it), exports ONNX,
+serves generated JPEGs from a local HTTP server on 127.0.0.1, and prints pairs/s for both, model
+throughput per backend, agreement with the fp32 reference, cold start, peak RSS and the JPEG draft
+effect. Everything it contacts is on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+from support.clip_vocab import real_clip_vocab, toy_vocab  # noqa: E402
+from support.imageserver import ImageServer  # noqa: E402
+
+WORDS = (
+    "a photo of the dog cat man woman child car bicycle street city beach mountain river tree house kitchen "
+    "table plate food pizza red blue green small large old young sitting standing running next to on in with "
+    "two three people group field park snow water boat train bus sign window wall dark bright sunny"
+).split()
+BACKENDS = [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "bf16"), ("torch", "fp32"), ("torch", "bf16")]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------ set-up
+def make_model(d: Path) -> str:
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig()).save_pretrained(str(d))
+    wheels = glob.glob(str(ROOT / "bench" / ".cache" / "open_clip_torch-*.whl"))
+    if wheels:
+        with zipfile.ZipFile(wheels[0]) as z:
+            (d / "bpe.txt.gz").write_bytes(z.read("open_clip/bpe_simple_vocab_16e6.txt.gz"))
+        vocab, merges = real_clip_vocab(d / "bpe.txt.gz")
+        (d / "bpe.txt.gz").unlink()
+        kind = "real CLIP BPE (49408 tokens)"
+    else:
+        vocab, merges = toy_vocab(sorted(set(WORDS)))
+        kind = "toy BPE (open_clip_torch wheel not found: token counts are not CLIP's)"
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(str(d))
+    pre = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+           "size": 224, "image_processor_type": "CLIPImageProcessor"}
+    (d / "preprocessor_config.json").write_text(json.dumps(pre))
+    (d / ".similarity-model.json").write_text(json.dumps({"model_id": "random-vit-b-32", "revision": "bench"}))
+    return kind
+
+
+def make_jpeg(rng: random.Random, size: tuple[int, int]) -> bytes:
+    """A photo-like JPEG: gradients, blobs and mild noise (compresses like a photo, not like flat art)."""
+    w, h = size
+    small = Image.new("RGB", (w // 8, h // 8))
+    px = np.zeros((h // 8, w // 8, 3), dtype=np.float32)
+    for c in range(3):
+        gx = np.linspace(rng.random() * 255, rng.random() * 255, w // 8)
+        gy = np.linspace(rng.random() * 255, rng.random() * 255, h // 8)
+        px[..., c] = (gx[None, :] + gy[:, None]) / 2
+    small = Image.fromarray(px.astype(np.uint8))
+    img = small.resize((w, h), Image.Resampling.BILINEAR)
+    d = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y, r = rng.randrange(w), rng.randrange(h), rng.randrange(10, max(11, min(w, h) // 4))
+        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
+    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, 6, (h, w, 3))
+    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=88)
+    return buf.getvalue()
+
+
+def caption(rng: random.Random, i: int) -> str:
+    n = rng.randint(8, 16)
+    return f"{' '.join(rng.choice(WORDS) for _ in range(n))} {i}"
+
+
+# ------------------------------------------------------------------------------------ baseline
+def baseline(model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32) -> tuple[float, list[float]]:
+    """The straightforward way: CLIPProcessor + CLIPModel fp32 eager, batch 32, a thread pool for
+    the downloads of each batch, batches one after another."""
+    import requests
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(str(model_dir)).eval()
+    proc = CLIPProcessor.from_pretrained(str(model_dir))
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=16))
+    cos: list[float] = []
+
+    def get(url: str) -> Image.Image:
+        return Image.open(io.BytesIO(session.get(url, timeout=30).content)).convert("RGB")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        for i in range(0, len(pairs), batch):
+            chunk = pairs[i : i + batch]
+            images = list(pool.map(get, [u for u, _ in chunk]))
+            inputs = proc(text=[c for _, c in chunk], images=images, return_tensors="pt", padding=True, truncation=True)
+            with torch.inference_mode():
+                out = model(**inputs)
+                cos += (torch.diagonal(out.logits_per_image) / model.logit_scale.exp()).tolist()
+    return time.perf_counter() - start, cos
+
+
+# ------------------------------------------------------------------------------------ ours
+def ours(model, pairs, policy, batch: int = 32) -> tuple[float, list[float | None]]:
+    from similarity import Fetcher, FetchSettings, Record, score_pairs
+
+    fetcher = Fetcher(FetchSettings(pool_size=32), policy)
+    start = time.perf_counter()
+    res = [r.cosine for r in score_pairs((Record(u, c) for u, c in pairs), model, fetcher, batch_size=batch, workers=16)]
+    fetcher.close()
+    return time.perf_counter() - start, res
+
+
+def model_only(model, pixels: np.ndarray, captions: list[str], reps: int = 3) -> tuple[float, float]:
+    model.embed_images(pixels[:4])
+    model.embed_texts(captions[:4])
+    ti, tt = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        model.embed_images(pixels)
+        ti.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        model.embed_texts(captions)
+        tt.append(time.perf_counter() - t)
+    return len(pixels) / float(np.median(ti)), len(captions) / float(np.median(tt))
+
+
+def cold_start(model_dir: Path, backend: str, dtype: str, reps: int = 3) -> float:
+    """Seconds from `python` starting to the first score printed, median of fresh processes."""
+    code = (
+        "import time,base64,io,sys;t=time.perf_counter();"
+        "from similarity import load_model, score_pairs, Record, Fetcher;"
+        f"m=load_model({str(model_dir)!r}, backend={backend!r}, dtype={dtype!r});"
+        "from PIL import Image;b=io.BytesIO();Image.new('RGB',(64,64),(9,9,9)).save(b,'PNG');"
+        "u='data:image/png;base64,'+base64.b64encode(b.getvalue()).decode();"
+        "r=next(score_pairs([Record(u,'a photo')], m, Fetcher()));assert r.ok, r.error_text;print('ok')"
+    )
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str) -> tuple[float, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "similarity", "score", str(csv_path), "-o", str(csv_path.with_suffix(".out.csv")),
+         "--model", str(model_dir), "--allow-network", allow, "--no-progress"],
+        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    secs = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(after, before) / 1024, secs  # ru_maxrss is KiB on Linux
+
+
+def agreement(ref_i: np.ndarray, ref_t: np.ndarray, i: np.ndarray, t: np.ndarray) -> dict[str, float]:
+    sims_ref = (ref_i @ ref_t.T + 1) / 2
+    sims = (i @ t.T + 1) / 2
+    return {
+        "image_cos_min": float((ref_i * i).sum(1).min()),
+        "text_cos_min": float((ref_t * t).sum(1).min()),
+        "max_abs_similarity_diff": float(np.abs(sims - sims_ref).max()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=160)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = ap.parse_args()
+    from similarity.images import PreprocessConfig, decode, load_pixels, preprocess
+    from similarity.model import load_model
+    from similarity.netguard import AddressPolicy, parse_networks
+    from similarity.onnx_export import export_onnx
+
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                 "python": platform.python_version()}}
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        results["machine"]["model_name"] = next(line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name"))
+        results["machine"]["avx512_bf16"] = "avx512_bf16" in flags
+    except (OSError, StopIteration):
+        pass
+    tmp = Path(tempfile.mkdtemp(prefix="clip-bench-"))
+    model_dir = tmp / "model"
+    t0 = time.perf_counter()
+    results["tokenizer"] = make_model(model_dir)
+    export_onnx(model_dir, int8=True)
+    log(f"model + ONNX export: {time.perf_counter() - t0:.1f}s ({results['tokenizer']})")
+
+    rng = random.Random(0)
+    server = ImageServer("127.0.0.1").start()
+    sizes = [(640, 480)] * 8 + [(480, 640), (800, 600), (3000, 2000), (1600, 1200)]
+    images = {}
+    pairs = []
+    for i in range(args.pairs):
+        data = make_jpeg(rng, sizes[i % len(sizes)])
+        url = server.image(f"/img/{i}.jpg", data, "image/jpeg")
+        images[url] = data
+        pairs.append((url, caption(rng, i)))
+    policy = AddressPolicy(parse_networks("127.0.0.1/32"))
+    log(f"{len(pairs)} pairs served from {server.base} (10/12 at 640x480-800x600, 1/12 3000x2000, 1/12 1600x1200)")
+
+    base_s, base_cos = baseline(model_dir, pairs)
+    results["baseline_pairs_per_s"] = len(pairs) / base_s
+    log(f"baseline (CLIPProcessor + CLIPModel fp32 eager): {results['baseline_pairs_per_s']:.1f} pairs/s")
+
+    ref = load_model(model_dir, backend="torch", dtype="fp32")
+    cfg = ref.preprocess
+    sample_urls = list(images)[:32]
+    pixels = np.stack([load_pixels(images[u], cfg) for u in sample_urls])
+    caps = [c for _, c in pairs[:64]]
+    ref_i = ref.embed_images(pixels)
+    ref_t, _ = ref.embed_texts(caps)
+    results["backends"] = {}
+    default_key = None
+    for backend, dtype in BACKENDS:
+        key = f"{backend}-{dtype}"
+        try:
+            m = ref if key == "torch-fp32" else load_model(model_dir, backend=backend, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - a runtime missing on this machine is reported, not fatal
+            log(f"{key}: unavailable ({exc})")
+            continue
+        img_s, cap_s = model_only(m, pixels, caps)
+        e2e_s, cos = ours(m, pairs, policy)
+        agree = agreement(ref_i, ref_t, m.embed_images(pixels), m.embed_texts(caps)[0])
+        row = {"image_per_s": img_s, "caption_per_s": cap_s, "pairs_per_s": len(pairs) / e2e_s,
+               "speedup": (len(pairs) / e2e_s) / results["baseline_pairs_per_s"], **agree}
+        if key == "onnx-fp32":
+            diffs = [abs((a + 1) / 2 - (b + 1) / 2) for a, b in zip(cos, base_cos) if a is not None]
+            row["max_abs_similarity_diff_vs_baseline_e2e"] = max(diffs)
+        results["backends"][key] = row
+        log(f"{key:14s} image {img_s:6.1f}/s  captions {cap_s:6.1f}/s  e2e {row['pairs_per_s']:6.1f} pairs/s "
+            f"({row['speedup']:.2f}x)  img cos min {agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}")
+        if m is not ref:
+            del m
+    faithful = {k: v for k, v in results["backends"].items() if v["max_abs_similarity_diff"] <= 0.002}
+    default_key = "onnx-fp32" if "onnx-fp32" in results["backends"] else "torch-fp32"
+    results["default_backend"] = default_key
+    results["fastest_within_0.002"] = max(faithful, key=lambda k: faithful[k]["pairs_per_s"]) if faithful else None
+
+    # JPEG draft decoding: effect on embeddings of the large images
+    big = [u for u in images if Image.open(io.BytesIO(images[u])).size[0] >= 1600][:16]
+    full_cfg = PreprocessConfig(**{**cfg.__dict__, "draft_factor": 0})
+    a = ref.embed_images(np.stack([preprocess(decode(images[u], cfg), cfg) for u in big]))
+    b = ref.embed_images(np.stack([preprocess(decode(images[u], full_cfg), full_cfg) for u in big]))
+    t = time.perf_counter()
+    for u in big:
+        load_pixels(images[u], cfg)
+    draft_ms = (time.perf_counter() - t) / len(big) * 1000
+    t = time.perf_counter()
+    for u in big:
+        load_pixels(images[u], full_cfg)
+    full_ms = (time.perf_counter() - t) / len(big) * 1000
+    results["jpeg_draft"] = {"images": len(big), "ms_per_image_draft": draft_ms, "ms_per_image_full": full_ms,
+                             "embedding_cos_min": float((a * b).sum(1).min()),
+                             "max_abs_similarity_diff": float(np.abs((a - b) @ ref_t.T).max() / 2)}
+    log(f"JPEG draft on {len(big)} large images: {full_ms:.1f} -> {draft_ms:.1f} ms/image, "
+        f"embedding cos min {results['jpeg_draft']['embedding_cos_min']:.5f}, "
+        f"max|dsim| {results['jpeg_draft']['max_abs_similarity_diff']:.5f}")
+
+    results["cold_start_s"] = {"onnx-fp32 (Lambda default)": cold_start(model_dir, "onnx", "fp32"),
+                               "torch-fp32": cold_start(model_dir, "torch", "fp32")}
+    log("cold start to first score: " + ", ".join(f"{k} {v:.2f}s" for k, v in results["cold_start_s"].items()))
+
+    csv_path = tmp / "rows1000.csv"
+    with csv_path.open("w") as fh:
+        fh.write("url,caption\n")
+        urls = list(images)
+        for i in range(1000):
+            fh.write(f"{urls[i % len(urls)]},{caption(rng, i)}\n")
+    rss, secs = peak_rss_1000(model_dir, csv_path, "127.0.0.1/32")
+    results["peak_rss_mb_1000_rows"] = rss
+    log(f"peak RSS scoring a 1,000-row CSV with the default backend: {rss:.0f} MB ({secs:.1f}s)")
+
+    server.stop()
+    results["speedup_default"] = results["backends"][default_key]["speedup"]
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    log(f"end-to-end speedup vs baseline: {results['speedup_default']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
