@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# Targets:
+#   lambda (default) - the API, S3-event and worker functions: ONNX Runtime, no torch (small, ~1 s cold start)
+#   tools            - lambda + CPU torch/transformers/huggingface_hub: the model-sync function (fetch + ONNX export)
+#   gpu              - CUDA torch for the ECS GPU task (python -m handler.gpu_task)
+# The model is never baked in: it lives on EFS (/mnt/models) and is put there by the model-sync function.
+
+ARG PYTHON_VERSION=3.12
+
+# ---------------------------------------------------------------- build the wheel once
+FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+# ---------------------------------------------------------------- Lambda image (CPU, no torch)
+FROM public.ecr.aws/lambda/python:${PYTHON_VERSION} AS lambda
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,lambda]" && rm -rf /wheels
+# glibc would mmap/munmap large activation buffers on every forward; keep them in the heap.
+ENV MALLOC_MMAP_THRESHOLD_=33554432 \
+    MALLOC_TRIM_THRESHOLD_=8589934592 \
+    OMP_NUM_THREADS=2 \
+    HF_HUB_OFFLINE=1 \
+    SIMILARITY_BACKEND=auto \
+    CLIP_MODEL_DIR=/mnt/models/clip-vit-base-patch32
+# The template sets the command per function (ImageConfig.Command); this is the default.
+CMD ["handler.api.lambda_handler"]
+
+# ---------------------------------------------------------------- model sync (needs torch for the export)
+FROM lambda AS tools
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+    && pip install --no-cache-dir "transformers>=5,<6" "huggingface_hub>=0.24" "onnx>=1.16"
+ENV HF_HUB_OFFLINE=0
+CMD ["handler.model_sync.lambda_handler"]
+
+# ---------------------------------------------------------------- ECS GPU task
+FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS gpu
+COPY --from=wheel /wheels /wheels
+# PyPI's Linux torch wheel bundles CUDA; the ECS GPU-optimised AMI supplies the driver.
+RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch]" && rm -rf /wheels
+ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch
+ENTRYPOINT ["python", "-m", "handler.gpu_task"]

@@ -1,0 +1,88 @@
+"""Settings of the Lambda/ECS entry points, from environment variables (documented in the README).
+
+Library settings (model, fetch limits, allow-list) come from ``similarity.settings``; this adds what
+only the services need.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from similarity.settings import Settings
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+def _str(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    core: Settings = field(default_factory=Settings)
+    max_pairs: int = 64
+    max_body_bytes: int = 1024 * 1024
+    api_fetch_deadline: float = 10.0
+    # Seconds kept back from the Lambda deadline for inference and the response.
+    api_reserve_seconds: float = 4.0
+    preload_model: bool = True
+    # Batch pipeline (S3 drop, SQS fan-out)
+    bucket: str = ""
+    chunk_queue_url: str = ""
+    input_prefix: str = "incoming/"
+    output_prefix: str = "scored/"
+    jobs_prefix: str = "jobs/"
+    chunk_rows: int = 500
+    gpu_min_rows: int = 200_000
+    ecs_cluster: str = ""
+    ecs_task_definition: str = ""
+    ecs_subnets: tuple[str, ...] = ()
+    ecs_security_groups: tuple[str, ...] = ()
+    ecs_capacity_provider: str = ""
+    ecs_container_name: str = "scorer"
+    # Worker: seconds of margin before the Lambda deadline when a chunk is handed back.
+    worker_reserve_seconds: float = 20.0
+    # Cost estimate (USD): Lambda x86 price per GB-second and the worker's memory.
+    lambda_gb_second_usd: float = 0.0000166667
+    worker_memory_mb: int = 4096
+
+    @classmethod
+    def from_env(cls) -> ServiceSettings:
+        # Services never read local files named in requests.
+        core = Settings.from_env(allow_local_paths=False)
+        core = Settings(**{**core.__dict__, "model_dir": _str("CLIP_MODEL_DIR", "/mnt/models/clip-vit-base-patch32")})
+        split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+        return cls(
+            core=core,
+            max_pairs=_int("MAX_PAIRS", 64),
+            max_body_bytes=_int("MAX_BODY_BYTES", 1024 * 1024),
+            api_fetch_deadline=_float("API_FETCH_DEADLINE", 10.0),
+            api_reserve_seconds=_float("API_RESERVE_SECONDS", 4.0),
+            preload_model=_str("PRELOAD_MODEL", "1").lower() in ("1", "true", "yes"),
+            bucket=_str("BUCKET", ""),
+            chunk_queue_url=_str("CHUNK_QUEUE_URL", ""),
+            input_prefix=_str("INPUT_PREFIX", "incoming/"),
+            output_prefix=_str("OUTPUT_PREFIX", "scored/"),
+            jobs_prefix=_str("JOBS_PREFIX", "jobs/"),
+            chunk_rows=_int("CHUNK_ROWS", 500),
+            gpu_min_rows=_int("GPU_MIN_ROWS", 200_000),
+            ecs_cluster=_str("ECS_CLUSTER", ""),
+            ecs_task_definition=_str("ECS_TASK_DEFINITION", ""),
+            ecs_subnets=split(_str("ECS_SUBNETS", "")),
+            ecs_security_groups=split(_str("ECS_SECURITY_GROUPS", "")),
+            ecs_capacity_provider=_str("ECS_CAPACITY_PROVIDER", ""),
+            ecs_container_name=_str("ECS_CONTAINER_NAME", "scorer"),
+            worker_reserve_seconds=_float("WORKER_RESERVE_SECONDS", 20.0),
+            lambda_gb_second_usd=_float("LAMBDA_GB_SECOND_USD", 0.0000166667),
+            worker_memory_mb=_int("WORKER_MEMORY_MB", _int("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 4096)),
+        )

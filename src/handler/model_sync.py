@@ -1,0 +1,87 @@
+"""Put the model on EFS: invoke once after deploy (and again to change model or revision).
+
+    aws lambda invoke --function-name <ModelSyncFunctionName> --payload '{}' out.json
+
+Copies the model from an S3 prefix (``MODEL_SOURCE_S3_URI``) or downloads it from the Hugging Face
+hub (``MODEL_ID``/``MODEL_REVISION``), exports the ONNX files the Lambda backend runs, and swaps the
+finished directory into ``CLIP_MODEL_DIR`` with a rename, so readers never see a half-copied model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aws_lambda_powertools import Logger
+
+from similarity.model import MODEL_META_FILE, check_model_dir, read_identity
+
+from . import runtime
+
+logger = Logger(service="text-image-similarity")
+
+
+def copy_from_s3(s3: Any, uri: str, dest: Path) -> list[str]:
+    parts = urlsplit(uri)
+    bucket, prefix = parts.netloc, parts.path.lstrip("/").rstrip("/") + "/"
+    copied = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):]
+            if not rel or rel.endswith("/") or ".." in Path(rel).parts:
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+            copied.append(rel)
+    return copied
+
+
+def sync(dest: Path, model_id: str, revision: str | None, source_s3_uri: str, s3: Any, export: bool = True) -> dict:
+    staging = dest.parent / f".{dest.name}.staging-{int(time.time())}"
+    staging.mkdir(parents=True)
+    try:
+        if source_s3_uri:
+            files = copy_from_s3(s3, source_s3_uri, staging)
+            if not (staging / MODEL_META_FILE).exists():
+                (staging / MODEL_META_FILE).write_text(f'{{"model_id": "{model_id}", "revision": "{source_s3_uri}"}}\n')
+        else:
+            from similarity.hub import fetch_model
+
+            fetch_model(staging, model_id=model_id, revision=revision)
+            files = sorted(p.name for p in staging.iterdir())
+        check_model_dir(staging)
+        if export:
+            from similarity.onnx_export import export_onnx
+
+            export_onnx(staging, int8=True)
+        old = dest.parent / f".{dest.name}.old-{int(time.time())}"
+        if dest.exists():
+            dest.rename(old)
+        staging.rename(dest)  # readers see the old model or the new one, never a mix
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    mid, rev = read_identity(dest)
+    return {"model_dir": str(dest), "model_id": mid, "revision": rev, "files": len(files), "onnx": export}
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict, context: Any) -> dict:
+    event = event or {}
+    s = runtime.settings()
+    result = sync(
+        Path(event.get("model_dir") or s.core.model_dir),
+        model_id=event.get("model_id") or os.environ.get("MODEL_ID", "openai/clip-vit-base-patch32"),
+        revision=event.get("revision") or os.environ.get("MODEL_REVISION") or None,
+        source_s3_uri=event.get("source_s3_uri", os.environ.get("MODEL_SOURCE_S3_URI", "")),
+        s3=runtime.client("s3"),
+        export=bool(event.get("export", True)),
+    )
+    logger.info("model synced", extra=result)
+    return result

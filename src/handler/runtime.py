@@ -1,0 +1,83 @@
+"""What lives for the whole execution environment: settings, the model, the fetcher, AWS clients.
+
+Created once per container (Lambda reuses it across invocations) and reset only by tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from similarity.errors import SimilarityError
+from similarity.fetch import Fetcher
+from similarity.model import ClipModel, load_model
+from similarity.netguard import AddressPolicy
+
+from .config import ServiceSettings
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {}
+
+
+def settings() -> ServiceSettings:
+    with _lock:
+        if "settings" not in _state:
+            _state["settings"] = ServiceSettings.from_env()
+        return _state["settings"]
+
+
+def client(service: str) -> Any:
+    """The one place AWS clients are made (boto3 honours AWS_ENDPOINT_URL for local endpoints)."""
+    from similarity.clients import make_client
+
+    with _lock:
+        key = f"client:{service}"
+        if key not in _state:
+            _state[key] = make_client(service)
+        return _state[key]
+
+
+def fetcher() -> Fetcher:
+    s = settings()
+    s3 = client("s3")
+    with _lock:
+        if "fetcher" not in _state:
+            _state["fetcher"] = Fetcher(s.core.fetch, AddressPolicy(s.core.allowed_networks), s3_client=s3)
+        return _state["fetcher"]
+
+
+class ModelUnavailable(SimilarityError):
+    code = "model_unavailable"
+
+
+def model() -> ClipModel:
+    """Load once per environment; a failed load is retried on the next call (the mount may be late)."""
+    with _lock:
+        if "model" in _state:
+            return _state["model"]
+        s = settings()
+        start = time.perf_counter()
+        try:
+            m = load_model(s.core.model_dir, backend=s.core.backend, device=s.core.device, dtype=s.core.dtype,
+                           threads=s.core.threads)
+        except SimilarityError as exc:
+            _state["model_error"] = str(exc)
+            raise ModelUnavailable(str(exc)) from None
+        _state["model"] = m
+        _state["model_load_seconds"] = time.perf_counter() - start
+        _state.pop("model_error", None)
+        return m
+
+
+def model_load_seconds() -> float | None:
+    return _state.get("model_load_seconds")
+
+
+def reset() -> None:
+    """Tests only: forget everything so the next call reads the environment again."""
+    with _lock:
+        f = _state.get("fetcher")
+        if f is not None:
+            f.close()
+        _state.clear()
