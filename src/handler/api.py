@@ -17,7 +17,7 @@ from similarity.records import Record
 from similarity.scoring import score_pairs
 
 from . import runtime
-from .errors import BadRequest, HttpError, PayloadTooLarge, error_response
+from .errors import BadRequest, HttpError, NotFound, PayloadTooLarge, error_response
 
 logger = Logger(service="text-image-similarity")
 metrics = Metrics(namespace="TextImageSimilarity", service="api")
@@ -95,6 +95,54 @@ def score() -> dict[str, Any]:
         ],
         "model": {"id": model.info.model_id, "revision": model.info.revision},
     }
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(pattern=r"^s3://[^/]+/.+", description="s3://bucket/key of a CSV")
+    output: str | None = Field(default=None, pattern=r"^s3://[^/]+/.+")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+@app.post("/jobs")
+@tracer.capture_method
+def start_job() -> Response:
+    s = runtime.settings()
+    req = validate(JobRequest, _json_body(s.max_body_bytes))
+    bucket, key = _split_s3(req.input)
+    out_bucket, out_key = _split_s3(req.output) if req.output else (bucket, None)
+    if s.bucket and (bucket != s.bucket or out_bucket != s.bucket):
+        raise BadRequest(f"input and output must be in s3://{s.bucket}/", fields=[{"field": "input", "message": "other bucket"}])
+    if out_key is not None and (out_key.startswith(s.input_prefix) or out_key.startswith(s.jobs_prefix)):
+        raise BadRequest(f"output must not be under {s.input_prefix} or {s.jobs_prefix}",
+                         fields=[{"field": "output", "message": "reserved prefix"}])
+    from botocore.exceptions import ClientError
+
+    from .jobs import Location
+
+    jobs = runtime.jobs()
+    try:
+        m = jobs.start(bucket, key, output=Location(bucket=out_bucket, key=out_key) if out_key else None)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            raise NotFound(f"{req.input} does not exist") from None
+        raise
+    return Response(202, content_types.APPLICATION_JSON, json.dumps(jobs.status(bucket, m.job_id)))
+
+
+@app.get("/jobs/<job_id>")
+def job_status(job_id: str) -> dict[str, Any]:
+    s = runtime.settings()
+    if not job_id.isalnum() or len(job_id) > 64:
+        raise BadRequest("malformed job id", fields=[{"field": "id", "message": "letters and digits only"}])
+    status = runtime.jobs().status(s.bucket, job_id)
+    if status is None:
+        raise NotFound(f"no job {job_id}")
+    return status
 
 
 @app.get("/healthz")

@@ -81,3 +81,10 @@ def reset() -> None:
         if f is not None:
             f.close()
         _state.clear()
+
+
+def jobs():  # -> handler.jobs.Jobs
+    from .jobs import Jobs
+
+    s = settings()
+    return Jobs(settings=s, s3=client("s3"), sqs=client("sqs"), ecs=client("ecs"))

@@ -126,11 +126,12 @@ def _cell(value: str, excel_safe: bool) -> str:
 
 
 class CsvWriter:
-    def __init__(self, stream: TextIO, header: list[str], excel_safe: bool = False) -> None:
+    def __init__(self, stream: TextIO, header: list[str], excel_safe: bool = False, write_header: bool = True) -> None:
         self._writer = csv.writer(stream)
         self._width = len(header)
         self._excel_safe = excel_safe
-        self._writer.writerow([_cell(h, excel_safe) for h in header] + list(OUTPUT_COLUMNS))
+        if write_header:  # parts of a chunked job are headerless; the merge writes it once
+            self._writer.writerow([_cell(h, excel_safe) for h in header] + list(OUTPUT_COLUMNS))
 
     def write(self, result: ScoreResult) -> None:
         row = list(result.record.row) if result.record.row is not None else []

@@ -37,11 +37,12 @@ def score_stream(
     caption_column: str | None = None,
     max_field: int = DEFAULT_MAX_FIELD,
     excel_safe: bool = False,
+    write_header: bool = True,
     on_row: Callable[[int], None] | None = None,
 ) -> CsvJobResult:
     start = time.perf_counter()
     reader = CsvReader(src, url_column=url_column, caption_column=caption_column, max_field=max_field)
-    writer = CsvWriter(dst, reader.header, excel_safe=excel_safe)
+    writer = CsvWriter(dst, reader.header, excel_safe=excel_safe, write_header=write_header)
     scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers)
     for result in scorer.score(reader):
         writer.write(result)
