@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -176,16 +175,19 @@ def cold_start(model_dir: Path, backend: str, dtype: str, reps: int = 3) -> floa
 
 
 def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str) -> tuple[float, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "similarity", "score", str(csv_path), "-o", str(csv_path.with_suffix(".out.csv")),
-         "--model", str(model_dir), "--allow-network", allow, "--no-progress"],
-        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    """Peak RSS of a fresh CLI process scoring the CSV, as that process itself reports it."""
+    code = (
+        "import resource,sys;from similarity.cli import main;"
+        f"rc=main(['score',{str(csv_path)!r},'-o',{str(csv_path.with_suffix('.out.csv'))!r},'--model',{str(model_dir)!r},"
+        f"'--allow-network',{allow!r},'--no-progress']);"
+        "print('PEAK_KB',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);sys.exit(rc)"
     )
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     secs = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024, secs  # ru_maxrss is KiB on Linux
+    kb = int(r.stdout.split("PEAK_KB", 1)[1].split()[0])
+    return kb / 1024, secs  # ru_maxrss is KiB on Linux
 
 
 def agreement(ref_i: np.ndarray, ref_t: np.ndarray, i: np.ndarray, t: np.ndarray) -> dict[str, float]:

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="CSV path, s3://bucket/key, or - for stdin")
     s.add_argument("-o", "--output", help="output path or s3:// URI (default: INPUT_scored.csv; - for stdout)")
     s.add_argument("--model", help="model directory (default: $CLIP_MODEL_DIR or models/clip-vit-base-patch32)")
-    s.add_argument("--backend", choices=["auto", "torch", "onnx"], help="inference backend (default auto)")
+    s.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino"], help="inference backend (default auto)")
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"], help="precision (default fp32)")
     s.add_argument("--batch-size", type=int, help="images/captions per model call (default 32)")
     s.add_argument("--workers", type=int, help="concurrent image downloads (default 16)")

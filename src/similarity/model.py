@@ -149,7 +149,10 @@ class TorchBackend:
             raise BackendUnavailable("--device cuda asked for, but torch sees no CUDA device")
         if device == "cuda" and dtype == "fp32":
             dtype = "fp16"
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if dtype not in dtypes:
+            raise BackendUnavailable(f"torch backend supports fp32, bf16 or fp16, not {dtype!r}")
+        torch_dtype = dtypes[dtype]
         model = CLIPModel.from_pretrained(
             str(model_dir), local_files_only=True, use_safetensors=True, dtype=torch_dtype
         )
@@ -208,7 +211,10 @@ def resolve_backend(backend: str, device: str, model_dir: Path) -> tuple[str, st
     and onnxruntime are present, else torch fp32 on the CPU."""
     if backend != "auto":
         return backend, device
-    if device in ("auto", "cuda"):
+    if device == "cuda":
+        return "torch", "cuda"
+    # Importing torch costs ~1 s: only look for CUDA where an NVIDIA driver is present at all.
+    if device == "auto" and (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()):
         try:
             import torch
 
@@ -216,8 +222,6 @@ def resolve_backend(backend: str, device: str, model_dir: Path) -> tuple[str, st
                 return "torch", "cuda"
         except ImportError:
             pass
-        if device == "cuda":
-            return "torch", "cuda"
     try:
         from .onnx_backend import onnx_files_present
 
