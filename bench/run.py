@@ -177,17 +177,20 @@ def cold_start(model_dir: Path, backend: str, dtype: str, reps: int = 3) -> floa
 def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str) -> tuple[float, float]:
     """Peak RSS of a fresh CLI process scoring the CSV, as that process itself reports it."""
     code = (
-        "import resource,sys;from similarity.cli import main;"
+        "import sys;from similarity.cli import main;"
         f"rc=main(['score',{str(csv_path)!r},'-o',{str(csv_path.with_suffix('.out.csv'))!r},'--model',{str(model_dir)!r},"
         f"'--allow-network',{allow!r},'--no-progress']);"
-        "print('PEAK_KB',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);sys.exit(rc)"
+        # VmHWM belongs to this process image; ru_maxrss would carry the (large) parent's peak
+        # across fork/exec.
+        "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
+        "print('PEAK_KB',hwm);sys.exit(rc)"
     )
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     secs = time.perf_counter() - t
     kb = int(r.stdout.split("PEAK_KB", 1)[1].split()[0])
-    return kb / 1024, secs  # ru_maxrss is KiB on Linux
+    return kb / 1024, secs
 
 
 def agreement(ref_i: np.ndarray, ref_t: np.ndarray, i: np.ndarray, t: np.ndarray) -> dict[str, float]:

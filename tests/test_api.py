@@ -190,3 +190,16 @@ def test_invoke_cli_runs_event_file(tiny_clip_dir, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert out["statusCode"] == 200 and json.loads(out["body"])["status"] == "ready"
+
+
+def test_emf_metrics(api, server, capsys) -> None:
+    url = server.image("/api/metrics.png", png_bytes(draw("red", "circle", random.Random(8))))
+    pairs = [{"image": url, "caption": "a red circle"}, {"image": server.status("/api/m404.png", 404), "caption": "x"}]
+    capsys.readouterr()
+    status, _ = call(api, with_body(load_event("api_score.json"), {"pairs": pairs}))
+    assert status == 200
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
+    values = {k: v for b in blobs for k, v in b.items() if not k.startswith("_")}
+    assert values["PairsScored"] == [1.0]
+    assert values["RowError_http_404"] == [1.0]
+    assert values["ModelLoadTime"][0] > 0

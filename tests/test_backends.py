@@ -114,3 +114,10 @@ def test_unknown_backend_and_dtype_are_clear(exported) -> None:
         load_model(exported, backend="tpu")
     with pytest.raises(BackendUnavailable, match="fp32 or int8"):
         load_model(exported, backend="onnx", dtype="bf16")
+
+
+def test_onnx_without_export_says_how_to_fix(tiny_clip_dir) -> None:
+    from similarity.errors import ModelIncomplete
+
+    with pytest.raises(ModelIncomplete, match="similarity model export"):
+        load_model(tiny_clip_dir, backend="onnx")

@@ -76,10 +76,7 @@ def score() -> dict[str, Any]:
     if isinstance(data, dict) and isinstance(data.get("pairs"), list) and len(data["pairs"]) > s.max_pairs:
         raise PayloadTooLarge(f"{len(data['pairs'])} pairs; at most {s.max_pairs} per request (use POST /jobs for files)")
     req = validate(ScoreRequest, data)
-    first_load = runtime.model_load_seconds() is None
     model = runtime.model()
-    if first_load and runtime.model_load_seconds() is not None:
-        metrics.add_metric(name="ModelLoadTime", unit=MetricUnit.Milliseconds, value=runtime.model_load_seconds() * 1000)
     # Every image must finish (or become a `timeout` row) inside API Gateway's 30 s limit.
     remaining = app.lambda_context.get_remaining_time_in_millis() / 1000 if app.lambda_context else 29.0
     deadline = max(1.0, min(s.api_fetch_deadline, remaining - s.api_reserve_seconds))
@@ -198,8 +195,17 @@ if runtime.settings().preload_model:
         logger.warning("model not loaded at init")
 
 
+_load_time_reported = False
+
+
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
 @tracer.capture_lambda_handler
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict, context: Any) -> dict:
-    return app.resolve(event, context)
+    global _load_time_reported
+    response = app.resolve(event, context)
+    seconds = runtime.model_load_seconds()
+    if not _load_time_reported and seconds is not None:  # once per environment, whether loaded at init or later
+        metrics.add_metric(name="ModelLoadTime", unit=MetricUnit.Milliseconds, value=seconds * 1000)
+        _load_time_reported = True
+    return response

@@ -7,6 +7,7 @@ processed (missing file, no URL column, malformed CSV), 3 when the model is miss
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -81,7 +82,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["allow_local_paths"] = False
     workers = args.workers or base.workers
     overrides["pool_size"] = max(fetch.pool_size, workers)
-    fetch = type(fetch)(**{**fetch.__dict__, **overrides})
+    fetch = dataclasses.replace(fetch, **overrides)
     return Settings(
         model_dir=args.model or base.model_dir,
         backend=args.backend or base.backend,

@@ -302,7 +302,7 @@ class Fetcher:
                     error = exc
                 else:
                     error = ConnectionFailed(_short(exc))
-                if attempt >= s.max_retries or isinstance(exc, requests.ReadTimeout):
+                if attempt >= s.max_retries:
                     raise error from None
                 self._sleep(self._backoff(attempt), deadline, error)
                 attempt += 1
