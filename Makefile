@@ -21,6 +21,7 @@ run: $(VENV)/.installed
 	@if [ ! -f "$(CLIP_MODEL_DIR)/config.json" ]; then \
 	  echo "model directory $(CLIP_MODEL_DIR) is missing: fetching openai/clip-vit-base-patch32"; \
 	  $(PY) -m similarity model fetch --to "$(CLIP_MODEL_DIR)" || exit 3; \
+	  $(PY) -m similarity model export "$(CLIP_MODEL_DIR)"; \
 	fi
 	$(PY) -m similarity score examples/challenge_set.csv -o out/challenge_set_scored.csv --model "$(CLIP_MODEL_DIR)"
 	@echo "--- out/challenge_set_scored.csv"; cat out/challenge_set_scored.csv

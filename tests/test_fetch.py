@@ -186,3 +186,10 @@ def test_s3_source_through_moto(s3, bucket, fast_settings) -> None:
     s3.put_object(Bucket=bucket, Key="big.bin", Body=b"\0" * (fast_settings.max_bytes + 1))
     with pytest.raises(TooLarge):
         f.fetch(f"s3://{bucket}/big.bin")
+
+
+def test_redirect_status_without_location_is_an_error(server, fetcher) -> None:
+    server.routes["/no-location"] = lambda h: h.send_plain(302, b"")
+    with pytest.raises(HttpStatusError) as exc:
+        fetcher.fetch(server.url("/no-location"))
+    assert exc.value.code == "http_302"

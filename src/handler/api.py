@@ -69,7 +69,7 @@ def _record_metrics(results: list) -> None:
 
 
 @app.post("/score")
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def score() -> dict[str, Any]:
     s = runtime.settings()
     data = _json_body(s.max_body_bytes)
@@ -106,7 +106,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 
 @app.post("/jobs")
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def start_job() -> Response:
     s = runtime.settings()
     req = validate(JobRequest, _json_body(s.max_body_bytes))

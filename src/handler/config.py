@@ -55,6 +55,7 @@ class ServiceSettings:
     # Cost estimate (USD): Lambda x86 price per GB-second and the worker's memory.
     lambda_gb_second_usd: float = 0.0000166667
     worker_memory_mb: int = 4096
+    gpu_hourly_usd: float = 0.526  # g4dn.xlarge on-demand, us-east-1
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
@@ -85,4 +86,5 @@ class ServiceSettings:
             worker_reserve_seconds=_float("WORKER_RESERVE_SECONDS", 20.0),
             lambda_gb_second_usd=_float("LAMBDA_GB_SECOND_USD", 0.0000166667),
             worker_memory_mb=_int("WORKER_MEMORY_MB", _int("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 4096)),
+            gpu_hourly_usd=_float("GPU_HOURLY_USD", 0.526),
         )

@@ -332,7 +332,7 @@ class Jobs:
         end = m.finished_at or time.time()
         if m.path == "gpu":
             rows_done = m.row_count if m.state == "done" else 0
-            cost = (end - m.created_at) / 3600 * 0.526  # g4dn.xlarge on-demand, us-east-1
+            cost = (end - m.created_at) / 3600 * self.settings.gpu_hourly_usd
         else:
             rows_done = sum(d.get("rows", 0) for d in markers)
             cost = seconds * self.settings.worker_memory_mb / 1024 * self.settings.lambda_gb_second_usd

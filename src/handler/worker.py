@@ -21,7 +21,7 @@ tracer = Tracer(service="text-image-similarity")
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
     msg = ChunkMessage.model_validate_json(record.body)  # a malformed body fails -> retried -> DLQ
     s = runtime.settings()

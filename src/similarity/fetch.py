@@ -271,7 +271,7 @@ class Fetcher:
                 url = urljoin(url, resp.headers["Location"])
                 continue
             try:
-                if resp.status_code >= 400 or resp.status_code < 200:
+                if not 200 <= resp.status_code < 300:  # 304, a 3xx without Location, 4xx, 5xx
                     raise HttpStatusError(resp.status_code, f"{resp.reason or ''} from {parts.hostname}".strip())
                 return self._read_body(resp, deadline)
             finally:
