@@ -157,6 +157,13 @@ def test_end_to_end_matches_cli(env, server, forbidden_server, tmp_path, tiny_cl
     assert job["state"] == "running" and job["rows"] == 230 and job["chunks"] == 6
     st = job_status(env, job["job_id"])
     assert st["chunks"] == {"done": 0, "total": 6}
+    run_worker(env, receive(env, 3))
+    jobs = runtime.jobs()
+    m = jobs.load(env["bucket"], job["job_id"])
+    done = jobs._read_markers(m, jobs._done_keys(m))
+    st = job_status(env, job["job_id"])  # mid-way: rows done follow from the chunks done
+    assert st["state"] == "running" and st["chunks"]["done"] == len(done) == 3
+    assert st["rows"]["done"] == sum(d["rows"] for d in done)
     drain(env)
     rows = output_rows(env, "scored/batch one+é_scored.csv")
     assert rows == cli_rows(tmp_path, tiny_clip_dir, body)  # same rows, same order, same scores

@@ -262,12 +262,25 @@ class Jobs:
         return self.try_merge(m, owner=message_id)
 
     # ------------------------------------------------------------------ merge
-    def _done_markers(self, m: Manifest) -> list[dict]:
+    def _done_keys(self, m: Manifest) -> list[str]:
+        """Keys of the chunks that are final: a listing, no object reads (cheap on every chunk)."""
         keys: list[str] = []
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=m.source.bucket,
                                                                       Prefix=f"{self.prefix(m.job_id)}done/"):
             keys += [o["Key"] for o in page.get("Contents", [])]
-        return [d for d in (self._get_json(m.source.bucket, k) for k in sorted(keys)) if d]
+        return sorted(keys)
+
+    def _read_markers(self, m: Manifest, keys: list[str]) -> list[dict]:
+        with ThreadPoolExecutor(16) as pool:  # thousands of small GETs: in parallel
+            return [d for d in pool.map(lambda k: self._get_json(m.source.bucket, k), keys) if d]
+
+    @staticmethod
+    def _sum_errors(markers: list[dict]) -> dict[str, int]:
+        errors: dict[str, int] = {}
+        for d in markers:
+            for code, n in d.get("errors", {}).items():
+                errors[code] = errors.get(code, 0) + n
+        return errors
 
     def _take_lock(self, m: Manifest, owner: str) -> bool:
         key = f"{self.prefix(m.job_id)}merge.lock"
@@ -285,8 +298,8 @@ class Jobs:
         return False
 
     def try_merge(self, m: Manifest, owner: str) -> bool:
-        markers = self._done_markers(m)
-        if len(markers) < m.chunk_count:
+        keys = self._done_keys(m)
+        if len(keys) < m.chunk_count:
             return False
         if not self._take_lock(m, owner):
             return False  # another worker finished last at the same moment and is merging
@@ -303,38 +316,43 @@ class Jobs:
             tmp.seek(0)
             self.s3.upload_fileobj(tmp, m.output.bucket, m.output.key,
                                    ExtraArgs={"ContentType": "text/csv; charset=utf-8"})
-        self._finish(m, markers)
+        self._finish(m, self._read_markers(m, keys))
         return True
 
     def _finish(self, m: Manifest, markers: list[dict]) -> None:
-        errors: dict[str, int] = {}
-        for d in markers:
-            for code, n in d.get("errors", {}).items():
-                errors[code] = errors.get(code, 0) + n
-        m.errors, m.scored = errors, sum(d.get("scored", 0) for d in markers)
+        m.errors, m.scored = self._sum_errors(markers), sum(d.get("scored", 0) for d in markers)
         m.compute_seconds = sum(d.get("seconds", 0.0) for d in markers)
         m.state, m.finished_at = "done", time.time()
         self.save(m)
 
     # ------------------------------------------------------------------ status
+    #: A running job's status reads at most this many chunk markers for its error counts.
+    STATUS_MARKERS = 500
+
     def status(self, bucket: str, job_id: str) -> dict | None:
         m = self.load(bucket, job_id)
         if m is None:
             return None
-        markers = self._done_markers(m) if m.path == "lambda" and m.state in ("running", "merging", "done") else []
-        errors = dict(m.errors)
-        if m.state != "done":
-            errors = {}
-            for d in markers:
-                for code, n in d.get("errors", {}).items():
-                    errors[code] = errors.get(code, 0) + n
-        seconds = m.compute_seconds if m.state == "done" else sum(d.get("seconds", 0.0) for d in markers)
         end = m.finished_at or time.time()
+        errors_complete = True
+        if m.state == "done":
+            chunks_done, rows_done, errors, seconds = m.chunk_count, m.row_count, dict(m.errors), m.compute_seconds
+        elif m.path == "lambda" and m.state in ("running", "merging"):
+            keys = self._done_keys(m)
+            chunks_done = len(keys)
+            # Every chunk holds chunk_rows records except the last: rows done follow from the keys.
+            last_rows = m.row_count - (m.chunk_count - 1) * m.chunk_rows
+            last_done = self.done_key(m.job_id, m.chunk_count - 1) in keys
+            rows_done = (chunks_done - last_done) * m.chunk_rows + (last_rows if last_done else 0)
+            markers = self._read_markers(m, keys[: self.STATUS_MARKERS])
+            errors_complete = len(keys) <= self.STATUS_MARKERS
+            errors = self._sum_errors(markers)
+            seconds = sum(d.get("seconds", 0.0) for d in markers) * (len(keys) / max(len(markers), 1))
+        else:
+            chunks_done, rows_done, errors, seconds = 0, 0, {}, 0.0
         if m.path == "gpu":
-            rows_done = m.row_count if m.state == "done" else 0
             cost = (end - m.created_at) / 3600 * self.settings.gpu_hourly_usd
         else:
-            rows_done = sum(d.get("rows", 0) for d in markers)
             cost = seconds * self.settings.worker_memory_mb / 1024 * self.settings.lambda_gb_second_usd
         return {
             "job_id": m.job_id,
@@ -343,9 +361,10 @@ class Jobs:
             "reason": m.reason,
             "input": f"s3://{m.source.bucket}/{m.source.key}",
             "output": f"s3://{m.output.bucket}/{m.output.key}",
-            "chunks": {"done": len(markers), "total": m.chunk_count},
+            "chunks": {"done": chunks_done, "total": m.chunk_count},
             "rows": {"done": rows_done, "total": m.row_count},
             "errors": errors,
+            "errors_complete": errors_complete,
             "elapsed_seconds": round(end - m.created_at, 3),
             "compute_seconds": round(seconds, 3),
             "estimated_cost_usd": round(cost, 6),
