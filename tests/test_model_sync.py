@@ -39,3 +39,10 @@ def test_incomplete_source_leaves_existing_model_alone(s3, bucket, tiny_clip_dir
         sync(dest, "x", None, f"s3://{bucket}/models/broken", s3, export=False)
     assert (dest / "keep.txt").read_text() == "current model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip"]
+
+
+def test_sync_records_identity_when_source_has_none(s3, bucket, tiny_clip_dir, tmp_path) -> None:
+    _upload(s3, bucket, tiny_clip_dir, "models/plain", skip=".similarity-model.json")
+    out = sync(tmp_path / "clip", 'org/"quoted"-model', None, f"s3://{bucket}/models/plain", s3, export=False)
+    assert out["model_id"] == 'org/"quoted"-model'
+    assert out["revision"] == f"s3://{bucket}/models/plain"

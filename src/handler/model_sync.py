@@ -9,6 +9,7 @@ finished directory into ``CLIP_MODEL_DIR`` with a rename, so readers never see a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -48,7 +49,7 @@ def sync(dest: Path, model_id: str, revision: str | None, source_s3_uri: str, s3
         if source_s3_uri:
             files = copy_from_s3(s3, source_s3_uri, staging)
             if not (staging / MODEL_META_FILE).exists():
-                (staging / MODEL_META_FILE).write_text(f'{{"model_id": "{model_id}", "revision": "{source_s3_uri}"}}\n')
+                (staging / MODEL_META_FILE).write_text(json.dumps({"model_id": model_id, "revision": source_s3_uri}) + "\n")
         else:
             from similarity.hub import fetch_model
 
