@@ -202,3 +202,20 @@ def test_sam_transform_wiring(translated, tmp_path) -> None:
     cfn_lint = Path(sys.executable).with_name("cfn-lint")
     r = subprocess.run([str(cfn_lint), str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_broad_writers_cannot_write_the_trigger_prefix(tpl) -> None:
+    """Whoever may write anywhere in the bucket is denied incoming/, so no output can start a job."""
+
+    def sub(res) -> str:
+        return res.get("Fn::Sub", "") if isinstance(res, dict) else str(res)
+
+    checked = 0
+    for name, fn in resources(tpl, "AWS::Serverless::Function").items():
+        sts = [st for p in fn["Properties"].get("Policies", []) if isinstance(p, dict) for st in p.get("Statement", [])]
+        broad = [st for st in sts if st["Effect"] == "Allow" and "s3:PutObject" in st["Action"] and sub(st["Resource"]).endswith("-data/*")]
+        if broad:
+            checked += 1
+            assert any(st["Effect"] == "Deny" and "s3:PutObject" in st["Action"] and sub(st["Resource"]).endswith("/incoming/*")
+                       for st in sts), name
+    assert checked >= 2
