@@ -13,6 +13,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from similarity.csvio import split_s3
 from similarity.records import Record
 from similarity.scoring import score_pairs
 
@@ -100,18 +101,13 @@ class JobRequest(BaseModel):
     output: str | None = Field(default=None, pattern=r"^s3://[^/]+/.+")
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
-
-
 @app.post("/jobs")
 @tracer.capture_method(capture_response=False)
 def start_job() -> Response:
     s = runtime.settings()
     req = validate(JobRequest, _json_body(s.max_body_bytes))
-    bucket, key = _split_s3(req.input)
-    out_bucket, out_key = _split_s3(req.output) if req.output else (bucket, None)
+    bucket, key = split_s3(req.input)
+    out_bucket, out_key = split_s3(req.output) if req.output else (bucket, None)
     if s.bucket and (bucket != s.bucket or out_bucket != s.bucket):
         raise BadRequest(f"input and output must be in s3://{s.bucket}/", fields=[{"field": "input", "message": "other bucket"}])
     if out_key is not None and (out_key.startswith(s.input_prefix) or out_key.startswith(s.jobs_prefix)):

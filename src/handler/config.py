@@ -6,25 +6,10 @@ only the services need.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from dataclasses import dataclass, field
 
-from similarity.settings import Settings
-
-
-def _int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
-
-
-def _float(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    return float(value) if value else default
-
-
-def _str(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value or default
+from similarity.settings import Settings, env_bool, env_float, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -61,30 +46,30 @@ class ServiceSettings:
     def from_env(cls) -> ServiceSettings:
         # Services never read local files named in requests.
         core = Settings.from_env(allow_local_paths=False)
-        core = Settings(**{**core.__dict__, "model_dir": _str("CLIP_MODEL_DIR", "/mnt/models/clip-vit-base-patch32")})
+        core = dataclasses.replace(core, model_dir=env_str("CLIP_MODEL_DIR", "/mnt/models/clip-vit-base-patch32"))
         split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
         return cls(
             core=core,
-            max_pairs=_int("MAX_PAIRS", 64),
-            max_body_bytes=_int("MAX_BODY_BYTES", 1024 * 1024),
-            api_fetch_deadline=_float("API_FETCH_DEADLINE", 10.0),
-            api_reserve_seconds=_float("API_RESERVE_SECONDS", 4.0),
-            preload_model=_str("PRELOAD_MODEL", "1").lower() in ("1", "true", "yes"),
-            bucket=_str("BUCKET", ""),
-            chunk_queue_url=_str("CHUNK_QUEUE_URL", ""),
-            input_prefix=_str("INPUT_PREFIX", "incoming/"),
-            output_prefix=_str("OUTPUT_PREFIX", "scored/"),
-            jobs_prefix=_str("JOBS_PREFIX", "jobs/"),
-            chunk_rows=_int("CHUNK_ROWS", 500),
-            gpu_min_rows=_int("GPU_MIN_ROWS", 200_000),
-            ecs_cluster=_str("ECS_CLUSTER", ""),
-            ecs_task_definition=_str("ECS_TASK_DEFINITION", ""),
-            ecs_subnets=split(_str("ECS_SUBNETS", "")),
-            ecs_security_groups=split(_str("ECS_SECURITY_GROUPS", "")),
-            ecs_capacity_provider=_str("ECS_CAPACITY_PROVIDER", ""),
-            ecs_container_name=_str("ECS_CONTAINER_NAME", "scorer"),
-            worker_reserve_seconds=_float("WORKER_RESERVE_SECONDS", 20.0),
-            lambda_gb_second_usd=_float("LAMBDA_GB_SECOND_USD", 0.0000166667),
-            worker_memory_mb=_int("WORKER_MEMORY_MB", _int("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 4096)),
-            gpu_hourly_usd=_float("GPU_HOURLY_USD", 0.526),
+            max_pairs=env_int("MAX_PAIRS", 64),
+            max_body_bytes=env_int("MAX_BODY_BYTES", 1024 * 1024),
+            api_fetch_deadline=env_float("API_FETCH_DEADLINE", 10.0),
+            api_reserve_seconds=env_float("API_RESERVE_SECONDS", 4.0),
+            preload_model=env_bool("PRELOAD_MODEL", True),
+            bucket=env_str("BUCKET", ""),
+            chunk_queue_url=env_str("CHUNK_QUEUE_URL", ""),
+            input_prefix=env_str("INPUT_PREFIX", "incoming/"),
+            output_prefix=env_str("OUTPUT_PREFIX", "scored/"),
+            jobs_prefix=env_str("JOBS_PREFIX", "jobs/"),
+            chunk_rows=env_int("CHUNK_ROWS", 500),
+            gpu_min_rows=env_int("GPU_MIN_ROWS", 200_000),
+            ecs_cluster=env_str("ECS_CLUSTER", ""),
+            ecs_task_definition=env_str("ECS_TASK_DEFINITION", ""),
+            ecs_subnets=split(env_str("ECS_SUBNETS", "")),
+            ecs_security_groups=split(env_str("ECS_SECURITY_GROUPS", "")),
+            ecs_capacity_provider=env_str("ECS_CAPACITY_PROVIDER", ""),
+            ecs_container_name=env_str("ECS_CONTAINER_NAME", "scorer"),
+            worker_reserve_seconds=env_float("WORKER_RESERVE_SECONDS", 20.0),
+            lambda_gb_second_usd=env_float("LAMBDA_GB_SECOND_USD", 0.0000166667),
+            worker_memory_mb=env_int("WORKER_MEMORY_MB", env_int("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 4096)),
+            gpu_hourly_usd=env_float("GPU_HOURLY_USD", 0.526),
         )

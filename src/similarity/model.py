@@ -18,7 +18,6 @@ import numpy as np
 
 from .errors import BackendUnavailable, ModelIncomplete, ModelNotFound
 from .images import PreprocessConfig
-from .onnx_backend import ONNX_SUBDIR  # noqa: F401  (re-exported: the model directory layout)
 
 DEFAULT_MODEL_ID = "openai/clip-vit-base-patch32"
 MODEL_META_FILE = ".similarity-model.json"  # written by `model fetch`: id and resolved revision

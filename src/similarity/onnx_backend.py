@@ -1,8 +1,8 @@
 """ONNX Runtime backend: the Lambda's CPU path. Needs onnxruntime and numpy only (no torch).
 
-On the 2-vCPU AVX-512 machines we measured, ORT's MLAS reaches ~94% of fp32 matmul peak where
-torch's MKL path reaches ~47%, with identical embeddings; int8 dynamic quantisation roughly doubles
-that again at a small, measured cost in agreement (see bench/ and the README).
+fp32 gives the same embeddings as torch and, with no torch import, the shortest cold start; int8
+dynamic quantisation is 2-3x faster at a measured cost in agreement (bench/ and the README have
+the figures).
 """
 
 from __future__ import annotations

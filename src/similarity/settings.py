@@ -11,13 +11,22 @@ from .netguard import IPNetwork, parse_networks
 DEFAULT_MODEL_DIR = "models/clip-vit-base-patch32"
 
 
-def _env(name: str, default: str) -> str:
+def env_str(name: str, default: str) -> str:
+    """The variable's value, stripped; ``default`` when unset or blank."""
     value = os.environ.get(name)
     return default if value is None or value.strip() == "" else value.strip()
 
 
-def _bool(name: str, default: bool) -> bool:
-    return _env(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
+def env_int(name: str, default: int) -> int:
+    return int(env_str(name, str(default)))
+
+
+def env_float(name: str, default: float) -> float:
+    return float(env_str(name, str(default)))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    return env_str(name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -34,23 +43,23 @@ class Settings:
 
     @classmethod
     def from_env(cls, allow_local_paths: bool = False) -> Settings:
-        threads = _env("SIMILARITY_THREADS", "")
+        threads = env_str("SIMILARITY_THREADS", "")
         fetch = FetchSettings(
-            connect_timeout=float(_env("SIMILARITY_CONNECT_TIMEOUT", "5")),
-            read_timeout=float(_env("SIMILARITY_READ_TIMEOUT", "10")),
-            deadline=float(_env("SIMILARITY_FETCH_DEADLINE", "30")),
-            max_bytes=int(_env("SIMILARITY_MAX_IMAGE_BYTES", str(20 * 1024 * 1024))),
-            max_retries=int(_env("SIMILARITY_MAX_RETRIES", "2")),
-            per_host=int(_env("SIMILARITY_PER_HOST", "8")),
-            allow_local_paths=_bool("SIMILARITY_ALLOW_LOCAL_PATHS", allow_local_paths),
+            connect_timeout=env_float("SIMILARITY_CONNECT_TIMEOUT", 5),
+            read_timeout=env_float("SIMILARITY_READ_TIMEOUT", 10),
+            deadline=env_float("SIMILARITY_FETCH_DEADLINE", 30),
+            max_bytes=env_int("SIMILARITY_MAX_IMAGE_BYTES", 20 * 1024 * 1024),
+            max_retries=env_int("SIMILARITY_MAX_RETRIES", 2),
+            per_host=env_int("SIMILARITY_PER_HOST", 8),
+            allow_local_paths=env_bool("SIMILARITY_ALLOW_LOCAL_PATHS", allow_local_paths),
         )
         return cls(
-            model_dir=_env("CLIP_MODEL_DIR", DEFAULT_MODEL_DIR),
-            backend=_env("SIMILARITY_BACKEND", "auto"),
-            device=_env("SIMILARITY_DEVICE", "auto"),
-            dtype=_env("SIMILARITY_DTYPE", "fp32"),
-            batch_size=int(_env("SIMILARITY_BATCH_SIZE", "32")),
-            workers=int(_env("SIMILARITY_WORKERS", "16")),
+            model_dir=env_str("CLIP_MODEL_DIR", DEFAULT_MODEL_DIR),
+            backend=env_str("SIMILARITY_BACKEND", "auto"),
+            device=env_str("SIMILARITY_DEVICE", "auto"),
+            dtype=env_str("SIMILARITY_DTYPE", "fp32"),
+            batch_size=env_int("SIMILARITY_BATCH_SIZE", 32),
+            workers=env_int("SIMILARITY_WORKERS", 16),
             threads=int(threads) if threads else None,
             allowed_networks=parse_networks(os.environ.get("SIMILARITY_ALLOWED_NETWORKS")),
             fetch=fetch,
