@@ -29,11 +29,13 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# glibc's allocator maps and unmaps big activation buffers on every forward; these keep them in the
-# heap (the container sets the same). The wheel only supplies CLIP's real BPE vocabulary file.
+# glibc's allocator maps and unmaps big activation buffers on every forward; the MALLOC_ settings keep
+# them in the heap (the container sets the same). OMP_WAIT_POLICY is what the library sets before it
+# first imports torch; the bench imports torch earlier, for the baseline, so it is set here for both
+# sides. The wheel only supplies CLIP's real BPE vocabulary file.
 bench: $(VENV)/.installed
 	@ls bench/.cache/open_clip_torch-*.whl >/dev/null 2>&1 || $(PIP) download -q --no-deps -d bench/.cache open_clip_torch==3.3.0 || true
-	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=8589934592 $(PY) bench/run.py
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=8589934592 OMP_WAIT_POLICY=PASSIVE $(PY) bench/run.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/cfn-lint template.yaml

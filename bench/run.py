@@ -174,12 +174,12 @@ def cold_start(model_dir: Path, backend: str, dtype: str, reps: int = 3) -> floa
     return float(np.median(times))
 
 
-def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str) -> tuple[float, float]:
+def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str, extra: list[str] | None = None) -> tuple[float, float]:
     """Peak RSS of a fresh CLI process scoring the CSV, as that process itself reports it."""
     code = (
         "import sys;from similarity.cli import main;"
         f"rc=main(['score',{str(csv_path)!r},'-o',{str(csv_path.with_suffix('.out.csv'))!r},'--model',{str(model_dir)!r},"
-        f"'--allow-network',{allow!r},'--no-progress']);"
+        f"'--allow-network',{allow!r},'--no-progress',*{extra or []!r}]);"
         # VmHWM belongs to this process image; ru_maxrss would carry the (large) parent's peak
         # across fork/exec.
         "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
@@ -191,6 +191,38 @@ def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str) -> tuple[float, f
     secs = time.perf_counter() - t
     kb = int(r.stdout.split("PEAK_KB", 1)[1].split()[0])
     return kb / 1024, secs
+
+
+def test_bed_agreement(tmp: Path) -> dict[str, float]:
+    """Max |similarity difference| of each backend against torch fp32 on the suite's tiny CLIP
+    (the same images and captions as tests/test_backends.py)."""
+    import shutil
+
+    from support.shapes import COLOURS, SHAPES, all_captions, draw
+
+    from similarity.images import preprocess
+    from similarity.model import load_model
+    from similarity.onnx_export import export_onnx
+
+    d = tmp / "tiny-clip"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "tiny-clip", d)
+    export_onnx(d, int8=True)
+    ref = load_model(d, backend="torch", dtype="fp32")
+    rng = random.Random(99)
+    px = np.stack([preprocess(draw(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng), ref.preprocess) for _ in range(24)])
+    caps = all_captions() + ["a photo of a red circle", "a " * 30 + "blue square"]
+
+    def sims(m) -> np.ndarray:
+        return (m.embed_images(px) @ m.embed_texts(caps)[0].T + 1) / 2
+
+    base = sims(ref)
+    out = {}
+    for backend, dtype in BACKENDS:
+        try:
+            out[f"{backend}-{dtype}"] = float(np.abs(sims(load_model(d, backend=backend, dtype=dtype)) - base).max())
+        except Exception:  # noqa: BLE001 - a runtime missing here is reported as missing
+            pass
+    return out
 
 
 def agreement(ref_i: np.ndarray, ref_t: np.ndarray, i: np.ndarray, t: np.ndarray) -> dict[str, float]:
@@ -209,7 +241,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
     from similarity.images import PreprocessConfig, decode, load_pixels, preprocess
-    from similarity.model import load_model
+    from similarity.model import load_model, resolve_backend
     from similarity.netguard import AddressPolicy, parse_networks
     from similarity.onnx_export import export_onnx
 
@@ -274,10 +306,19 @@ def main() -> None:
             f"({row['speedup']:.2f}x)  img cos min {agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}")
         if m is not ref:
             del m
-    faithful = {k: v for k, v in results["backends"].items() if v["max_abs_similarity_diff"] <= 0.002}
-    default_key = "onnx-fp32" if "onnx-fp32" in results["backends"] else "torch-fp32"
+    for key, diff in test_bed_agreement(tmp).items():
+        if key in results["backends"]:
+            results["backends"][key]["max_abs_similarity_diff_test_bed"] = diff
+    log("max |similarity difference| vs fp32, random model / test bed: " + ", ".join(
+        f"{k} {v['max_abs_similarity_diff']:.4f}/{v.get('max_abs_similarity_diff_test_bed', float('nan')):.4f}"
+        for k, v in results["backends"].items()))
+    faithful = {k: v for k, v in results["backends"].items()
+                if max(v["max_abs_similarity_diff"], v.get("max_abs_similarity_diff_test_bed", 1.0)) <= 0.002}
+    auto_backend, _, auto_dtype = resolve_backend("auto", "cpu", model_dir)
+    default_key = f"{auto_backend}-{auto_dtype}"
     results["default_backend"] = default_key
     results["fastest_within_0.002"] = max(faithful, key=lambda k: faithful[k]["pairs_per_s"]) if faithful else None
+    log(f"default backend here: {default_key}; fastest within 0.002 on both models: {results['fastest_within_0.002']}")
 
     # JPEG draft decoding: effect on embeddings of the large images
     big = [u for u in images if Image.open(io.BytesIO(images[u])).size[0] >= 1600][:16]
@@ -301,6 +342,8 @@ def main() -> None:
 
     results["cold_start_s"] = {"onnx-fp32 (Lambda default)": cold_start(model_dir, "onnx", "fp32"),
                                "torch-fp32": cold_start(model_dir, "torch", "fp32")}
+    if default_key not in ("onnx-fp32", "torch-fp32"):
+        results["cold_start_s"][f"{default_key} (default here)"] = cold_start(model_dir, auto_backend, auto_dtype)
     log("cold start to first score: " + ", ".join(f"{k} {v:.2f}s" for k, v in results["cold_start_s"].items()))
 
     csv_path = tmp / "rows1000.csv"
@@ -311,7 +354,11 @@ def main() -> None:
             fh.write(f"{urls[i % len(urls)]},{caption(rng, i)}\n")
     rss, secs = peak_rss_1000(model_dir, csv_path, "127.0.0.1/32")
     results["peak_rss_mb_1000_rows"] = rss
-    log(f"peak RSS scoring a 1,000-row CSV with the default backend: {rss:.0f} MB ({secs:.1f}s)")
+    log(f"peak RSS scoring a 1,000-row CSV with the default backend ({default_key}): {rss:.0f} MB ({secs:.1f}s)")
+    if default_key != "onnx-fp32" and "onnx-fp32" in results["backends"]:
+        rss, secs = peak_rss_1000(model_dir, csv_path, "127.0.0.1/32", ["--backend", "onnx", "--dtype", "fp32"])
+        results["peak_rss_mb_1000_rows_onnx_fp32"] = rss
+        log(f"peak RSS scoring a 1,000-row CSV with onnx-fp32 (the Lambda's path): {rss:.0f} MB ({secs:.1f}s)")
 
     server.stop()
     results["speedup_default"] = results["backends"][default_key]["speedup"]

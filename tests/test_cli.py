@@ -131,3 +131,14 @@ def test_s3_input_and_output(s3, bucket, tiny_clip_dir, moto_endpoint, capsys) -
 def test_bad_allow_network_is_a_clear_error(tmp_path, tiny_clip_dir) -> None:
     r = _run("score", "examples/challenge_set.csv", "-o", str(tmp_path / "o.csv"), "--allow-network", "10.0.0.0/99")
     assert r.returncode == 2 and "invalid network" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_info_says_what_auto_runs(tiny_clip_dir) -> None:
+    r = _run("model", "info", str(tiny_clip_dir), env={"SIMILARITY_DTYPE": "fp32"})
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["onnx"] == {"fp32": False, "int8": False}
+    # Exact scores asked for and no ONNX files: torch fp32 (the device stays auto: CUDA when present)
+    assert (info["runs_as"]["backend"], info["runs_as"]["dtype"]) == ("torch", "fp32")
+    r = _run("model", "info", str(tiny_clip_dir / "missing"))
+    assert r.returncode == 3 and "does not exist" in r.stderr

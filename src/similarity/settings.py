@@ -32,9 +32,9 @@ def env_bool(name: str, default: bool) -> bool:
 @dataclass(frozen=True)
 class Settings:
     model_dir: str = DEFAULT_MODEL_DIR
-    backend: str = "auto"  # auto | torch | onnx
+    backend: str = "auto"  # auto | torch | onnx | openvino
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "fp32"  # torch: fp32 | bf16 | fp16; onnx: fp32 | int8
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (torch) | int8 (onnx); see model.resolve_backend
     batch_size: int = 32
     workers: int = 16
     threads: int | None = None
@@ -57,7 +57,7 @@ class Settings:
             model_dir=env_str("CLIP_MODEL_DIR", DEFAULT_MODEL_DIR),
             backend=env_str("SIMILARITY_BACKEND", "auto"),
             device=env_str("SIMILARITY_DEVICE", "auto"),
-            dtype=env_str("SIMILARITY_DTYPE", "fp32"),
+            dtype=env_str("SIMILARITY_DTYPE", "auto"),
             batch_size=env_int("SIMILARITY_BATCH_SIZE", 32),
             workers=env_int("SIMILARITY_WORKERS", 16),
             threads=int(threads) if threads else None,
