@@ -114,6 +114,23 @@ def test_auto_picks_the_fastest_faithful_backend(monkeypatch, exported, tiny_cli
     assert resolve_backend(backend, device, exported if exported_files else tiny_clip_dir, dtype) == expected
 
 
+@pytest.mark.parametrize(
+    ("asked", "expected"),
+    [
+        (("auto", "auto", "auto"), ("torch", "cuda", "fp16")),
+        (("torch", "cuda", "auto"), ("torch", "cuda", "fp16")),  # the ECS GPU task's settings
+        (("auto", "cpu", "auto"), ("torch", "cpu", "bf16")),  # --device cpu on a GPU machine
+        (("auto", "auto", "int8"), ("onnx", "cpu", "int8")),
+    ],
+)
+def test_auto_on_a_gpu_machine(monkeypatch, exported, asked, expected) -> None:
+    import similarity.model as model_mod
+
+    monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(model_mod, "_cuda_present", lambda: True)
+    assert resolve_backend(asked[0], asked[1], exported, asked[2]) == expected
+
+
 def test_native_bf16_detection_reads_cpu_flags() -> None:
     from similarity.model import cpu_has_native_bf16
 
