@@ -171,7 +171,7 @@ class TorchBackend:
         self.torch = torch
         self.device = device
         self.dtype = dtype
-        self._tdtype = torch.float32 if self._autocast else dtypes[dtype]
+        self._tdtype = torch_dtype
 
     def _context(self) -> Any:
         torch = self.torch
