@@ -193,7 +193,7 @@ def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str, extra: list[str] 
     return kb / 1024, secs
 
 
-def test_bed_agreement(tmp: Path) -> dict[str, float]:
+def agreement_on_test_bed(tmp: Path) -> dict[str, float]:
     """Max |similarity difference| of each backend against torch fp32 on the suite's tiny CLIP
     (the same images and captions as tests/test_backends.py)."""
     import shutil
@@ -306,7 +306,7 @@ def main() -> None:
             f"({row['speedup']:.2f}x)  img cos min {agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}")
         if m is not ref:
             del m
-    for key, diff in test_bed_agreement(tmp).items():
+    for key, diff in agreement_on_test_bed(tmp).items():
         if key in results["backends"]:
             results["backends"][key]["max_abs_similarity_diff_test_bed"] = diff
     log("max |similarity difference| vs fp32, random model / test bed: " + ", ".join(
