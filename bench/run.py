@@ -198,9 +198,8 @@ def agreement_on_test_bed(tmp: Path) -> dict[str, float]:
     (the same images and captions as tests/test_backends.py)."""
     import shutil
 
-    from support.shapes import COLOURS, SHAPES, all_captions, draw
+    from support.parity import parity_inputs, similarities
 
-    from similarity.images import preprocess
     from similarity.model import load_model
     from similarity.onnx_export import export_onnx
 
@@ -208,18 +207,13 @@ def agreement_on_test_bed(tmp: Path) -> dict[str, float]:
     shutil.copytree(ROOT / "tests" / "fixtures" / "tiny-clip", d)
     export_onnx(d, int8=True)
     ref = load_model(d, backend="torch", dtype="fp32")
-    rng = random.Random(99)
-    px = np.stack([preprocess(draw(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng), ref.preprocess) for _ in range(24)])
-    caps = all_captions() + ["a photo of a red circle", "a " * 30 + "blue square"]
-
-    def sims(m) -> np.ndarray:
-        return (m.embed_images(px) @ m.embed_texts(caps)[0].T + 1) / 2
-
-    base = sims(ref)
+    px, caps = parity_inputs(ref.preprocess)
+    base = similarities(ref, px, caps)
     out = {}
     for backend, dtype in BACKENDS:
         try:
-            out[f"{backend}-{dtype}"] = float(np.abs(sims(load_model(d, backend=backend, dtype=dtype)) - base).max())
+            m = load_model(d, backend=backend, dtype=dtype)
+            out[f"{backend}-{dtype}"] = float(np.abs(similarities(m, px, caps) - base).max())
         except Exception:  # noqa: BLE001 - a runtime missing here is reported as missing
             pass
     return out

@@ -8,17 +8,15 @@ broken export or quantisation fails while normal rounding does not.
 from __future__ import annotations
 
 import importlib.util
-import random
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from support.shapes import COLOURS, SHAPES, all_captions, draw
+from support.parity import parity_inputs, similarities
 
-from similarity.images import preprocess
-from similarity.model import load_model, resolve_backend
+from similarity.model import cpu_has_native_bf16, load_model, resolve_backend
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +31,11 @@ def exported(tiny_clip_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(tiny_model):
-    rng = random.Random(99)
-    px = np.stack([preprocess(draw(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng), tiny_model.preprocess) for _ in range(24)])
-    caps = all_captions() + ["a photo of a red circle", "a " * 30 + "blue square"]
-    return px, caps
-
-
-def _sims(model, px, caps) -> np.ndarray:
-    img = model.embed_images(px)
-    txt, _ = model.embed_texts(caps)
-    return (img @ txt.T + 1) / 2
+    return parity_inputs(tiny_model.preprocess)
 
 
 def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
-
-
-def _cpu_bf16() -> bool:
-    try:
-        return "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
 
 
 CASES = [
@@ -69,13 +51,13 @@ CASES = [
 def test_backend_agrees_with_reference(exported, tiny_model, inputs, backend, dtype, bound, needs) -> None:
     if needs and not _has(needs):
         pytest.skip(f"{needs} not installed")
-    if dtype == "bf16" and backend == "openvino" and not _cpu_bf16():
+    if dtype == "bf16" and backend == "openvino" and not cpu_has_native_bf16():
         pytest.skip("CPU without bf16")
     px, caps = inputs
-    ref = _sims(tiny_model, px, caps)
+    ref = similarities(tiny_model, px, caps)
     model = load_model(exported, backend=backend, dtype=dtype)
     assert model.info.backend == backend and model.info.dtype == dtype
-    diff = np.abs(_sims(model, px, caps) - ref).max()
+    diff = np.abs(similarities(model, px, caps) - ref).max()
     assert diff < bound, f"{backend}/{dtype}: max |similarity difference| {diff:.5f}"
 
 
@@ -84,7 +66,7 @@ def test_default_backend_stays_within_bound(exported, tiny_model, inputs) -> Non
     px, caps = inputs
     model = load_model(exported)
     assert model.info.dtype != "int8"
-    assert np.abs(_sims(model, px, caps) - _sims(tiny_model, px, caps)).max() <= 0.002
+    assert np.abs(similarities(model, px, caps) - similarities(tiny_model, px, caps)).max() <= 0.002
 
 
 @pytest.mark.parametrize(
@@ -132,8 +114,6 @@ def test_auto_on_a_gpu_machine(monkeypatch, exported, asked, expected) -> None:
 
 
 def test_native_bf16_detection_reads_cpu_flags() -> None:
-    from similarity.model import cpu_has_native_bf16
-
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -135,3 +138,20 @@ def test_missing_and_incomplete_model_dir(tmp_path, tiny_clip_dir) -> None:
     (partial / "tokenizer.json").unlink()
     with pytest.raises(ModelIncomplete, match="tokenizer.json, model.safetensors"):
         load_model(partial, backend="torch")
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_torch_path_sets_openmp_wait_policy_and_threads(tiny_clip_dir, preset, expected) -> None:
+    """OpenMP reads its wait policy once, when torch loads it: the first import must come from us,
+    with PASSIVE unless the user chose otherwise; --threads reaches torch too."""
+    code = (
+        "import os;from similarity.model import load_model;"
+        f"m=load_model({str(tiny_clip_dir)!r}, backend='torch', threads=1);"
+        "import torch;print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [expected, "1"]

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from similarity.csvio import split_s3
 from similarity.records import Record
-from similarity.scoring import score_pairs
+from similarity.scoring import ScoreStats, score_pairs
 
 from . import runtime
 from .errors import BadRequest, HttpError, NotFound, PayloadTooLarge, error_response
@@ -60,12 +60,11 @@ def validate(model: type[BaseModel], data: Any) -> Any:
 
 
 def _record_metrics(results: list) -> None:
-    metrics.add_metric(name="PairsScored", unit=MetricUnit.Count, value=sum(1 for r in results if r.ok))
-    codes: dict[str, int] = {}
+    stats = ScoreStats()
     for r in results:
-        if r.error is not None:
-            codes[r.error.code] = codes.get(r.error.code, 0) + 1
-    for code, n in codes.items():
+        stats.add(r)
+    metrics.add_metric(name="PairsScored", unit=MetricUnit.Count, value=stats.scored)
+    for code, n in stats.errors.items():
         metrics.add_metric(name=f"RowError_{code}", unit=MetricUnit.Count, value=n)
 
 
@@ -149,10 +148,7 @@ def readyz() -> Response:
         model = runtime.model()
     except runtime.ModelUnavailable as exc:
         return Response(503, content_types.APPLICATION_JSON, json.dumps({"status": "unavailable", "reason": str(exc)}))
-    info = model.info
-    body = {"status": "ready", "model": {"id": info.model_id, "revision": info.revision, "backend": info.backend,
-                                         "device": info.device, "dtype": info.dtype,
-                                         "load_seconds": round(runtime.model_load_seconds() or 0.0, 3)}}
+    body = {"status": "ready", "model": model.info.as_dict()}
     return Response(200, content_types.APPLICATION_JSON, json.dumps(body))
 
 

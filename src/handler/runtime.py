@@ -6,7 +6,6 @@ Created once per container (Lambda reuses it across invocations) and reset only 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from similarity.errors import SimilarityError
@@ -57,21 +56,18 @@ def model() -> ClipModel:
         if "model" in _state:
             return _state["model"]
         s = settings()
-        start = time.perf_counter()
         try:
             m = load_model(s.core.model_dir, backend=s.core.backend, device=s.core.device, dtype=s.core.dtype,
                            threads=s.core.threads)
         except SimilarityError as exc:
-            _state["model_error"] = str(exc)
             raise ModelUnavailable(str(exc)) from None
         _state["model"] = m
-        _state["model_load_seconds"] = time.perf_counter() - start
-        _state.pop("model_error", None)
         return m
 
 
 def model_load_seconds() -> float | None:
-    return _state.get("model_load_seconds")
+    m = _state.get("model")
+    return m.info.load_seconds if m is not None else None
 
 
 def reset() -> None:

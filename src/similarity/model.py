@@ -54,6 +54,10 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _has_weights(model_dir: Path) -> bool:
+    return (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
+
+
 def check_model_dir(model_dir: str | os.PathLike[str], need_weights: bool = True) -> Path:
     """Raise ``ModelNotFound`` / ``ModelIncomplete`` with the exact missing files."""
     path = Path(model_dir)
@@ -64,9 +68,7 @@ def check_model_dir(model_dir: str | os.PathLike[str], need_weights: bool = True
         (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
     ):
         missing.append("tokenizer.json")
-    if need_weights and not (
-        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-    ):
+    if need_weights and not _has_weights(path):
         missing.append("model.safetensors")
     if missing:
         raise ModelIncomplete(f"model directory {str(path)!r} lacks {', '.join(missing)}")
@@ -134,22 +136,19 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "fp32") -> None:
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "fp32", threads: int | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        if "torch" not in sys.modules:
-            # OpenMP workers that spin between model calls take the cores our decode threads need
-            # (+13% end to end when they sleep; ONNX Runtime turns spinning off the same way). Read
-            # once, when torch loads its OpenMP runtime, so only a first import can set it.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
-            import torch
+            torch = _import_torch()
             from transformers import CLIPModel
             from transformers.utils import logging as hf_logging
         except ImportError as exc:
             raise BackendUnavailable(f"torch backend needs torch and transformers: {exc}") from None
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -285,10 +284,6 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _has_weights(model_dir: Path) -> bool:
-    return (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
-
-
 def resolve_backend(backend: str, device: str, model_dir: Path, dtype: str = "auto") -> tuple[str, str, str]:
     """(backend, device, dtype) to load.
 
@@ -324,11 +319,20 @@ def _cuda_present() -> bool:
     if not (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()):
         return False
     try:
-        import torch
-
-        return bool(torch.cuda.is_available())
+        return bool(_import_torch().cuda.is_available())
     except ImportError:
         return False
+
+
+def _import_torch() -> Any:
+    if "torch" not in sys.modules:
+        # OpenMP workers that spin between model calls take the cores our decode threads need
+        # (+13% end to end when they sleep; ONNX Runtime turns spinning off the same way). Read
+        # once, when torch loads its OpenMP runtime, so only the first import can set it.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    return torch
 
 
 def load_model(
@@ -354,11 +358,7 @@ def load_model(
     preprocess = PreprocessConfig.from_model_dir(path)
     impl: Backend
     if backend == "torch":
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        impl = TorchBackend(path, device=device, dtype=dtype)
+        impl = TorchBackend(path, device=device, dtype=dtype, threads=threads)
     elif backend == "onnx":
         from .onnx_backend import OnnxBackend
 

@@ -7,9 +7,11 @@ the figures).
 
 from __future__ import annotations
 
+import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,13 @@ def onnx_files_present(model_dir: Path, dtype: str = "fp32") -> bool:
     return all(p.is_file() for p in onnx_paths(model_dir, dtype).values())
 
 
+def _require(module: str, backend: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{backend} backend needs {module}: {exc}") from None
+
+
 def require_onnx_files(model_dir: Path, dtype: str) -> dict[str, Path]:
     paths = onnx_paths(model_dir, dtype)
     missing = [str(p) for p in paths.values() if not p.is_file()]
@@ -44,10 +53,7 @@ class OnnxBackend:
     device = "cpu"
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BackendUnavailable(f"onnx backend needs onnxruntime: {exc}") from None
+        ort = _require("onnxruntime", "onnx")
         paths = require_onnx_files(model_dir, dtype)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
@@ -80,10 +86,7 @@ class OpenVinoBackend:
     device = "cpu"
 
     def __init__(self, model_dir: Path, dtype: str = "bf16", threads: int | None = None) -> None:
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise BackendUnavailable(f"openvino backend needs openvino: {exc}") from None
+        ov = _require("openvino", "openvino")
         if dtype not in ("fp32", "bf16"):
             raise BackendUnavailable(f"openvino backend supports fp32 or bf16, not {dtype!r}")
         paths = require_onnx_files(model_dir, "fp32")

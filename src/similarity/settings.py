@@ -43,23 +43,25 @@ class Settings:
 
     @classmethod
     def from_env(cls, allow_local_paths: bool = False) -> Settings:
+        """Each variable falls back to the field's default, so defaults are written once."""
+        d, f = cls(), FetchSettings()
         threads = env_str("SIMILARITY_THREADS", "")
         fetch = FetchSettings(
-            connect_timeout=env_float("SIMILARITY_CONNECT_TIMEOUT", 5),
-            read_timeout=env_float("SIMILARITY_READ_TIMEOUT", 10),
-            deadline=env_float("SIMILARITY_FETCH_DEADLINE", 30),
-            max_bytes=env_int("SIMILARITY_MAX_IMAGE_BYTES", 20 * 1024 * 1024),
-            max_retries=env_int("SIMILARITY_MAX_RETRIES", 2),
-            per_host=env_int("SIMILARITY_PER_HOST", 8),
+            connect_timeout=env_float("SIMILARITY_CONNECT_TIMEOUT", f.connect_timeout),
+            read_timeout=env_float("SIMILARITY_READ_TIMEOUT", f.read_timeout),
+            deadline=env_float("SIMILARITY_FETCH_DEADLINE", f.deadline),
+            max_bytes=env_int("SIMILARITY_MAX_IMAGE_BYTES", f.max_bytes),
+            max_retries=env_int("SIMILARITY_MAX_RETRIES", f.max_retries),
+            per_host=env_int("SIMILARITY_PER_HOST", f.per_host),
             allow_local_paths=env_bool("SIMILARITY_ALLOW_LOCAL_PATHS", allow_local_paths),
         )
         return cls(
-            model_dir=env_str("CLIP_MODEL_DIR", DEFAULT_MODEL_DIR),
-            backend=env_str("SIMILARITY_BACKEND", "auto"),
-            device=env_str("SIMILARITY_DEVICE", "auto"),
-            dtype=env_str("SIMILARITY_DTYPE", "auto"),
-            batch_size=env_int("SIMILARITY_BATCH_SIZE", 32),
-            workers=env_int("SIMILARITY_WORKERS", 16),
+            model_dir=env_str("CLIP_MODEL_DIR", d.model_dir),
+            backend=env_str("SIMILARITY_BACKEND", d.backend),
+            device=env_str("SIMILARITY_DEVICE", d.device),
+            dtype=env_str("SIMILARITY_DTYPE", d.dtype),
+            batch_size=env_int("SIMILARITY_BATCH_SIZE", d.batch_size),
+            workers=env_int("SIMILARITY_WORKERS", d.workers),
             threads=int(threads) if threads else None,
             allowed_networks=parse_networks(os.environ.get("SIMILARITY_ALLOWED_NETWORKS")),
             fetch=fetch,
