@@ -20,6 +20,7 @@ import io
 import json
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -276,11 +277,10 @@ class Jobs:
 
     @staticmethod
     def _sum_errors(markers: list[dict]) -> dict[str, int]:
-        errors: dict[str, int] = {}
+        errors: Counter[str] = Counter()
         for d in markers:
-            for code, n in d.get("errors", {}).items():
-                errors[code] = errors.get(code, 0) + n
-        return errors
+            errors.update(d.get("errors", {}))
+        return dict(errors)
 
     def _take_lock(self, m: Manifest, owner: str) -> bool:
         key = f"{self.prefix(m.job_id)}merge.lock"

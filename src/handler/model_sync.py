@@ -15,11 +15,11 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from aws_lambda_powertools import Logger
 
-from similarity.model import MODEL_META_FILE, check_model_dir, read_identity
+from similarity.csvio import split_s3
+from similarity.model import DEFAULT_MODEL_ID, MODEL_META_FILE, check_model_dir, read_identity
 
 from . import runtime
 
@@ -27,8 +27,8 @@ logger = Logger(service="text-image-similarity")
 
 
 def copy_from_s3(s3: Any, uri: str, dest: Path) -> list[str]:
-    parts = urlsplit(uri)
-    bucket, prefix = parts.netloc, parts.path.lstrip("/").rstrip("/") + "/"
+    bucket, key = split_s3(uri)  # an S3 "folder": s3://bucket/prefix
+    prefix = key.rstrip("/") + "/"
     copied = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -78,7 +78,7 @@ def lambda_handler(event: dict, context: Any) -> dict:
     s = runtime.settings()
     result = sync(
         Path(event.get("model_dir") or s.core.model_dir),
-        model_id=event.get("model_id") or os.environ.get("MODEL_ID", "openai/clip-vit-base-patch32"),
+        model_id=event.get("model_id") or os.environ.get("MODEL_ID", DEFAULT_MODEL_ID),
         revision=event.get("revision") or os.environ.get("MODEL_REVISION") or None,
         source_s3_uri=event.get("source_s3_uri", os.environ.get("MODEL_SOURCE_S3_URI", "")),
         s3=runtime.client("s3"),
