@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -196,8 +197,6 @@ def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str, extra: list[str] 
 def agreement_on_test_bed(tmp: Path) -> dict[str, float]:
     """Max |similarity difference| of each backend against torch fp32 on the suite's tiny CLIP
     (the same images and captions as tests/test_backends.py)."""
-    import shutil
-
     from support.parity import parity_inputs, similarities
 
     from similarity.model import load_model
@@ -219,6 +218,61 @@ def agreement_on_test_bed(tmp: Path) -> dict[str, float]:
     return out
 
 
+def lambda_usd_per_million(pairs_per_s: float) -> float:
+    """Compute cost of a million pairs on the chunk worker at its configured memory and price, taking
+    this machine's 2 cores for the ~2.3 vCPUs Lambda gives 4096 MB. Requests, S3 and SQS are cents."""
+    from handler.config import ServiceSettings
+
+    d = ServiceSettings()
+    return 1e6 / pairs_per_s * d.worker_memory_mb / 1024 * d.lambda_gb_second_usd
+
+
+def cpu_description() -> dict:
+    """What the ratios depend on: vendor, family/model and the SIMD flags that decide the kernels.
+    AMD family 25 with AVX-512 is Zen 4, whose AVX-512 runs on 256-bit units; family 26 is Zen 5,
+    with full 512-bit units. The two give very different fp32-vs-bf16 ratios (see the README)."""
+    out: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return out
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    out.update({"vendor": fields.get("vendor_id"), "model_name": fields.get("model name"),
+                "family": fields.get("cpu family"), "model": fields.get("model"),
+                "simd": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx512f")))})
+    if out["vendor"] == "AuthenticAMD":
+        out["microarchitecture"] = {"25": "Zen 4" if "avx512f" in flags else "Zen 3", "26": "Zen 5"}.get(out["family"])
+    out["avx512_bf16"] = "avx512_bf16" in flags
+    return out
+
+
+def matmul_rates(rounds: int = 5) -> dict[str, float]:
+    """GFLOP/s (int8: GOP/s) of one encoder MLP matmul at batch 32 (1600x768 @ 768x3072), the shape
+    that dominates the image tower, for the baseline's kernel (MKL sgemm via torch.mm) and the
+    lower-precision kernels. Round-robin so a noisy neighbour hits every kernel alike. The ratios
+    bound what any backend of that precision can gain over the baseline in the model."""
+    import torch
+
+    m, k, n = 1600, 768, 3072
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    ai, bi = torch.randint(-100, 100, (m, k), dtype=torch.int8), torch.randint(-100, 100, (k, n), dtype=torch.int8)
+    kernels = {"fp32 (MKL sgemm, the baseline's)": lambda: a @ b, "bf16": lambda: ab @ bb,
+               "int8 (VNNI)": lambda: torch._int_mm(ai, bi)}
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for f in kernels.values():
+        f()
+    for _ in range(rounds):
+        for name, f in kernels.items():
+            t = time.perf_counter()
+            for _ in range(3):
+                f()
+            times[name].append((time.perf_counter() - t) / 3)
+    return {name: 2 * m * k * n / float(np.median(ts)) / 1e9 for name, ts in times.items()}
+
+
 def agreement(ref_i: np.ndarray, ref_t: np.ndarray, i: np.ndarray, t: np.ndarray) -> dict[str, float]:
     sims_ref = (ref_i @ ref_t.T + 1) / 2
     sims = (i @ t.T + 1) / 2
@@ -233,21 +287,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=160)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--keep", action="store_true", help="keep the temporary model directory")
     args = ap.parse_args()
+    results: dict = {"machine": cpu_description()}
+    cpu = results["machine"]
+    log(f"CPU: {cpu.get('model_name')} ({cpu.get('microarchitecture') or 'family ' + str(cpu.get('family'))}), "
+        f"{cpu['cores']} cores, {' '.join(cpu.get('simd', []))}")
+    tmp = Path(tempfile.mkdtemp(prefix="clip-bench-"))
+    try:
+        run(args, results, tmp)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)  # the model, its ONNX files and the CSVs: ~2 GB
+
+
+def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     from similarity.images import PreprocessConfig, decode, load_pixels, preprocess
     from similarity.model import load_model, resolve_backend
     from similarity.netguard import AddressPolicy, parse_networks
     from similarity.onnx_export import export_onnx
 
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                 "python": platform.python_version()}}
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        results["machine"]["model_name"] = next(line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name"))
-        results["machine"]["avx512_bf16"] = "avx512_bf16" in flags
-    except (OSError, StopIteration):
-        pass
-    tmp = Path(tempfile.mkdtemp(prefix="clip-bench-"))
     model_dir = tmp / "model"
     t0 = time.perf_counter()
     results["tokenizer"] = make_model(model_dir)
@@ -270,6 +329,13 @@ def main() -> None:
     base_s, base_cos = baseline(model_dir, pairs)
     results["baseline_pairs_per_s"] = len(pairs) / base_s
     log(f"baseline (CLIPProcessor + CLIPModel fp32 eager): {results['baseline_pairs_per_s']:.1f} pairs/s")
+    rates = matmul_rates()
+    base_rate = rates["fp32 (MKL sgemm, the baseline's)"]
+    results["matmul_gflops"] = rates
+    results["matmul_ceiling_vs_baseline"] = {"bf16": rates["bf16"] / base_rate, "int8": rates["int8 (VNNI)"] / base_rate}
+    log("matmul at the encoder's MLP shape, G(FL)OP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+        + f"; ceiling vs the baseline's kernel: bf16 {results['matmul_ceiling_vs_baseline']['bf16']:.2f}x, "
+        f"int8 {results['matmul_ceiling_vs_baseline']['int8']:.2f}x")
 
     ref = load_model(model_dir, backend="torch", dtype="fp32")
     cfg = ref.preprocess
@@ -292,12 +358,15 @@ def main() -> None:
         agree = agreement(ref_i, ref_t, m.embed_images(pixels), m.embed_texts(caps)[0])
         row = {"image_per_s": img_s, "caption_per_s": cap_s, "pairs_per_s": len(pairs) / e2e_s,
                "speedup": (len(pairs) / e2e_s) / results["baseline_pairs_per_s"], **agree}
+        if backend == "onnx":  # the only runtime in the Lambda image
+            row["lambda_usd_per_million_pairs"] = lambda_usd_per_million(row["pairs_per_s"])
         if key == "onnx-fp32":
             diffs = [abs((a + 1) / 2 - (b + 1) / 2) for a, b in zip(cos, base_cos) if a is not None]
             row["max_abs_similarity_diff_vs_baseline_e2e"] = max(diffs)
         results["backends"][key] = row
+        cost = f", ${row['lambda_usd_per_million_pairs']:.2f}/M pairs on Lambda" if "lambda_usd_per_million_pairs" in row else ""
         log(f"{key:14s} image {img_s:6.1f}/s  captions {cap_s:6.1f}/s  e2e {row['pairs_per_s']:6.1f} pairs/s "
-            f"({row['speedup']:.2f}x)  img cos min {agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}")
+            f"({row['speedup']:.2f}x{cost})  img cos min {agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}")
         if m is not ref:
             del m
     for key, diff in agreement_on_test_bed(tmp).items():
