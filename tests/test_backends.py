@@ -41,9 +41,9 @@ def _has(mod: str) -> bool:
 CASES = [
     ("onnx", "fp32", 1e-5, None),
     ("onnx", "int8", 0.03, None),
-    ("torch", "bf16", 0.002, None),  # mixed bf16: the CPU default where bf16 is native, so held to 0.002
+    ("torch", "bf16", 0.002, None),  # mixed bf16: the default without OpenVINO where bf16 is native
     ("openvino", "fp32", 1e-5, "openvino"),
-    ("openvino", "bf16", 0.01, "openvino"),
+    ("openvino", "bf16", 0.002, "openvino"),  # mixed bf16: the CPU default where bf16 is native
 ]
 
 
@@ -72,15 +72,19 @@ def test_default_backend_stays_within_bound(exported, tiny_model, inputs) -> Non
 @pytest.mark.parametrize(
     ("native_bf16", "missing", "exported_files", "asked", "expected"),
     [
-        (True, (), True, ("auto", "auto", "auto"), ("torch", "cpu", "bf16")),
+        (True, (), True, ("auto", "auto", "auto"), ("openvino", "cpu", "bf16")),
+        (True, ("openvino",), True, ("auto", "auto", "auto"), ("torch", "cpu", "bf16")),
+        (True, (), False, ("auto", "auto", "auto"), ("torch", "cpu", "bf16")),  # OpenVINO reads the ONNX files
         (False, (), True, ("auto", "auto", "auto"), ("onnx", "cpu", "fp32")),
         (False, (), False, ("auto", "auto", "auto"), ("torch", "auto", "fp32")),
-        (True, ("torch",), True, ("auto", "auto", "auto"), ("onnx", "cpu", "fp32")),  # the Lambda image
+        (True, ("torch", "openvino"), True, ("auto", "auto", "auto"), ("onnx", "cpu", "fp32")),  # the Lambda image
+        (True, ("torch",), True, ("auto", "auto", "auto"), ("openvino", "cpu", "bf16")),
         (True, (), True, ("auto", "auto", "fp32"), ("onnx", "cpu", "fp32")),
         (True, (), True, ("auto", "auto", "int8"), ("onnx", "cpu", "int8")),
         (True, (), True, ("torch", "cpu", "auto"), ("torch", "cpu", "fp32")),
         (True, (), True, ("onnx", "auto", "auto"), ("onnx", "cpu", "fp32")),
-        (True, (), True, ("auto", "cpu", "bf16"), ("torch", "cpu", "bf16")),
+        (True, (), True, ("openvino", "auto", "auto"), ("openvino", "cpu", "fp32")),
+        (True, (), True, ("auto", "cpu", "bf16"), ("openvino", "cpu", "bf16")),
     ],
 )
 def test_auto_picks_the_fastest_faithful_backend(monkeypatch, exported, tiny_clip_dir, native_bf16, missing,
@@ -101,7 +105,7 @@ def test_auto_picks_the_fastest_faithful_backend(monkeypatch, exported, tiny_cli
     [
         (("auto", "auto", "auto"), ("torch", "cuda", "fp16")),
         (("torch", "cuda", "auto"), ("torch", "cuda", "fp16")),  # the ECS GPU task's settings
-        (("auto", "cpu", "auto"), ("torch", "cpu", "bf16")),  # --device cpu on a GPU machine
+        (("auto", "cpu", "auto"), ("openvino", "cpu", "bf16")),  # --device cpu on a GPU machine
         (("auto", "auto", "int8"), ("onnx", "cpu", "int8")),
     ],
 )
@@ -121,15 +125,22 @@ def test_native_bf16_detection_reads_cpu_flags() -> None:
     assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def test_onnx_path_needs_no_torch(exported) -> None:
-    """The Lambda's CPU path, in an interpreter where torch and transformers cannot be found (as in
-    the Lambda image): auto picks ONNX Runtime fp32 and scoring never imports them."""
+def _lambda_like(blocked: tuple[str, ...]) -> bool:
+    return "openvino" in blocked or not _has("openvino") or not cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("blocked", [("torch", "transformers", "openvino"), ("torch", "transformers")],
+                         ids=["lambda-image", "cli-without-torch"])
+def test_cpu_default_needs_no_torch(exported, blocked) -> None:
+    """In an interpreter where torch and transformers cannot be found (as in the Lambda image, which
+    has no OpenVINO either), auto picks ONNX Runtime fp32, or OpenVINO mixed bf16 where OpenVINO is
+    there and the CPU has bf16, and scoring never imports torch or transformers."""
     code = (
         "import sys, base64, io\n"
-        "class NoTorch:\n"
+        "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'): raise ModuleNotFoundError(name)\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
+        f"        if name.split('.')[0] in {blocked!r}: raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
         "from similarity import load_model, score_pairs, Record, Fetcher\n"
         f"m = load_model({str(exported)!r})\n"
         "from PIL import Image;b=io.BytesIO();Image.new('RGB',(40,40),(200,0,0)).save(b,'PNG')\n"
@@ -139,7 +150,8 @@ def test_onnx_path_needs_no_torch(exported) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["onnx", "fp32", "False", "False"]
+    expected = ["onnx", "fp32"] if _lambda_like(blocked) else ["openvino", "bf16"]
+    assert r.stdout.split() == [*expected, "False", "False"]
 
 
 def test_unknown_backend_and_dtype_are_clear(exported) -> None:

@@ -288,22 +288,25 @@ def resolve_backend(backend: str, device: str, model_dir: Path, dtype: str = "au
     """(backend, device, dtype) to load.
 
     ``auto``/``auto`` picks the fastest path whose similarities stay within 0.002 of fp32 (bench/
-    and tests/test_backends.py measure it): CUDA torch fp16 on a GPU; mixed bf16 torch on a CPU with
-    native bf16; else ONNX Runtime fp32 when the exported files and onnxruntime are present (the
-    Lambda image, which has no torch); else torch fp32. Naming a backend without a dtype gives its
-    fp32 path (fp16 on CUDA). int8 is never picked: it is opt-in.
+    and tests/test_backends.py measure it): CUDA torch fp16 on a GPU; on a CPU with native bf16,
+    mixed bf16 with OpenVINO (needs the exported ONNX files) or else torch; else ONNX Runtime fp32
+    when the exported files and onnxruntime are present (the Lambda image, which has neither torch
+    nor OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on
+    CUDA). int8 is never picked: it is opt-in.
     """
+    from .onnx_backend import onnx_files_present
+
     if backend == "auto":
+        bf16_cpu = dtype in ("auto", "bf16") and device in ("auto", "cpu") and cpu_has_native_bf16()
         if dtype == "int8":
             backend = "onnx"
         elif device == "cuda" or (device == "auto" and _cuda_present()):
             backend, device = "torch", "cuda"
-        elif (dtype in ("auto", "bf16") and device in ("auto", "cpu") and _installed("torch")
-              and _installed("transformers") and cpu_has_native_bf16() and _has_weights(model_dir)):
+        elif bf16_cpu and _installed("openvino") and onnx_files_present(model_dir):
+            return "openvino", "cpu", "bf16"
+        elif bf16_cpu and _installed("torch") and _installed("transformers") and _has_weights(model_dir):
             return "torch", "cpu", "bf16"
         elif dtype in ("auto", "fp32") and _installed("onnxruntime"):
-            from .onnx_backend import onnx_files_present
-
             backend = "onnx" if onnx_files_present(model_dir) else "torch"
         else:
             backend = "torch"
@@ -364,7 +367,7 @@ def load_model(
 
         impl = OnnxBackend(path, dtype=dtype, threads=threads)
     elif backend == "openvino":
-        from .onnx_backend import OpenVinoBackend
+        from .openvino_backend import OpenVinoBackend
 
         impl = OpenVinoBackend(path, dtype=dtype, threads=threads)
     else:

@@ -33,7 +33,7 @@ def onnx_files_present(model_dir: Path, dtype: str = "fp32") -> bool:
     return all(p.is_file() for p in onnx_paths(model_dir, dtype).values())
 
 
-def _require(module: str, backend: str) -> Any:
+def require_module(module: str, backend: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -53,7 +53,7 @@ class OnnxBackend:
     device = "cpu"
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", threads: int | None = None) -> None:
-        ort = _require("onnxruntime", "onnx")
+        ort = require_module("onnxruntime", "onnx")
         paths = require_onnx_files(model_dir, dtype)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
@@ -75,44 +75,3 @@ class OnnxBackend:
 
     def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self._text.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})[0]
-
-
-class OpenVinoBackend:
-    """OpenVINO on the same ONNX files: its bf16 path uses AVX-512 BF16 / AMX where the CPU has it
-    (ONNX Runtime's CPU provider has none). Compiled graphs are cached next to the model so only the
-    first load pays the compile."""
-
-    name = "openvino"
-    device = "cpu"
-
-    def __init__(self, model_dir: Path, dtype: str = "bf16", threads: int | None = None) -> None:
-        ov = _require("openvino", "openvino")
-        if dtype not in ("fp32", "bf16"):
-            raise BackendUnavailable(f"openvino backend supports fp32 or bf16, not {dtype!r}")
-        paths = require_onnx_files(model_dir, "fp32")
-        core = ov.Core()
-        if dtype == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise BackendUnavailable("this CPU has no bf16 support; use --dtype fp32")
-        config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bf16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads or len(os.sched_getaffinity(0)),
-        }
-        cache = os.environ.get("SIMILARITY_OV_CACHE_DIR") or str(Path(model_dir) / ONNX_SUBDIR / "openvino-cache")
-        try:
-            Path(cache).mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = cache
-        except OSError:
-            pass  # read-only model directory: compile every time
-        with ThreadPoolExecutor(2) as pool:
-            vision, text = pool.map(lambda p: core.compile_model(str(p), "CPU", config), (paths["vision"], paths["text"]))
-        self._vision, self._text = vision, text
-        self.dtype = dtype
-
-    def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        req = self._vision.create_infer_request()
-        return np.array(req.infer({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})[0])
-
-    def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        req = self._text.create_infer_request()
-        return np.array(req.infer({"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})[0])
