@@ -87,3 +87,15 @@ def test_a_graph_without_projection_is_a_clear_error(exported) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), exported / "onnx" / "vision.onnx")
     with pytest.raises(ModelIncomplete, match="similarity model export"):
         load_model(exported, backend="openvino", dtype="bf16")
+
+
+def test_models_sharing_one_cache_keep_their_own_pieces(exported, tmp_path, monkeypatch) -> None:
+    other = tmp_path / "other-model"
+    shutil.copytree(exported, other)
+    st = (other / "onnx" / "vision.onnx").stat()  # a different export, as another model's would be
+    os.utime(other / "onnx" / "vision.onnx", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    shared = tmp_path / "shared-cache"
+    monkeypatch.setenv("SIMILARITY_OV_CACHE_DIR", str(shared))
+    load_model(exported, backend="openvino", dtype="bf16")
+    load_model(other, backend="openvino", dtype="bf16")
+    assert len(list(shared.glob("mixed-bf16-*"))) == 2

@@ -11,6 +11,7 @@ the projections numpy matmuls, with their weights read from the ONNX graph.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -93,8 +94,10 @@ def _mixed_graphs(ov: Any, core: Any, paths: dict[str, Path], cache: Path | None
     graphs means reading ~600 MB of ONNX (about 0.9 s), so the pieces are saved once as OpenVINO IR
     in the cache, keyed by the ONNX files' size and mtime (a re-export makes a new key)."""
     stats = [paths[t].stat() for t in ("vision", "text")]
-    key = "-".join(f"{st.st_size:x}{st.st_mtime_ns:x}" for st in stats)
-    d = cache / f"mixed-bf16-{key}" if cache else None
+    # One prefix per model directory (several models may share SIMILARITY_OV_CACHE_DIR), one key per export.
+    prefix = "mixed-bf16-" + hashlib.sha256(str(paths["vision"].resolve()).encode()).hexdigest()[:12]
+    name = f"{prefix}-" + "-".join(f"{st.st_size:x}{st.st_mtime_ns:x}" for st in stats)
+    d = cache / name if cache else None
     names = ("embed", "vision", "text")
     if d and (d / "projections.npz").is_file():
         with np.load(d / "projections.npz") as npz:
@@ -114,7 +117,7 @@ def _mixed_graphs(ov: Any, core: Any, paths: dict[str, Path], cache: Path | None
             tmp.rename(d)  # whole or not at all, even with several processes loading at once
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-        for old in cache.glob("mixed-bf16-*"):  # earlier exports' pieces
+        for old in cache.glob(f"{prefix}-*"):  # this model's earlier exports
             if old.name != d.name and not old.name.startswith(f"{d.name}.tmp"):
                 shutil.rmtree(old, ignore_errors=True)
         if (d / "projections.npz").is_file():
