@@ -154,6 +154,27 @@ def test_cpu_default_needs_no_torch(exported, blocked) -> None:
     assert r.stdout.split() == [*expected, "False", "False"]
 
 
+def test_export_keeps_weights_beside_the_graph(exported, tmp_path, tiny_model, inputs) -> None:
+    """fp32 graphs keep their weights in `<name>.data` (ONNX Runtime maps them: faster cold start),
+    readable by whoever can read the graph; exporting again over the files gives the same files."""
+    import stat
+
+    from similarity.onnx_export import export_onnx
+
+    d = tmp_path / "again"
+    shutil.copytree(exported, d)
+    export_onnx(d, int8=False)
+    for tower in ("vision", "text"):
+        graph = d / "onnx" / f"{tower}.onnx"
+        data = graph.with_name(graph.name + ".data")
+        assert data.stat().st_size > 5 * graph.stat().st_size
+        assert data.stat().st_size == (exported / "onnx" / data.name).stat().st_size  # replaced, not appended
+        assert stat.S_IMODE(data.stat().st_mode) == stat.S_IMODE(graph.stat().st_mode)
+    px, caps = inputs
+    diff = np.abs(similarities(load_model(d, backend="onnx"), px, caps) - similarities(tiny_model, px, caps)).max()
+    assert diff < 1e-5
+
+
 def test_unknown_backend_and_dtype_are_clear(exported) -> None:
     from similarity.errors import BackendUnavailable
 
