@@ -223,8 +223,7 @@ def lambda_usd_per_million(pairs_per_s: float) -> float:
     this machine's 2 cores for the ~2.3 vCPUs Lambda gives 4096 MB. Requests, S3 and SQS are cents."""
     from handler.config import ServiceSettings
 
-    d = ServiceSettings()
-    return 1e6 / pairs_per_s * d.worker_memory_mb / 1024 * d.lambda_gb_second_usd
+    return ServiceSettings().lambda_cost_usd(1e6 / pairs_per_s)
 
 
 def cpu_description() -> dict:
@@ -244,7 +243,6 @@ def cpu_description() -> dict:
                 "simd": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx512f")))})
     if out["vendor"] == "AuthenticAMD":
         out["microarchitecture"] = {"25": "Zen 4" if "avx512f" in flags else "Zen 3", "26": "Zen 5"}.get(out["family"])
-    out["avx512_bf16"] = "avx512_bf16" in flags
     return out
 
 

@@ -42,6 +42,10 @@ class ServiceSettings:
     worker_memory_mb: int = 4096
     gpu_hourly_usd: float = 0.526  # g4dn.xlarge on-demand, us-east-1
 
+    def lambda_cost_usd(self, seconds: float) -> float:
+        """Compute cost of ``seconds`` of chunk-worker time (the job status and the bench use it)."""
+        return seconds * self.worker_memory_mb / 1024 * self.lambda_gb_second_usd
+
     @classmethod
     def from_env(cls) -> ServiceSettings:
         # Services never read local files named in requests.

@@ -353,7 +353,7 @@ class Jobs:
         if m.path == "gpu":
             cost = (end - m.created_at) / 3600 * self.settings.gpu_hourly_usd
         else:
-            cost = seconds * self.settings.worker_memory_mb / 1024 * self.settings.lambda_gb_second_usd
+            cost = self.settings.lambda_cost_usd(seconds)
         return {
             "job_id": m.job_id,
             "state": m.state,
