@@ -1,7 +1,8 @@
 """``similarity model export``: write ONNX files for both towers next to the weights.
 
 The graphs end at the projection (unnormalised embeddings, like ``get_*_features``); text pooling
-at the end-of-text token is inside the graph. Batch and sequence axes are dynamic, so captions keep
+at the end-of-text token is inside the graph, and the last layer computes the pooled token only
+(``clip_pooled``). Batch and sequence axes are dynamic, so captions keep
 being padded only to the longest in each batch. int8 files use ONNX Runtime's dynamic quantisation
 (per-channel QInt8 weights, activations quantised at run time).
 """
@@ -22,6 +23,8 @@ def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True) -> list[Pa
     import torch
     from transformers import CLIPModel
 
+    from .clip_pooled import image_embeds, text_embeds
+
     path = check_model_dir(model_dir)
     out_dir = path / ONNX_SUBDIR
     out_dir.mkdir(exist_ok=True)
@@ -36,8 +39,7 @@ def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True) -> list[Pa
             self.m = model
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            pooled = self.m.vision_model(pixel_values=pixel_values).pooler_output
-            return self.m.visual_projection(pooled)
+            return image_embeds(self.m, pixel_values)
 
     class Text(torch.nn.Module):
         def __init__(self) -> None:
@@ -45,8 +47,7 @@ def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True) -> list[Pa
             self.m = model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            pooled = self.m.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-            return self.m.text_projection(pooled)
+            return text_embeds(self.m, input_ids, attention_mask)
 
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     px = torch.zeros(2, 3, vcfg.image_size, vcfg.image_size)
