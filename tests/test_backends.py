@@ -44,6 +44,7 @@ CASES = [
     ("torch", "bf16", 0.002, None),  # mixed bf16: the default without OpenVINO where bf16 is native
     ("openvino", "fp32", 1e-5, "openvino"),
     ("openvino", "bf16", 0.002, "openvino"),  # mixed bf16: the CPU default where bf16 is native
+    ("openvino", "int8", 0.01, "openvino"),  # opt-in; per-channel weights, per-token groups: ~0.004 here
 ]
 
 
@@ -80,7 +81,10 @@ def test_default_backend_stays_within_bound(exported, tiny_model, inputs) -> Non
         (True, ("torch", "openvino"), True, ("auto", "auto", "auto"), ("onnx", "cpu", "fp32")),  # the Lambda image
         (True, ("torch",), True, ("auto", "auto", "auto"), ("openvino", "cpu", "bf16")),
         (True, (), True, ("auto", "auto", "fp32"), ("onnx", "cpu", "fp32")),
-        (True, (), True, ("auto", "auto", "int8"), ("onnx", "cpu", "int8")),
+        (True, (), True, ("auto", "auto", "int8"), ("openvino", "cpu", "int8")),
+        (False, (), True, ("auto", "auto", "int8"), ("onnx", "cpu", "int8")),  # no VNNI: ONNX Runtime's is faster
+        (True, ("openvino",), True, ("auto", "auto", "int8"), ("onnx", "cpu", "int8")),
+        (True, (), True, ("onnx", "auto", "int8"), ("onnx", "cpu", "int8")),
         (True, (), True, ("torch", "cpu", "auto"), ("torch", "cpu", "fp32")),
         (True, (), True, ("onnx", "auto", "auto"), ("onnx", "cpu", "fp32")),
         (True, (), True, ("openvino", "auto", "auto"), ("openvino", "cpu", "fp32")),
@@ -94,6 +98,7 @@ def test_auto_picks_the_fastest_faithful_backend(monkeypatch, exported, tiny_cli
 
     real = model_mod._installed
     monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(model_mod, "cpu_has_int8_dot", lambda: native_bf16)  # every bf16 x86 CPU has VNNI
     monkeypatch.setattr(model_mod, "_installed", lambda name: name not in missing and real(name))
     monkeypatch.setattr(model_mod, "_cuda_present", lambda: False)
     backend, device, dtype = asked
@@ -106,23 +111,27 @@ def test_auto_picks_the_fastest_faithful_backend(monkeypatch, exported, tiny_cli
         (("auto", "auto", "auto"), ("torch", "cuda", "fp16")),
         (("torch", "cuda", "auto"), ("torch", "cuda", "fp16")),  # the ECS GPU task's settings
         (("auto", "cpu", "auto"), ("openvino", "cpu", "bf16")),  # --device cpu on a GPU machine
-        (("auto", "auto", "int8"), ("onnx", "cpu", "int8")),
+        (("auto", "auto", "int8"), ("openvino", "cpu", "int8")),
     ],
 )
 def test_auto_on_a_gpu_machine(monkeypatch, exported, asked, expected) -> None:
     import similarity.model as model_mod
 
     monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(model_mod, "cpu_has_int8_dot", lambda: True)
     monkeypatch.setattr(model_mod, "_cuda_present", lambda: True)
     assert resolve_backend(asked[0], asked[1], exported, asked[2]) == expected
 
 
-def test_native_bf16_detection_reads_cpu_flags() -> None:
+def test_cpu_feature_detection_reads_cpu_flags() -> None:
+    from similarity.model import cpu_has_int8_dot
+
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         flags = []
     assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    assert cpu_has_int8_dot() == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def _lambda_like(blocked: tuple[str, ...]) -> bool:

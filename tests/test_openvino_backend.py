@@ -1,4 +1,4 @@
-"""OpenVINO mixed bf16: the graph cut at the fp32 boundaries and the cache of the cut pieces."""
+"""OpenVINO mixed bf16 and int8: the graph cut at the fp32 boundaries and the cache of the cut pieces."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from support.parity import parity_inputs, similarities
 
 from similarity.model import cpu_has_native_bf16, load_model
 
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed"),
-    pytest.mark.skipif(not cpu_has_native_bf16(), reason="CPU without bf16"),
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+needs_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="CPU without bf16")
+# int8 runs anywhere (OpenVINO falls back to fp32 kernels without VNNI); bf16 needs the CPU's support.
+DTYPES = [pytest.param("bf16", marks=needs_bf16), "int8"]
 
 
 @pytest.fixture
@@ -28,29 +28,42 @@ def exported(tiny_clip_dir, tmp_path):
     return d
 
 
-def _pieces(model_dir):
-    return sorted((model_dir / "onnx" / "openvino-cache").glob("mixed-bf16-*"))
+def _pieces(model_dir, dtype="bf16"):
+    return sorted((model_dir / "onnx" / "openvino-cache").glob(f"mixed-{dtype}-*"))
 
 
-def test_cut_pieces_are_saved_once_and_reused(exported, tiny_model) -> None:
+def _weights(matmul):
+    """The matmul's weight constant: bf16 directly, int8 behind convert -> multiply by scale."""
+    node = matmul.input_value(1).get_node()
+    if node.get_type_name() == "Multiply":
+        node = node.input_value(0).get_node()
+        assert node.get_type_name() == "Convert"
+        node = node.input_value(0).get_node()
+    return node
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cut_pieces_are_saved_once_and_reused(exported, tiny_model, dtype) -> None:
     px, caps = parity_inputs(tiny_model.preprocess)
-    first = similarities(load_model(exported, backend="openvino", dtype="bf16"), px, caps)
-    [pieces] = _pieces(exported)
+    first = similarities(load_model(exported, backend="openvino", dtype=dtype), px, caps)
+    [pieces] = _pieces(exported, dtype)
     assert sorted(p.name for p in pieces.iterdir()) == [
         "embed.bin", "embed.xml", "projections.npz", "text.bin", "text.xml", "vision.bin", "vision.xml"]
     import openvino as ov
 
-    for name in ("vision", "text"):  # every weight matmul holds bf16 weights; fp32 copies would cost RSS
+    for name in ("vision", "text"):  # every weight matmul holds reduced weights; fp32 copies would cost RSS
         graph = ov.Core().read_model(str(pieces / f"{name}.xml"))
-        weights = [op.input_value(1).get_node() for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"]
+        weights = [_weights(op) for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul"]
         consts = [w for w in weights if w.get_type_name() == "Constant"]
-        assert consts and all(w.get_element_type() == ov.Type.bf16 for w in consts)
+        # 2 layers x (q, k, v, out, fc1, fc2) per tower
+        assert len(consts) == 12 and all(w.get_element_type() == {"bf16": ov.Type.bf16, "int8": ov.Type.i8}[dtype] for w in consts)
     stamp = {p.name: p.stat().st_mtime_ns for p in pieces.iterdir()}
-    again = similarities(load_model(exported, backend="openvino", dtype="bf16"), px, caps)
+    again = similarities(load_model(exported, backend="openvino", dtype=dtype), px, caps)
     assert {p.name: p.stat().st_mtime_ns for p in pieces.iterdir()} == stamp  # read, not rewritten
     np.testing.assert_allclose(again, first, atol=1e-6)
 
 
+@needs_bf16
 def test_a_new_export_replaces_the_old_pieces(exported) -> None:
     load_model(exported, backend="openvino", dtype="bf16")
     [old] = _pieces(exported)
@@ -62,6 +75,7 @@ def test_a_new_export_replaces_the_old_pieces(exported) -> None:
     assert new.name != old.name and not old.exists()
 
 
+@needs_bf16
 def test_unwritable_cache_still_loads(exported, tiny_model, tmp_path, monkeypatch) -> None:
     """Without a writable cache the graphs are cut in memory on every load; scores are the same."""
     px, caps = parity_inputs(tiny_model.preprocess)
@@ -73,6 +87,7 @@ def test_unwritable_cache_still_loads(exported, tiny_model, tmp_path, monkeypatc
                                cached, atol=1e-6)
 
 
+@needs_bf16
 def test_a_graph_without_projection_is_a_clear_error(exported) -> None:
     """ONNX files from another exporter: a named error that says how to fix it, not a wrong score."""
     import onnx
@@ -89,6 +104,7 @@ def test_a_graph_without_projection_is_a_clear_error(exported) -> None:
         load_model(exported, backend="openvino", dtype="bf16")
 
 
+@needs_bf16
 def test_models_sharing_one_cache_keep_their_own_pieces(exported, tmp_path, monkeypatch) -> None:
     other = tmp_path / "other-model"
     shutil.copytree(exported, other)
@@ -98,4 +114,26 @@ def test_models_sharing_one_cache_keep_their_own_pieces(exported, tmp_path, monk
     monkeypatch.setenv("SIMILARITY_OV_CACHE_DIR", str(shared))
     load_model(exported, backend="openvino", dtype="bf16")
     load_model(other, backend="openvino", dtype="bf16")
-    assert len(list(shared.glob("mixed-bf16-*"))) == 2
+    load_model(exported, backend="openvino", dtype="int8")  # a second precision of the same model
+    assert len(list(shared.glob("mixed-bf16-*"))) == 2 and len(list(shared.glob("mixed-int8-*"))) == 1
+
+
+def test_int8_dequantises_to_the_weights(exported) -> None:
+    """The int8 weights times their per-channel scale give back the fp32 weights within half a step."""
+    import openvino as ov
+
+    from similarity.openvino_backend import _int8_weights, _weight_matmuls
+
+    core = ov.Core()
+    graph = core.read_model(str(exported / "onnx" / "text.onnx"))
+    before = [(np.asarray(w, np.float32), a) for _, w, a in _weight_matmuls(ov, graph)]
+    _int8_weights(ov, graph)
+    after = [op for op in graph.get_ordered_ops() if op.get_type_name() == "MatMul" and _weights(op).get_element_type() == ov.Type.i8]
+    assert len(after) == len(before) == 13  # 2 layers x 6, and the projection (this graph is not cut)
+    for (w, attrs), op in zip(before, after):
+        mul = op.input_value(1).get_node()
+        q = np.asarray(_weights(op).get_data(), np.float32)
+        scale = np.asarray(mul.input_value(1).get_node().get_data(), np.float32)
+        ref = w if attrs["transpose_b"] else w.T
+        assert (np.abs(q).max(axis=1) == 127).all()  # each output channel uses the whole range
+        assert np.abs(q * scale - ref).max() <= scale.max() / 2 + 1e-7

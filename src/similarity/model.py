@@ -261,19 +261,27 @@ class ClipModel:
         return _normalise(self.backend.text_features(ids, mask)), truncated
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_has_native_bf16() -> bool:
     """x86 CPUs with bf16 dot-product instructions (AVX-512 BF16 or AMX); elsewhere bf16 would be
     emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            flags = set()
-            for line in fh:
-                if line.startswith("flags"):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """x86 CPUs with int8 dot-product instructions (VNNI or AMX), which OpenVINO's int8 kernels need;
+    without them ONNX Runtime's int8 is the faster of the two."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def _installed(module: str) -> bool:
@@ -292,14 +300,16 @@ def resolve_backend(backend: str, device: str, model_dir: Path, dtype: str = "au
     mixed bf16 with OpenVINO (needs the exported ONNX files) or else torch; else ONNX Runtime fp32
     when the exported files and onnxruntime are present (the Lambda image, which has neither torch
     nor OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on
-    CUDA). int8 is never picked: it is opt-in.
+    CUDA). int8 is never picked: it is opt-in, and ``--dtype int8`` gets OpenVINO's int8 where the
+    CPU has VNNI (faster and closer to fp32), else ONNX Runtime's.
     """
     from .onnx_backend import onnx_files_present
 
     if backend == "auto":
         bf16_cpu = dtype in ("auto", "bf16") and device in ("auto", "cpu") and cpu_has_native_bf16()
         if dtype == "int8":
-            backend = "onnx"
+            ov_int8 = cpu_has_int8_dot() and _installed("openvino") and onnx_files_present(model_dir)
+            backend = "openvino" if ov_int8 else "onnx"
         elif device == "cuda" or (device == "auto" and _cuda_present()):
             backend, device = "torch", "cuda"
         elif bf16_cpu and _installed("openvino") and onnx_files_present(model_dir):
@@ -346,7 +356,7 @@ def load_model(
     threads: int | None = None,
 ) -> ClipModel:
     """Load CLIP from ``model_dir``. ``backend``: auto | torch | onnx | openvino; ``dtype``: auto |
-    fp32 | bf16 | fp16 (torch) | int8 (onnx); ``resolve_backend`` says what auto picks."""
+    fp32 | bf16 | fp16 (torch) | int8 (onnx, openvino); ``resolve_backend`` says what auto picks."""
     start = time.perf_counter()
     path = Path(model_dir)
     backend, device, dtype = resolve_backend(backend, device, path, dtype)

@@ -34,7 +34,7 @@ class Settings:
     model_dir: str = DEFAULT_MODEL_DIR
     backend: str = "auto"  # auto | torch | onnx | openvino
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (torch) | int8 (onnx); see model.resolve_backend
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (torch) | int8 (onnx, openvino); see model.resolve_backend
     batch_size: int = 32
     workers: int = 16
     threads: int | None = None
