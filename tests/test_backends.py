@@ -82,7 +82,7 @@ def test_default_backend_stays_within_bound(exported, tiny_model, inputs) -> Non
         (True, ("torch",), True, ("auto", "auto", "auto"), ("openvino", "cpu", "bf16")),
         (True, (), True, ("auto", "auto", "fp32"), ("onnx", "cpu", "fp32")),
         (True, (), True, ("auto", "auto", "int8"), ("openvino", "cpu", "int8")),
-        (False, (), True, ("auto", "auto", "int8"), ("onnx", "cpu", "int8")),  # no VNNI: ONNX Runtime's is faster
+        (False, (), True, ("auto", "auto", "int8"), ("onnx", "cpu", "int8")),  # no VNNI: ONNX Runtime's has kernels for it
         (True, ("openvino",), True, ("auto", "auto", "int8"), ("onnx", "cpu", "int8")),
         (True, (), True, ("onnx", "auto", "int8"), ("onnx", "cpu", "int8")),
         (True, (), True, ("torch", "cpu", "auto"), ("torch", "cpu", "fp32")),

@@ -279,8 +279,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_has_int8_dot() -> bool:
-    """x86 CPUs with int8 dot-product instructions (VNNI or AMX), which OpenVINO's int8 kernels need;
-    without them ONNX Runtime's int8 is the faster of the two."""
+    """x86 CPUs with int8 dot-product instructions (VNNI or AMX). OpenVINO's run-time activation
+    quantisation is built on them; elsewhere it would fall back to fp32 matmuls on int8 weights,
+    slower than fp32 itself here, while ONNX Runtime's int8 has kernels for such CPUs too."""
     return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -301,7 +302,7 @@ def resolve_backend(backend: str, device: str, model_dir: Path, dtype: str = "au
     when the exported files and onnxruntime are present (the Lambda image, which has neither torch
     nor OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on
     CUDA). int8 is never picked: it is opt-in, and ``--dtype int8`` gets OpenVINO's int8 where the
-    CPU has VNNI (faster and closer to fp32), else ONNX Runtime's.
+    CPU has VNNI (as fast within noise, and closer to fp32), else ONNX Runtime's.
     """
     from .onnx_backend import onnx_files_present
 

@@ -2,9 +2,9 @@
 
 The graphs end at the projection (unnormalised embeddings, like ``get_*_features``); text pooling
 at the end-of-text token is inside the graph, and the last layer computes the pooled token only
-(``clip_pooled``). Batch and sequence axes are dynamic, so captions keep
-being padded only to the longest in each batch. int8 files use ONNX Runtime's dynamic quantisation
-(per-channel QInt8 weights, activations quantised at run time).
+(``clip_pooled``). Batch and sequence axes are dynamic, so captions keep being padded only to the
+longest in each batch. int8 files use ONNX Runtime's dynamic quantisation (per-channel QInt8
+weights, activations quantised at run time).
 """
 
 from __future__ import annotations
