@@ -5,8 +5,8 @@ end-of-text token for captions. That layer still needs keys and values of every 
 query, attention output, out-projection and MLP are needed for that one token only. Skipping them
 for the other 49 image tokens saves ~7% of the image tower's FLOPs (10 of 12 weight matmuls of one
 of 12 layers) with the same result: the parity tests hold the exported graphs to the transformers
-model within 1e-5. Only module attributes that transformers 4 and 5 share are used (the layers'
-own forward signatures changed between them).
+model within 1e-5. Only the modules' weights and submodules are used, not the layers' own forward
+methods, whose signatures change between transformers releases.
 """
 
 from __future__ import annotations
