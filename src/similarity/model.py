@@ -8,6 +8,7 @@ straight from ``tokenizer.json``, so the ONNX backend needs neither torch nor tr
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -261,15 +262,17 @@ class ClipModel:
         return _normalise(self.backend.text_features(ids, mask)), truncated
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once: both capability checks and every load ask."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:

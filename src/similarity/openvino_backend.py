@@ -103,9 +103,9 @@ def _mixed_graphs(
     ov: Any, core: Any, paths: dict[str, Path], cache: Path | None, dtype: str
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The three graphs of the mixed-precision path (``dtype`` bf16 or int8 for the transformer
-    weights) and the two projection matrices. Cutting the
-    graphs means reading ~600 MB of ONNX (about 0.9 s), so the pieces are saved once as OpenVINO IR
-    in the cache, keyed by the ONNX files' size and mtime (a re-export makes a new key)."""
+    weights) and the two projection matrices. Cutting the graphs means reading ~600 MB of ONNX
+    (about 0.9 s), so the pieces are saved once as OpenVINO IR in the cache, keyed by the ONNX
+    files' size and mtime (a re-export makes a new key)."""
     stats = [paths[t].stat() for t in ("vision", "text")]
     # One prefix per model directory (several models may share SIMILARITY_OV_CACHE_DIR), one key per export.
     prefix = f"mixed-{dtype}-" + hashlib.sha256(str(paths["vision"].resolve()).encode()).hexdigest()[:12]
