@@ -198,3 +198,30 @@ def test_onnx_without_export_says_how_to_fix(tiny_clip_dir) -> None:
 
     with pytest.raises(ModelIncomplete, match="similarity model export"):
         load_model(tiny_clip_dir, backend="onnx")
+
+
+STREAM_CASES = [("onnx", "fp32", None), ("onnx", "int8", None), ("openvino", "fp32", "openvino"),
+                ("openvino", "bf16", "openvino"), ("openvino", "int8", "openvino")]
+
+
+@pytest.mark.parametrize(("backend", "dtype", "needs"), STREAM_CASES, ids=[f"{b}-{d}" for b, d, _ in STREAM_CASES])
+def test_streams_give_the_same_embeddings(exported, inputs, backend, dtype, needs) -> None:
+    """Two one-thread streams against one two-thread stream, on an odd batch and on a single row."""
+    if needs and not _has(needs):
+        pytest.skip(f"{needs} not installed")
+    if dtype == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("CPU without bf16")
+    px, caps = inputs
+    px, caps = px[:23], caps[:23]
+    one = load_model(exported, backend=backend, dtype=dtype, threads=2, streams=1)
+    two = load_model(exported, backend=backend, dtype=dtype, threads=2, streams=2)
+    if backend == "openvino":
+        assert two.backend._vision.get_property("NUM_STREAMS") == 2
+        assert one.backend._vision.get_property("NUM_STREAMS") == 1
+    # ONNX Runtime's dynamic int8 scales each part's activations by the part's own range, so its
+    # embeddings move a little with the split; everything else must not move beyond rounding.
+    tol = 0.02 if (backend, dtype) == ("onnx", "int8") else 1e-5
+    for a, b in ((one.embed_images(px), two.embed_images(px)), (one.embed_texts(caps)[0], two.embed_texts(caps)[0]),
+                 (one.embed_images(px[:1]), two.embed_images(px[:1]))):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= tol

@@ -131,6 +131,8 @@ def test_s3_input_and_output(s3, bucket, tiny_clip_dir, moto_endpoint, capsys) -
 def test_bad_allow_network_is_a_clear_error(tmp_path, tiny_clip_dir) -> None:
     r = _run("score", "examples/challenge_set.csv", "-o", str(tmp_path / "o.csv"), "--allow-network", "10.0.0.0/99")
     assert r.returncode == 2 and "invalid network" in r.stderr and "Traceback" not in r.stderr
+    r = _run("score", "examples/challenge_set.csv", "-o", str(tmp_path / "o.csv"), "--streams", "0")
+    assert r.returncode == 2 and "streams must be at least 1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_model_info_says_what_auto_runs(tiny_clip_dir) -> None:

@@ -58,7 +58,7 @@ def model() -> ClipModel:
         s = settings()
         try:
             m = load_model(s.core.model_dir, backend=s.core.backend, device=s.core.device, dtype=s.core.dtype,
-                           threads=s.core.threads)
+                           threads=s.core.threads, streams=s.core.streams)
         except SimilarityError as exc:
             raise ModelUnavailable(str(exc)) from None
         _state["model"] = m

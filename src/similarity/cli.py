@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, help="images/captions per model call (default 32)")
     s.add_argument("--workers", type=int, help="concurrent image downloads (default 16)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
-    s.add_argument("--threads", type=int, help="CPU threads for inference")
+    s.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
+    s.add_argument("--streams", type=int,
+                   help="batch parts run at once, each on threads/streams threads (default: one per thread)")
     s.add_argument(
         "--allow-network",
         action="append",
@@ -91,7 +93,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         dtype=args.dtype or base.dtype,
         batch_size=args.batch_size or base.batch_size,
         workers=workers,
-        threads=args.threads or base.threads,
+        threads=base.threads if args.threads is None else args.threads,  # 0 is refused, not ignored
+        streams=base.streams if args.streams is None else args.streams,
         allowed_networks=base.allowed_networks + parse_networks(args.allow_network),
         fetch=fetch,
     )
@@ -117,7 +120,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise InputNotFound(f"input file {args.input!r} does not exist")
 
     model = load_model(
-        settings.model_dir, backend=settings.backend, device=settings.device, dtype=settings.dtype, threads=settings.threads
+        settings.model_dir,
+        backend=settings.backend,
+        device=settings.device,
+        dtype=settings.dtype,
+        threads=settings.threads,
+        streams=settings.streams,
     )
     info = model.info
     _err(f"model {info.model_id} @ {info.revision} ({info.backend}/{info.device}/{info.dtype}, loaded in {info.load_seconds:.1f}s)")

@@ -358,9 +358,12 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     threads: int | None = None,
+    streams: int | None = None,
 ) -> ClipModel:
     """Load CLIP from ``model_dir``. ``backend``: auto | torch | onnx | openvino; ``dtype``: auto |
-    fp32 | bf16 | fp16 (torch) | int8 (onnx, openvino); ``resolve_backend`` says what auto picks."""
+    fp32 | bf16 | fp16 (torch) | int8 (onnx, openvino); ``resolve_backend`` says what auto picks.
+    ``threads`` (default: every core) are split into ``streams`` (default: one per thread) that run
+    the parts of each batch at once; the torch backend uses ``threads`` only."""
     start = time.perf_counter()
     path = Path(model_dir)
     backend, device, dtype = resolve_backend(backend, device, path, dtype)
@@ -379,11 +382,11 @@ def load_model(
     elif backend == "onnx":
         from .onnx_backend import OnnxBackend
 
-        impl = OnnxBackend(path, dtype=dtype, threads=threads)
+        impl = OnnxBackend(path, dtype=dtype, threads=threads, streams=streams)
     elif backend == "openvino":
         from .openvino_backend import OpenVinoBackend
 
-        impl = OpenVinoBackend(path, dtype=dtype, threads=threads)
+        impl = OpenVinoBackend(path, dtype=dtype, threads=threads, streams=streams)
     else:
         raise BackendUnavailable(f"unknown backend {backend!r} (auto, torch, onnx, openvino)")
     model_id, revision = read_identity(path)

@@ -8,7 +8,6 @@ the figures).
 from __future__ import annotations
 
 import importlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BackendUnavailable, ModelIncomplete
+from .streams import BatchStreams, plan
 
 ONNX_SUBDIR = "onnx"
 _NAMES = {"fp32": ("vision.onnx", "text.onnx"), "int8": ("vision.int8.onnx", "text.int8.onnx")}
@@ -52,11 +52,15 @@ class OnnxBackend:
     name = "onnx"
     device = "cpu"
 
-    def __init__(self, model_dir: Path, dtype: str = "fp32", threads: int | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, dtype: str = "fp32", threads: int | None = None, streams: int | None = None
+    ) -> None:
         ort = require_module("onnxruntime", "onnx")
         paths = require_onnx_files(model_dir, dtype)
+        count, per_stream = plan(threads, streams)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        # A session may run from several threads at once; each run then uses its own `per_stream` threads.
+        opts.intra_op_num_threads = per_stream
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads would steal the cores our decode threads need between model calls.
@@ -67,11 +71,16 @@ class OnnxBackend:
             vision, text = pool.map(lambda p: ort.InferenceSession(str(p), opts, providers=providers),
                                     (paths["vision"], paths["text"]))
         self._vision, self._text = vision, text
+        self._streams = BatchStreams(count)
         self.dtype = dtype
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(pixels, dtype=np.float32)
-        return self._vision.run(None, {"pixel_values": x})[0]
+        return self._streams.run(lambda p: self._vision.run(None, {"pixel_values": p})[0], x)
 
     def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._text.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})[0]
+        return self._streams.run(
+            lambda i, m: self._text.run(None, {"input_ids": i, "attention_mask": m})[0],
+            ids.astype(np.int64),
+            mask.astype(np.int64),
+        )

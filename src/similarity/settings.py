@@ -37,15 +37,22 @@ class Settings:
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (torch) | int8 (onnx, openvino); see model.resolve_backend
     batch_size: int = 32
     workers: int = 16
-    threads: int | None = None
+    threads: int | None = None  # None: every core
+    streams: int | None = None  # None: one per thread (similarity.streams)
     allowed_networks: tuple[IPNetwork, ...] = ()
     fetch: FetchSettings = field(default_factory=FetchSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "streams"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
 
     @classmethod
     def from_env(cls, allow_local_paths: bool = False) -> Settings:
         """Each variable falls back to the field's default, so defaults are written once."""
         d, f = cls(), FetchSettings()
-        threads = env_str("SIMILARITY_THREADS", "")
+        threads, streams = env_str("SIMILARITY_THREADS", ""), env_str("SIMILARITY_STREAMS", "")
         fetch = FetchSettings(
             connect_timeout=env_float("SIMILARITY_CONNECT_TIMEOUT", f.connect_timeout),
             read_timeout=env_float("SIMILARITY_READ_TIMEOUT", f.read_timeout),
@@ -63,6 +70,7 @@ class Settings:
             batch_size=env_int("SIMILARITY_BATCH_SIZE", d.batch_size),
             workers=env_int("SIMILARITY_WORKERS", d.workers),
             threads=int(threads) if threads else None,
+            streams=int(streams) if streams else None,
             allowed_networks=parse_networks(os.environ.get("SIMILARITY_ALLOWED_NETWORKS")),
             fetch=fetch,
         )
