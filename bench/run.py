@@ -322,6 +322,7 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     from similarity.model import load_model, resolve_backend
     from similarity.netguard import AddressPolicy, parse_networks
     from similarity.onnx_export import export_onnx
+    from similarity.streams import plan
 
     model_dir = tmp / "model"
     t0 = time.perf_counter()
@@ -390,6 +391,11 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
             repeated[key] = m
         elif m is not ref:
             del m
+    streams, per_stream = plan(None, None)
+    results["inference_streams"] = {"streams": streams, "threads_per_stream": per_stream}
+    one_stream = f"{default_key}, one stream"
+    if streams > 1:  # what running the parts of each batch at once gains, in the same rounds
+        repeated[one_stream] = load_model(model_dir, backend=auto_backend, dtype=auto_dtype, streams=1)
     # The host is shared and its speed drifts by a third within minutes, for both sides alike. So
     # the default's and the int8 option's figures come from three rounds, each running the baseline
     # and then ours right after it, and each ratio is the median of the three paired ratios.
@@ -422,6 +428,11 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
                 row["lambda_usd_per_million_pairs"] = lambda_usd_per_million(row["pairs_per_s"])
         else:
             row["speedup"] = row["pairs_per_s"] / results["baseline_pairs_per_s"]
+    if one_stream in rounds[0]:
+        gains = [r[default_key] / r[one_stream] for r in rounds]
+        results["inference_streams"]["default_vs_one_stream"] = float(np.median(gains))
+        log(f"{default_key} with {streams} one-thread streams against one {streams}-thread stream, same rounds: "
+            + ", ".join(f"{g:.2f}x" for g in gains) + f"; median {np.median(gains):.2f}x")
     for key, what in ((int8_key, "int8 option"), (default_key, "default")):
         row = results["backends"].get(key, {})
         if "speedup_runs" in row:
