@@ -4,8 +4,9 @@ With two threads sharing every operator, each operator ends in a barrier: when a
 takes one core, the other thread waits at the barrier too. Single-threaded streams do not wait for
 each other. On the bench's 2 vCPU host, in paired end-to-end runs of six rounds, two one-thread
 streams against one two-thread stream gave ONNX Runtime fp32 +10-12% and int8 +14-16%, OpenVINO
-bf16 +2-10% and int8 +2%; ONNX Runtime's image tower alone gained ~20% (fp32) and ~10% (int8).
-The cost: a batch of one image runs on one core (ONNX fp32: ~110 ms instead of ~70 ms).
+bf16 +2-10% and int8 +2%. In one paired run of ONNX Runtime's image tower alone, with no decoding
+beside it, it gained ~20% (fp32) and ~10% (int8): fewer barriers, fewer idle waits. The cost: a
+batch of one image runs on one core (ONNX fp32: ~110 ms instead of ~70 ms).
 
 ONNX Runtime runs the parts from Python threads (``BatchStreams``); OpenVINO runs them as
 asynchronous infer requests on its own stream threads (see ``openvino_backend``).
