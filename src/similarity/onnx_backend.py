@@ -81,6 +81,6 @@ class OnnxBackend:
     def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self._streams.run(
             lambda i, m: self._text.run(None, {"input_ids": i, "attention_mask": m})[0],
-            ids.astype(np.int64),
-            mask.astype(np.int64),
+            np.asarray(ids, dtype=np.int64),  # the tokenizer's int64 arrays pass through uncopied
+            np.asarray(mask, dtype=np.int64),
         )

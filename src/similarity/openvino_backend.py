@@ -91,7 +91,7 @@ class OpenVinoBackend:
         return pooled.astype(np.float32, copy=False) @ self._vision_proj
 
     def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        ids, mask = ids.astype(np.int64), mask.astype(np.int64)
+        ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)  # no copy when int64
         inputs = [{"input_ids": ids[p], "attention_mask": mask[p]} for p in row_parts(len(ids), self._streams)]
         out = np.concatenate(_run_parts(self._text, inputs))
         return out if self._text_proj is None else out.astype(np.float32, copy=False) @ self._text_proj
