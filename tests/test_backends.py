@@ -56,7 +56,7 @@ def test_backend_agrees_with_reference(exported, tiny_model, inputs, backend, dt
         pytest.skip("CPU without bf16")
     px, caps = inputs
     ref = similarities(tiny_model, px, caps)
-    model = load_model(exported, backend=backend, dtype=dtype)
+    model = load_model(exported, backend=backend, device="cpu", dtype=dtype)  # tests/test_gpu.py: CUDA
     assert model.info.backend == backend and model.info.dtype == dtype
     diff = np.abs(similarities(model, px, caps) - ref).max()
     assert diff < bound, f"{backend}/{dtype}: max |similarity difference| {diff:.5f}"
@@ -77,7 +77,7 @@ def test_default_backend_stays_within_bound(exported, tiny_model, inputs) -> Non
         (True, ("openvino",), True, ("auto", "auto", "auto"), ("torch", "cpu", "bf16")),
         (True, (), False, ("auto", "auto", "auto"), ("torch", "cpu", "bf16")),  # OpenVINO reads the ONNX files
         (False, (), True, ("auto", "auto", "auto"), ("onnx", "cpu", "fp32")),
-        (False, (), False, ("auto", "auto", "auto"), ("torch", "auto", "fp32")),
+        (False, (), False, ("auto", "auto", "auto"), ("torch", "cpu", "fp32")),
         (True, ("torch", "openvino"), True, ("auto", "auto", "auto"), ("onnx", "cpu", "fp32")),  # the Lambda image
         (True, ("torch",), True, ("auto", "auto", "auto"), ("openvino", "cpu", "bf16")),
         (True, (), True, ("auto", "auto", "fp32"), ("onnx", "cpu", "fp32")),
@@ -96,10 +96,9 @@ def test_auto_picks_the_fastest_faithful_backend(monkeypatch, exported, tiny_cli
     """CPU flags and installed packages are what differ between machines; the choice is pure logic."""
     import similarity.model as model_mod
 
-    real = model_mod._installed
     monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(model_mod, "cpu_has_int8_dot", lambda: native_bf16)  # every bf16 x86 CPU has VNNI
-    monkeypatch.setattr(model_mod, "_installed", lambda name: name not in missing and real(name))
+    monkeypatch.setattr(model_mod, "_installed", lambda name: name not in missing)
     monkeypatch.setattr(model_mod, "_cuda_present", lambda: False)
     backend, device, dtype = asked
     assert resolve_backend(backend, device, exported if exported_files else tiny_clip_dir, dtype) == expected
@@ -112,6 +111,8 @@ def test_auto_picks_the_fastest_faithful_backend(monkeypatch, exported, tiny_cli
         (("torch", "cuda", "auto"), ("torch", "cuda", "fp16")),  # the ECS GPU task's settings
         (("auto", "cpu", "auto"), ("openvino", "cpu", "bf16")),  # --device cpu on a GPU machine
         (("auto", "auto", "int8"), ("openvino", "cpu", "int8")),
+        (("torch", "auto", "auto"), ("torch", "cuda", "fp16")),  # SIMILARITY_BACKEND=torch alone
+        (("auto", "auto", "fp32"), ("torch", "cuda", "fp32")),  # --dtype fp32 means fp32 on the GPU too
     ],
 )
 def test_auto_on_a_gpu_machine(monkeypatch, exported, asked, expected) -> None:
@@ -120,6 +121,7 @@ def test_auto_on_a_gpu_machine(monkeypatch, exported, asked, expected) -> None:
     monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(model_mod, "cpu_has_int8_dot", lambda: True)
     monkeypatch.setattr(model_mod, "_cuda_present", lambda: True)
+    monkeypatch.setattr(model_mod, "_installed", lambda name: True)
     assert resolve_backend(asked[0], asked[1], exported, asked[2]) == expected
 
 

@@ -154,8 +154,6 @@ class TorchBackend:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("--device cuda asked for, but torch sees no CUDA device")
-        if device == "cuda" and dtype == "fp32":
-            dtype = "fp16"
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         if dtype not in dtypes:
             raise BackendUnavailable(f"torch backend supports fp32, bf16 or fp16, not {dtype!r}")
@@ -304,7 +302,7 @@ def resolve_backend(backend: str, device: str, model_dir: Path, dtype: str = "au
     mixed bf16 with OpenVINO (needs the exported ONNX files) or else torch; else ONNX Runtime fp32
     when the exported files and onnxruntime are present (the Lambda image, which has neither torch
     nor OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on
-    CUDA). int8 is never picked: it is opt-in, and ``--dtype int8`` gets OpenVINO's int8 where the
+    CUDA); ``--dtype fp32`` on CUDA runs fp32. int8 is never picked: it is opt-in, and ``--dtype int8`` gets OpenVINO's int8 where the
     CPU has VNNI (as fast within noise, and closer to fp32), else ONNX Runtime's.
     """
     from .onnx_backend import onnx_files_present
@@ -324,6 +322,8 @@ def resolve_backend(backend: str, device: str, model_dir: Path, dtype: str = "au
             backend = "onnx" if onnx_files_present(model_dir) else "torch"
         else:
             backend = "torch"
+    if backend == "torch" and device == "auto":
+        device = "cuda" if _cuda_present() else "cpu"
     if dtype == "auto":
         dtype = "fp16" if (backend, device) == ("torch", "cuda") else "fp32"
     if backend != "torch":
