@@ -104,14 +104,14 @@ def caption(rng: random.Random, i: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ baseline
-def baseline(model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32) -> tuple[float, list[float]]:
+def baseline(model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32, device: str = "cpu") -> tuple[float, list[float]]:
     """The straightforward way: CLIPProcessor + CLIPModel fp32 eager, batch 32, a thread pool for
-    the downloads of each batch, batches one after another."""
+    the downloads of each batch, batches one after another (on ``device``: bench/gpu.py uses cuda)."""
     import requests
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(str(model_dir)).eval()
+    model = CLIPModel.from_pretrained(str(model_dir)).eval().to(device)
     proc = CLIPProcessor.from_pretrained(str(model_dir))
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=16))
@@ -125,7 +125,7 @@ def baseline(model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32) -> 
         for i in range(0, len(pairs), batch):
             chunk = pairs[i : i + batch]
             images = list(pool.map(get, [u for u, _ in chunk]))
-            inputs = proc(text=[c for _, c in chunk], images=images, return_tensors="pt", padding=True, truncation=True)
+            inputs = proc(text=[c for _, c in chunk], images=images, return_tensors="pt", padding=True, truncation=True).to(device)
             with torch.inference_mode():
                 out = model(**inputs)
                 cos += (torch.diagonal(out.logits_per_image) / model.logit_scale.exp()).tolist()
