@@ -71,8 +71,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
 
     log = cpu_bench.log
     dev = args.device
-    results: dict = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none (--device cpu)", "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-                     "python": sys.version.split()[0]}
+    results: dict = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none (--device cpu)",
+                     "cpu_cores": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
     log(f"GPU: {results['gpu']}, {results['cpu_cores']} CPU cores, torch {torch.__version__}")
     model_dir = tmp / "model"
     results["tokenizer"] = cpu_bench.make_model(model_dir)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     ref_i, ref_t = ref.embed_images(pixels), ref.embed_texts(caps)[0]
     del ref
     results["agreement_vs_cpu_fp32"] = cpu_bench.agreement(ref_i, ref_t, model.embed_images(pixels), model.embed_texts(caps)[0])
-    log("cuda fp16 vs CPU fp32, random full-size model: " + ", ".join(f"{k} {v:.5f}" for k, v in results["agreement_vs_cpu_fp32"].items()))
+    log(f"{dev} {info.dtype} vs CPU fp32, random full-size model: " + ", ".join(f"{k} {v:.5f}" for k, v in results["agreement_vs_cpu_fp32"].items()))
 
     big_px = np.concatenate([pixels] * 4)  # batch 128, as the GPU task runs
     big_caps = caps * 2
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     del fp32
     results["towers_batch_128"] = {"fp16": {"image_per_s": img_s, "caption_per_s": cap_s},
                                    "fp32": {"image_per_s": img32, "caption_per_s": cap32}}
-    log(f"cuda fp32 vs CPU fp32: max|dsim| {results['agreement_cuda_fp32_vs_cpu_fp32']['max_abs_similarity_diff']:.5f}")
+    log(f"{dev} fp32 vs CPU fp32: max|dsim| {results['agreement_cuda_fp32_vs_cpu_fp32']['max_abs_similarity_diff']:.5f}")
     log(f"towers alone, batch 128: fp16 image {img_s:.0f}/s captions {cap_s:.0f}/s; fp32 image {img32:.0f}/s captions {cap32:.0f}/s")
 
     def decode_all(workers: int) -> float:

@@ -302,8 +302,9 @@ def resolve_backend(backend: str, device: str, model_dir: Path, dtype: str = "au
     mixed bf16 with OpenVINO (needs the exported ONNX files) or else torch; else ONNX Runtime fp32
     when the exported files and onnxruntime are present (the Lambda image, which has neither torch
     nor OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on
-    CUDA); ``--dtype fp32`` on CUDA runs fp32. int8 is never picked: it is opt-in, and ``--dtype int8`` gets OpenVINO's int8 where the
-    CPU has VNNI (as fast within noise, and closer to fp32), else ONNX Runtime's.
+    CUDA); ``--dtype fp32`` runs fp32 on CUDA too. int8 is never picked: it is opt-in, and
+    ``--dtype int8`` gets OpenVINO's int8 where the CPU has VNNI (as fast within noise, and closer
+    to fp32), else ONNX Runtime's.
     """
     from .onnx_backend import onnx_files_present
 
