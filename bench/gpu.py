@@ -8,8 +8,8 @@ the same full-size random ViT-B/32 as bench/run.py, serves generated JPEGs from 
 server in a separate process (so serving does not share this process's GIL), and prints, in one
 run: end-to-end pairs/s of the baseline (CLIPProcessor + CLIPModel fp32 on the GPU, batch 32) and
 of score_pairs as the GPU task calls it (fp16, batch 128, 32 workers), three interleaved rounds
-each; the towers alone; decode + preprocess alone on the CPU; agreement with the CPU fp32
-reference; and cold start to the first score.
+each; the towers alone; decode + preprocess alone and fetching alone on the CPU; agreement with
+the CPU fp32 reference; and cold start to the first score.
 """
 
 from __future__ import annotations
@@ -126,6 +126,15 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     decode_all(32)
     results["decode_preprocess_per_s"] = {"1 thread": decode_all(1), "32 threads": decode_all(32)}
     log("decode + preprocess alone on the CPU: " + ", ".join(f"{k} {v:.0f} images/s" for k, v in results["decode_preprocess_per_s"].items()))
+    # Fetching alone, from this bench's one-process Python server: if it is near the end-to-end
+    # rate, the server or the fetch path, not decoding or the model, is what bounds end to end.
+    fetcher = Fetcher(FetchSettings(pool_size=64), policy)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(fetcher.fetch, [u for u, _ in pairs]))
+    results["fetch_alone_per_s_32_threads"] = len(pairs) / (time.perf_counter() - t)
+    fetcher.close()
+    log(f"fetching alone, 32 threads: {results['fetch_alone_per_s_32_threads']:.0f} images/s")
 
     def ours() -> tuple[float, list[float | None]]:
         fetcher = Fetcher(FetchSettings(pool_size=64), policy)
