@@ -133,12 +133,12 @@ def baseline(model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32, dev
 
 
 # ------------------------------------------------------------------------------------ ours
-def ours(model, pairs, policy, batch: int = 32) -> tuple[float, list[float | None]]:
+def ours(model, pairs, policy, batch: int = 32, workers: int = 16) -> tuple[float, list[float | None]]:
     from similarity import Fetcher, FetchSettings, Record, score_pairs
 
-    fetcher = Fetcher(FetchSettings(pool_size=32), policy)
+    fetcher = Fetcher(FetchSettings(pool_size=2 * workers), policy)
     start = time.perf_counter()
-    res = [r.cosine for r in score_pairs((Record(u, c) for u, c in pairs), model, fetcher, batch_size=batch, workers=16)]
+    res = [r.cosine for r in score_pairs((Record(u, c) for u, c in pairs), model, fetcher, batch_size=batch, workers=workers)]
     fetcher.close()
     return time.perf_counter() - start, res
 

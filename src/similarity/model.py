@@ -138,6 +138,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "fp32", threads: int | None = None) -> None:
+        """``device`` is cpu or cuda: ``resolve_backend`` has already decided what auto means."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
@@ -150,8 +151,6 @@ class TorchBackend:
         hf_logging.disable_progress_bar()
         if threads:
             torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("--device cuda asked for, but torch sees no CUDA device")
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
