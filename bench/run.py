@@ -143,6 +143,30 @@ def ours(model, pairs, policy, batch: int = 32, workers: int = 16) -> tuple[floa
     return time.perf_counter() - start, res
 
 
+class _NoModel:
+    """Stands in for a backend and answers at once: what fetching, decoding, preprocessing and
+    tokenizing cost on their own."""
+
+    name, device = "none", "cpu"
+
+    def image_features(self, pixels: np.ndarray) -> np.ndarray:
+        return np.ones((len(pixels), 8), np.float32)
+
+    def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.ones((len(ids), 8), np.float32)
+
+
+def pipeline_only(model, pairs, policy) -> tuple[float, float]:
+    """(pairs/s, process CPU ms per pair) of ``score_pairs`` with ``model``'s tokenizer and
+    preprocessing but no model; the CPU includes the bench's in-process image server."""
+    from similarity.model import ClipModel
+
+    stub = ClipModel(_NoModel(), model.tokenizer, model.preprocess, model.info)
+    cpu = sum(os.times()[:2])
+    secs, _ = ours(stub, pairs, policy)
+    return len(pairs) / secs, (sum(os.times()[:2]) - cpu) * 1000 / len(pairs)
+
+
 def model_only(model, pixels: np.ndarray, captions: list[str], reps: int = 3) -> tuple[float, float]:
     model.embed_images(pixels[:4])
     model.embed_texts(captions[:4])
@@ -408,6 +432,7 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
                 continue  # only its end-to-end rate is compared
             img_s, cap_s = model_only(m, pixels, caps, reps=1)
             r[f"{key} towers"] = 1 / (1 / img_s + 1 / cap_s)  # no fetching or decoding: the most end to end could give
+        r["pipeline"], r["pipeline cpu"] = pipeline_only(repeated[default_key], pairs, policy)
         rounds.append(r)
     repeated.clear()
     base = [r["baseline"] for r in rounds]
@@ -430,6 +455,15 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
                 row["lambda_usd_per_million_pairs"] = lambda_usd_per_million(row["pairs_per_s"])
         else:
             row["speedup"] = row["pairs_per_s"] / results["baseline_pairs_per_s"]
+    # The towers take every core, so their CPU per pair is cores / rate.
+    towers_ms = (os.cpu_count() or 1) * 1000 / float(np.median([r[f"{default_key} towers"] for r in rounds]))
+    results["pipeline_alone"] = {"pairs_per_s": float(np.median([r["pipeline"] for r in rounds])),
+                                 "cpu_ms_per_pair": float(np.median([r["pipeline cpu"] for r in rounds])),
+                                 "default_towers_core_ms_per_pair": towers_ms}
+    log(f"fetching, decoding, preprocessing and tokenizing alone (no model), same rounds: "
+        f"{results['pipeline_alone']['pairs_per_s']:.0f} pairs/s, {results['pipeline_alone']['cpu_ms_per_pair']:.1f} ms "
+        f"of CPU per pair (the in-process image server included), against {towers_ms:.0f} core-ms per pair "
+        f"for the default's towers")
     if one_stream in rounds[0]:
         gains = [r[default_key] / r[one_stream] for r in rounds]
         results["inference_streams"]["default_vs_one_stream"] = float(np.median(gains))

@@ -21,7 +21,9 @@ import base64
 import binascii
 import copy
 import dataclasses
+import heapq
 import http.cookiejar
+import itertools
 import os
 import random
 import socket
@@ -83,13 +85,12 @@ class _Deadline:
     """Sockets opened or used by one fetch; shut down when its deadline passes."""
 
     def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
+        self.end = time.monotonic() + max(seconds, 0.0)
         self.expired = False
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(max(seconds, 0.0), self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._done = False
+        _WATCHDOG.add(self)
 
     def remaining(self) -> float:
         return self.end - time.monotonic()
@@ -105,12 +106,52 @@ class _Deadline:
 
     def _expire(self) -> None:
         with self._lock:
+            if self._done:
+                return
             self.expired = True
             for s in self._socks:
                 _shutdown(s)
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            self._socks.clear()  # the heap may hold this object until its end; not the sockets
+
+
+class _Watchdog:
+    """One daemon thread expires every fetch's deadline, earliest first. A timer thread per fetch
+    cost ~0.2 ms of CPU to start and stop (more with the GIL contended): ~1 in 10 of the fetching
+    and decoding pipeline's CPU per pair in the bench, with the EXIF copy it also no longer makes."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._seq = itertools.count()  # ties never compare deadlines
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline.end, next(self._seq), deadline))
+            if self._thread is None or not self._thread.is_alive():  # first use, or a forked child
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is deadline:
+                self._cond.notify()  # earlier than what the thread sleeps towards
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, deadline = heapq.heappop(self._heap)
+            deadline._expire()  # outside the lock: shutting sockets down may block briefly
+
+    def _after_fork(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the parent's thread and lock do not survive a fork
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG._after_fork)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -88,7 +88,7 @@ def decode(data: bytes, cfg: PreprocessConfig) -> Image.Image:
             if min(width, height) >= 2 * target:
                 im.draft(None, (target, target))
         im.load()  # first frame of animations; truncated data raises here
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # without in_place it copies every upright image
         return to_rgb(im)
     except (DecodeError, TooManyPixels):
         raise
