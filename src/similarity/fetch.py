@@ -120,8 +120,7 @@ class _Deadline:
 
 class _Watchdog:
     """One daemon thread expires every fetch's deadline, earliest first. A timer thread per fetch
-    cost ~0.2 ms of CPU to start and stop (more with the GIL contended): ~1 in 10 of the fetching
-    and decoding pipeline's CPU per pair in the bench, with the EXIF copy it also no longer makes."""
+    cost ~0.2 ms of CPU to start and stop, more with the GIL contended."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _Deadline]] = []
