@@ -229,3 +229,15 @@ def test_a_finished_fetch_leaves_its_socket_alone_after_its_deadline() -> None:
     assert not done.expired
     a.close()
     b.close()
+
+
+def test_finished_fetches_do_not_pile_up_in_the_watchdog() -> None:
+    from similarity.fetch import _WATCHDOG
+
+    live = [_Deadline(60) for _ in range(10)]
+    for _ in range(3 * _WATCHDOG._MIN_PRUNE):
+        _Deadline(60).cancel()
+    assert len(_WATCHDOG._heap) <= _WATCHDOG._MIN_PRUNE + 10
+    assert all(any(entry[2] is d for entry in _WATCHDOG._heap) for d in live)  # the live ones stay
+    for d in live:
+        d.cancel()
