@@ -346,7 +346,7 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     from similarity.model import load_model, resolve_backend
     from similarity.netguard import AddressPolicy, parse_networks
     from similarity.onnx_export import export_onnx
-    from similarity.streams import plan
+    from similarity.streams import cpu_count, plan
 
     model_dir = tmp / "model"
     t0 = time.perf_counter()
@@ -458,8 +458,8 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
         # rate of its precision (attention, layer norms and activations included in the time).
         gflop = image_tower_gflop(model_dir, pooled_only=backend != "torch")
         row["image_tower_share_of_matmul_rate"] = row["image_per_s"] * gflop / rates[kernel[dtype]]
-    # The towers take every core, so their CPU per pair is cores / rate.
-    towers_ms = (os.cpu_count() or 1) * 1000 / float(np.median([r[f"{default_key} towers"] for r in rounds]))
+    # The towers take every core this process may use, so their CPU per pair is cores / rate.
+    towers_ms = cpu_count() * 1000 / float(np.median([r[f"{default_key} towers"] for r in rounds]))
     results["pipeline_alone"] = {"pairs_per_s": float(np.median([r["pipeline"] for r in rounds])),
                                  "cpu_ms_per_pair": float(np.median([r["pipeline cpu"] for r in rounds])),
                                  "default_towers_core_ms_per_pair": towers_ms}
