@@ -219,3 +219,21 @@ def test_broad_writers_cannot_write_the_trigger_prefix(tpl) -> None:
             assert any(st["Effect"] == "Deny" and "s3:PutObject" in st["Action"] and sub(st["Resource"]).endswith("/incoming/*")
                        for st in sts), name
     assert checked >= 2
+
+
+def test_functions_that_read_job_files_may_list_the_bucket(tpl) -> None:
+    """Without s3:ListBucket, S3 answers 403 AccessDenied instead of 404 for a missing key, so a
+    function that reads a manifest or marker that may not exist yet would fail on every call."""
+
+    def sub(res) -> str:
+        return res.get("Fn::Sub", "") if isinstance(res, dict) else str(res)
+
+    for name in ("S3EventFunction", "WorkerFunction", "ApiFunction"):
+        sts = [st for p in tpl["Resources"][name]["Properties"]["Policies"] if isinstance(p, dict)
+               for st in p.get("Statement", [])]
+        reads_jobs = any(st["Effect"] == "Allow" and "s3:GetObject" in st["Action"]
+                         and (sub(st["Resource"]).endswith("/jobs/*") or sub(st["Resource"]).endswith("-data/*"))
+                         for st in sts)
+        lists = any(st["Effect"] == "Allow" and "s3:ListBucket" in st["Action"] and sub(st["Resource"]).endswith("-data")
+                    for st in sts)
+        assert reads_jobs and lists, name
