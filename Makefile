@@ -7,7 +7,7 @@ PIP_TORCH_ARGS ?=
 CLIP_MODEL_DIR ?= models/clip-vit-base-patch32
 export CLIP_MODEL_DIR
 
-.PHONY: run test bench lint clean tiny-clip
+.PHONY: run test test-fast bench lint clean tiny-clip
 
 $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ run: $(VENV)/.installed
 	$(PY) -m similarity score examples/challenge_set.csv -o out/challenge_set_scored.csv --model "$(CLIP_MODEL_DIR)"
 	@echo "--- out/challenge_set_scored.csv"; cat out/challenge_set_scored.csv
 
-test: $(VENV)/.installed
+# Lint first (ruff, mypy, cfn-lint), then every test tier: unit, integration, e2e, infrastructure.
+test: lint
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests/unit tests/integration
 
 # glibc's allocator maps and unmaps big activation buffers on every forward; the MALLOC_ settings keep
 # them in the heap (the container sets the same). OMP_WAIT_POLICY is what the library sets before it
@@ -38,6 +42,9 @@ bench: $(VENV)/.installed
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=8589934592 OMP_WAIT_POLICY=PASSIVE $(PY) bench/run.py
 
 lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
 	$(VENV)/bin/cfn-lint template.yaml
 
 # Regenerate the committed test model (deterministic; ~2 minutes on 2 cores).

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as cpu_bench  # noqa: E402  (bench/run.py: model, images, baseline and agreement helpers)
+import run as cpu_bench
 
 ROOT = cpu_bench.ROOT
 
@@ -65,13 +65,17 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     import torch
 
     from similarity import Fetcher, FetchSettings, load_model
-    from similarity.images import load_pixels
-    from similarity.netguard import AddressPolicy, parse_networks
+    from similarity.fetch.guard import AddressPolicy, parse_networks
+    from similarity.model.preprocess import load_pixels
 
     log = cpu_bench.log
     dev = args.device
-    results: dict = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none (--device cpu)",
-                     "cpu_cores": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none (--device cpu)",
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
     log(f"GPU: {results['gpu']}, {results['cpu_cores']} CPU cores, torch {torch.__version__}")
     model_dir = tmp / "model"
     results["tokenizer"] = cpu_bench.make_model(model_dir)
@@ -100,21 +104,34 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     caps = [c for _, c in pairs[:64]]
     ref_i, ref_t = ref.embed_images(pixels), ref.embed_texts(caps)[0]
     del ref
-    results["agreement_vs_cpu_fp32"] = cpu_bench.agreement(ref_i, ref_t, model.embed_images(pixels), model.embed_texts(caps)[0])
-    log(f"{dev} {info.dtype} vs CPU fp32, random full-size model: " + ", ".join(f"{k} {v:.5f}" for k, v in results["agreement_vs_cpu_fp32"].items()))
+    results["agreement_vs_cpu_fp32"] = cpu_bench.agreement(
+        ref_i, ref_t, model.embed_images(pixels), model.embed_texts(caps)[0]
+    )
+    log(
+        f"{dev} {info.dtype} vs CPU fp32, random full-size model: "
+        + ", ".join(f"{k} {v:.5f}" for k, v in results["agreement_vs_cpu_fp32"].items())
+    )
 
     big_px = np.concatenate([pixels] * 4)  # batch 128, as the GPU task runs
     big_caps = caps * 2
     img_s, cap_s = cpu_bench.model_only(model, big_px, big_caps, reps=5)
     fp32 = load_model(model_dir, backend="torch", device=dev, dtype="fp32")
     assert fp32.info.dtype == "fp32"
-    results["agreement_cuda_fp32_vs_cpu_fp32"] = cpu_bench.agreement(ref_i, ref_t, fp32.embed_images(pixels), fp32.embed_texts(caps)[0])
+    results["agreement_cuda_fp32_vs_cpu_fp32"] = cpu_bench.agreement(
+        ref_i, ref_t, fp32.embed_images(pixels), fp32.embed_texts(caps)[0]
+    )
     img32, cap32 = cpu_bench.model_only(fp32, big_px, big_caps, reps=5)
     del fp32
-    results["towers_batch_128"] = {"fp16": {"image_per_s": img_s, "caption_per_s": cap_s},
-                                   "fp32": {"image_per_s": img32, "caption_per_s": cap32}}
-    log(f"{dev} fp32 vs CPU fp32: max|dsim| {results['agreement_cuda_fp32_vs_cpu_fp32']['max_abs_similarity_diff']:.5f}")
-    log(f"towers alone, batch 128: fp16 image {img_s:.0f}/s captions {cap_s:.0f}/s; fp32 image {img32:.0f}/s captions {cap32:.0f}/s")
+    results["towers_batch_128"] = {
+        "fp16": {"image_per_s": img_s, "caption_per_s": cap_s},
+        "fp32": {"image_per_s": img32, "caption_per_s": cap32},
+    }
+    log(
+        f"{dev} fp32 vs CPU fp32: max|dsim| {results['agreement_cuda_fp32_vs_cpu_fp32']['max_abs_similarity_diff']:.5f}"
+    )
+    log(
+        f"towers alone, batch 128: fp16 image {img_s:.0f}/s captions {cap_s:.0f}/s; fp32 image {img32:.0f}/s captions {cap32:.0f}/s"
+    )
 
     def decode_all(workers: int) -> float:
         t = time.perf_counter()
@@ -124,7 +141,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
 
     decode_all(32)
     results["decode_preprocess_per_s"] = {"1 thread": decode_all(1), "32 threads": decode_all(32)}
-    log("decode + preprocess alone on the CPU: " + ", ".join(f"{k} {v:.0f} images/s" for k, v in results["decode_preprocess_per_s"].items()))
+    log(
+        "decode + preprocess alone on the CPU: "
+        + ", ".join(f"{k} {v:.0f} images/s" for k, v in results["decode_preprocess_per_s"].items())
+    )
     # Fetching alone, from this bench's one-process Python server: if it is near the end-to-end
     # rate, the server or the fetch path, not decoding or the model, is what bounds end to end.
     fetcher = Fetcher(FetchSettings(pool_size=64), policy)
@@ -154,11 +174,15 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     server.terminate()
 
     results["cold_start_s"] = cpu_bench.cold_start(model_dir, "torch", "auto", reps=1)  # auto: CUDA fp16 here
-    log(f"cold start to first score on the GPU: {results['cold_start_s']:.2f}s; e2e max |dsim| vs baseline "
-        f"{results['max_abs_similarity_diff_vs_baseline_e2e']:.5f}")
+    log(
+        f"cold start to first score on the GPU: {results['cold_start_s']:.2f}s; e2e max |dsim| vs baseline "
+        f"{results['max_abs_similarity_diff_vs_baseline_e2e']:.5f}"
+    )
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.out}")
-    log(f"GPU end to end: baseline {results['baseline_pairs_per_s']:.0f} pairs/s, ours {results['pairs_per_s']:.0f} pairs/s")
+    log(
+        f"GPU end to end: baseline {results['baseline_pairs_per_s']:.0f} pairs/s, ours {results['pairs_per_s']:.0f} pairs/s"
+    )
     log(f"end-to-end speedup vs baseline on the GPU: {results['speedup']:.2f}x")
 
 

@@ -35,15 +35,75 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+
 from support.clip_vocab import real_clip_vocab, toy_vocab  # noqa: E402
 from support.imageserver import ImageServer  # noqa: E402
 
-WORDS = (
-    "a photo of the dog cat man woman child car bicycle street city beach mountain river tree house kitchen "
-    "table plate food pizza red blue green small large old young sitting standing running next to on in with "
-    "two three people group field park snow water boat train bus sign window wall dark bright sunny"
-).split()
-BACKENDS = [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "bf16"), ("openvino", "int8"), ("torch", "fp32"), ("torch", "bf16")]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "dog",
+    "cat",
+    "man",
+    "woman",
+    "child",
+    "car",
+    "bicycle",
+    "street",
+    "city",
+    "beach",
+    "mountain",
+    "river",
+    "tree",
+    "house",
+    "kitchen",
+    "table",
+    "plate",
+    "food",
+    "pizza",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "old",
+    "young",
+    "sitting",
+    "standing",
+    "running",
+    "next",
+    "to",
+    "on",
+    "in",
+    "with",
+    "two",
+    "three",
+    "people",
+    "group",
+    "field",
+    "park",
+    "snow",
+    "water",
+    "boat",
+    "train",
+    "bus",
+    "sign",
+    "window",
+    "wall",
+    "dark",
+    "bright",
+    "sunny",
+]
+BACKENDS = [
+    ("onnx", "fp32"),
+    ("onnx", "int8"),
+    ("openvino", "bf16"),
+    ("openvino", "int8"),
+    ("torch", "fp32"),
+    ("torch", "bf16"),
+]
 
 
 def log(msg: str) -> None:
@@ -68,9 +128,17 @@ def make_model(d: Path) -> str:
         vocab, merges = toy_vocab(sorted(set(WORDS)))
         kind = "toy BPE (open_clip_torch wheel not found: token counts are not CLIP's)"
     CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(str(d))
-    pre = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3,
-           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-           "size": 224, "image_processor_type": "CLIPImageProcessor"}
+    pre = {
+        "crop_size": 224,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "size": 224,
+        "image_processor_type": "CLIPImageProcessor",
+    }
     (d / "preprocessor_config.json").write_text(json.dumps(pre))
     (d / ".similarity-model.json").write_text(json.dumps({"model_id": "random-vit-b-32", "revision": "bench"}))
     return kind
@@ -105,7 +173,9 @@ def caption(rng: random.Random, i: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ baseline
-def baseline(model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32, device: str = "cpu") -> tuple[float, list[float]]:
+def baseline(
+    model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32, device: str = "cpu"
+) -> tuple[float, list[float]]:
     """The straightforward way: CLIPProcessor + CLIPModel fp32 eager, batch 32, a thread pool for
     the downloads of each batch, batches one after another (on ``device``: bench/gpu.py uses cuda)."""
     import requests
@@ -126,7 +196,9 @@ def baseline(model_dir: Path, pairs: list[tuple[str, str]], batch: int = 32, dev
         for i in range(0, len(pairs), batch):
             chunk = pairs[i : i + batch]
             images = list(pool.map(get, [u for u, _ in chunk]))
-            inputs = proc(text=[c for _, c in chunk], images=images, return_tensors="pt", padding=True, truncation=True).to(device)
+            inputs = proc(
+                text=[c for _, c in chunk], images=images, return_tensors="pt", padding=True, truncation=True
+            ).to(device)
             with torch.inference_mode():
                 out = model(**inputs)
                 cos += (torch.diagonal(out.logits_per_image) / model.logit_scale.exp()).tolist()
@@ -139,7 +211,10 @@ def ours(model, pairs, policy, batch: int = 32, workers: int = 16) -> tuple[floa
 
     fetcher = Fetcher(FetchSettings(pool_size=2 * workers), policy)
     start = time.perf_counter()
-    res = [r.cosine for r in score_pairs((Record(u, c) for u, c in pairs), model, fetcher, batch_size=batch, workers=workers)]
+    res = [
+        r.cosine
+        for r in score_pairs((Record(u, c) for u, c in pairs), model, fetcher, batch_size=batch, workers=workers)
+    ]
     fetcher.close()
     return time.perf_counter() - start, res
 
@@ -195,7 +270,12 @@ def cold_start(model_dir: Path, backend: str, dtype: str, reps: int = 3) -> floa
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        subprocess.run(
+            [sys.executable, "-c", code],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
         times.append(time.perf_counter() - t)
     return float(np.median(times))
 
@@ -212,8 +292,13 @@ def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str, extra: list[str] 
         "print('PEAK_KB',hwm);sys.exit(rc)"
     )
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     secs = time.perf_counter() - t
     kb = int(r.stdout.split("PEAK_KB", 1)[1].split()[0])
     return kb / 1024, secs
@@ -222,10 +307,9 @@ def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str, extra: list[str] 
 def agreement_on_test_bed(tmp: Path) -> dict[str, float]:
     """Max |similarity difference| of each backend against torch fp32 on the suite's tiny CLIP
     (the same images and captions as tests/test_backends.py)."""
-    from support.parity import parity_inputs, similarities
-
     from similarity.model import load_model
-    from similarity.onnx_export import export_onnx
+    from similarity.tools.onnx_export import export_onnx
+    from support.parity import parity_inputs, similarities
 
     d = tmp / "tiny-clip"
     shutil.copytree(ROOT / "tests" / "fixtures" / "tiny-clip", d)
@@ -255,7 +339,11 @@ def cpu_description() -> dict:
     """What the ratios depend on: vendor, family/model and the SIMD flags that decide the kernels.
     AMD family 25 with AVX-512 is Zen 4, whose AVX-512 runs on 256-bit units; family 26 is Zen 5,
     with full 512-bit units. The two give very different fp32-vs-bf16 ratios (see the README)."""
-    out: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    out: dict = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     try:
         info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
@@ -263,9 +351,15 @@ def cpu_description() -> dict:
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
-    out.update({"vendor": fields.get("vendor_id"), "model_name": fields.get("model name"),
-                "family": fields.get("cpu family"), "model": fields.get("model"),
-                "simd": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx512f")))})
+    out.update(
+        {
+            "vendor": fields.get("vendor_id"),
+            "model_name": fields.get("model name"),
+            "family": fields.get("cpu family"),
+            "model": fields.get("model"),
+            "simd": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx512f"))),
+        }
+    )
     if out["vendor"] == "AuthenticAMD":
         out["microarchitecture"] = {"25": "Zen 4" if "avx512f" in flags else "Zen 3", "26": "Zen 5"}.get(out["family"])
     return out
@@ -283,8 +377,11 @@ def matmul_rates(rounds: int = 7) -> dict[str, float]:
     a, b = torch.randn(m, k), torch.randn(k, n)
     ab, bb = a.bfloat16(), b.bfloat16()
     ai, bi = torch.randint(-100, 100, (m, k), dtype=torch.int8), torch.randint(-100, 100, (k, n), dtype=torch.int8)
-    kernels = {"fp32 (MKL sgemm, the baseline's)": lambda: a @ b, "bf16": lambda: ab @ bb,
-               "int8 (VNNI)": lambda: torch._int_mm(ai, bi)}
+    kernels = {
+        "fp32 (MKL sgemm, the baseline's)": lambda: a @ b,
+        "bf16": lambda: ab @ bb,
+        "int8 (VNNI)": lambda: torch._int_mm(ai, bi),
+    }
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for f in kernels.values():
         f()
@@ -346,8 +443,10 @@ def main() -> None:
     args = ap.parse_args()
     results: dict = {"machine": cpu_description()}
     cpu = results["machine"]
-    log(f"CPU: {cpu.get('model_name')} ({cpu.get('microarchitecture') or 'family ' + str(cpu.get('family'))}), "
-        f"{cpu['cores']} cores, {' '.join(cpu.get('simd', []))}")
+    log(
+        f"CPU: {cpu.get('model_name')} ({cpu.get('microarchitecture') or 'family ' + str(cpu.get('family'))}), "
+        f"{cpu['cores']} cores, {' '.join(cpu.get('simd', []))}"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="clip-bench-"))
     try:
         run(args, results, tmp)
@@ -357,11 +456,12 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
-    from similarity.images import PreprocessConfig, decode, load_pixels, preprocess
-    from similarity.model import load_model, resolve_backend
-    from similarity.netguard import AddressPolicy, parse_networks
-    from similarity.onnx_export import export_onnx
-    from similarity.streams import cpu_count, plan
+    from similarity.backends.streams import plan
+    from similarity.fetch.guard import AddressPolicy, parse_networks
+    from similarity.hardware import cpu_count
+    from similarity.model import load_model, resolve
+    from similarity.model.preprocess import PreprocessConfig, decode, load_pixels, preprocess
+    from similarity.tools.onnx_export import export_onnx
 
     model_dir = tmp / "model"
     t0 = time.perf_counter()
@@ -388,10 +488,16 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     rates = matmul_rates()
     base_rate = rates["fp32 (MKL sgemm, the baseline's)"]
     results["matmul_gflops"] = rates
-    results["matmul_ceiling_vs_baseline"] = {"bf16": rates["bf16"] / base_rate, "int8": rates["int8 (VNNI)"] / base_rate}
-    log("matmul at the encoder's MLP shape, G(FL)OP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+    results["matmul_ceiling_vs_baseline"] = {
+        "bf16": rates["bf16"] / base_rate,
+        "int8": rates["int8 (VNNI)"] / base_rate,
+    }
+    log(
+        "matmul at the encoder's MLP shape, G(FL)OP/s: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
         + f"; ceiling vs the baseline's kernel: bf16 {results['matmul_ceiling_vs_baseline']['bf16']:.2f}x, "
-        f"int8 {results['matmul_ceiling_vs_baseline']['int8']:.2f}x")
+        f"int8 {results['matmul_ceiling_vs_baseline']['int8']:.2f}x"
+    )
 
     ref = load_model(model_dir, backend="torch", dtype="fp32")
     cfg = ref.preprocess
@@ -401,9 +507,11 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     ref_i = ref.embed_images(pixels)
     ref_t, _ = ref.embed_texts(caps)
     results["backends"] = {}
-    auto_backend, _, auto_dtype = resolve_backend("auto", "cpu", model_dir)
+    auto = resolve("auto", "cpu", model_dir)
+    auto_backend, auto_dtype = auto.backend, auto.dtype
     default_key = f"{auto_backend}-{auto_dtype}"
-    int8_key = "-".join(resolve_backend("auto", "cpu", model_dir, "int8")[::2])  # what --dtype int8 runs here
+    picked = resolve("auto", "cpu", model_dir, "int8")
+    int8_key = f"{picked.backend}-{picked.dtype}"  # what --dtype int8 runs here
     repeated: dict[str, object] = {}
     for backend, dtype in BACKENDS:
         key = f"{backend}-{dtype}"
@@ -415,17 +523,28 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
         img_s, cap_s = model_only(m, pixels, caps)
         e2e_s, cos = ours(m, pairs, policy)
         agree = agreement(ref_i, ref_t, m.embed_images(pixels), m.embed_texts(caps)[0])
-        row = {"image_per_s": img_s, "caption_per_s": cap_s, "pairs_per_s": len(pairs) / e2e_s,
-               "speedup": (len(pairs) / e2e_s) / results["baseline_pairs_per_s"], **agree}
+        row = {
+            "image_per_s": img_s,
+            "caption_per_s": cap_s,
+            "pairs_per_s": len(pairs) / e2e_s,
+            "speedup": (len(pairs) / e2e_s) / results["baseline_pairs_per_s"],
+            **agree,
+        }
         if backend == "onnx":  # the only runtime in the Lambda image
             row["lambda_usd_per_million_pairs"] = lambda_usd_per_million(row["pairs_per_s"])
         if key == "onnx-fp32":
             diffs = [abs((a + 1) / 2 - (b + 1) / 2) for a, b in zip(cos, base_cos) if a is not None]
             row["max_abs_similarity_diff_vs_baseline_e2e"] = max(diffs)
         results["backends"][key] = row
-        cost = f", ${row['lambda_usd_per_million_pairs']:.2f}/M pairs on Lambda" if "lambda_usd_per_million_pairs" in row else ""
-        log(f"{key:14s} image {img_s:6.1f}/s  captions {cap_s:6.1f}/s  e2e {row['pairs_per_s']:6.1f} pairs/s "
-            f"({row['speedup']:.2f}x{cost})  img cos min {agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}")
+        cost = (
+            f", ${row['lambda_usd_per_million_pairs']:.2f}/M pairs on Lambda"
+            if "lambda_usd_per_million_pairs" in row
+            else ""
+        )
+        log(
+            f"{key:14s} image {img_s:6.1f}/s  captions {cap_s:6.1f}/s  e2e {row['pairs_per_s']:6.1f} pairs/s "
+            f"({row['speedup']:.2f}x{cost})  img cos min {agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}"
+        )
         if key in (default_key, int8_key):
             repeated[key] = m
         elif m is not ref:
@@ -475,13 +594,17 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
         row["image_tower_share_of_matmul_rate"] = row["image_per_s"] * gflop / rates[kernel[dtype]]
     # The towers take every core this process may use, so their CPU per pair is cores / rate.
     towers_ms = cpu_count() * 1000 / float(np.median([r[f"{default_key} towers"] for r in rounds]))
-    results["pipeline_alone"] = {"pairs_per_s": float(np.median([r["pipeline"] for r in rounds])),
-                                 "cpu_ms_per_pair": float(np.median([r["pipeline cpu"] for r in rounds])),
-                                 "default_towers_core_ms_per_pair": towers_ms}
-    log(f"fetching, decoding, preprocessing and tokenizing alone (no model), same rounds: "
+    results["pipeline_alone"] = {
+        "pairs_per_s": float(np.median([r["pipeline"] for r in rounds])),
+        "cpu_ms_per_pair": float(np.median([r["pipeline cpu"] for r in rounds])),
+        "default_towers_core_ms_per_pair": towers_ms,
+    }
+    log(
+        f"fetching, decoding, preprocessing and tokenizing alone (no model), same rounds: "
         f"{results['pipeline_alone']['pairs_per_s']:.0f} pairs/s, {results['pipeline_alone']['cpu_ms_per_pair']:.1f} ms "
         f"of CPU per pair (the in-process image server included), against {towers_ms:.0f} core-ms per pair "
-        f"for the default's towers")
+        f"for the default's towers"
+    )
     # An upper bound for each path on this CPU: both towers at the matmul peak of their precision
     # (attention, norms and activations free; for fp32, MKL's rate, which ONNX Runtime can beat) plus
     # the pipeline's CPU as measured, spread over every core.
@@ -496,31 +619,52 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
         rate = rates[kernel[key.split("-")[1]]]
         pps = 1 / (gflop / rate + results["pipeline_alone"]["cpu_ms_per_pair"] / 1000 / cpu_count())
         measured = results["backends"][key]["pairs_per_s"]
-        results["ceiling"][key] = {"matmul_gflops": rate, "pairs_per_s": pps, "vs_baseline": pps / results["baseline_pairs_per_s"],
-                                   "measured_share": measured / pps}
-        log(f"{key}: at most {pps:.1f} pairs/s here ({pps / results['baseline_pairs_per_s']:.2f}x the baseline) with "
+        results["ceiling"][key] = {
+            "matmul_gflops": rate,
+            "pairs_per_s": pps,
+            "vs_baseline": pps / results["baseline_pairs_per_s"],
+            "measured_share": measured / pps,
+        }
+        log(
+            f"{key}: at most {pps:.1f} pairs/s here ({pps / results['baseline_pairs_per_s']:.2f}x the baseline) with "
             f"both towers at the {key.split('-')[1]} matmul peak ({gflop:.2f} GFLOP per pair at {rate:.0f} GFLOP/s) plus "
-            f"the pipeline's CPU; it measured {measured:.1f} pairs/s, {measured / pps:.0%} of that")
+            f"the pipeline's CPU; it measured {measured:.1f} pairs/s, {measured / pps:.0%} of that"
+        )
     if one_stream in rounds[0]:
         gains = [r[default_key] / r[one_stream] for r in rounds]
         results["inference_streams"]["default_vs_one_stream"] = float(np.median(gains))
-        log(f"{default_key} with {streams} one-thread streams against one {streams}-thread stream, same rounds: "
-            + ", ".join(f"{g:.2f}x" for g in gains) + f"; median {np.median(gains):.2f}x")
+        log(
+            f"{default_key} with {streams} one-thread streams against one {streams}-thread stream, same rounds: "
+            + ", ".join(f"{g:.2f}x" for g in gains)
+            + f"; median {np.median(gains):.2f}x"
+        )
     for key, what in ((int8_key, "int8 option"), (default_key, "default")):
         row = results["backends"].get(key, {})
         if "speedup_runs" in row:
-            log(f"{key} ({what}) in three rounds, each right after the baseline: "
-                + ", ".join(f"{r[key]:.1f} vs {r['baseline']:.1f} pairs/s ({x:.2f}x)" for r, x in zip(rounds, row["speedup_runs"]))
+            log(
+                f"{key} ({what}) in three rounds, each right after the baseline: "
+                + ", ".join(
+                    f"{r[key]:.1f} vs {r['baseline']:.1f} pairs/s ({x:.2f}x)"
+                    for r, x in zip(rounds, row["speedup_runs"])
+                )
                 + f"; median {row['speedup']:.2f}x. Its towers alone, no fetching or decoding: {row['towers_only_vs_baseline']:.2f}x; "
-                f"its image tower runs at {row['image_tower_share_of_matmul_rate']:.0%} of the {key.split('-')[1]} matmul rate")
+                f"its image tower runs at {row['image_tower_share_of_matmul_rate']:.0%} of the {key.split('-')[1]} matmul rate"
+            )
     for key, diff in agreement_on_test_bed(tmp).items():
         if key in results["backends"]:
             results["backends"][key]["max_abs_similarity_diff_test_bed"] = diff
-    log("max |similarity difference| vs fp32, random model / test bed: " + ", ".join(
-        f"{k} {v['max_abs_similarity_diff']:.4f}/{v.get('max_abs_similarity_diff_test_bed', float('nan')):.4f}"
-        for k, v in results["backends"].items()))
-    faithful = {k: v for k, v in results["backends"].items()
-                if max(v["max_abs_similarity_diff"], v.get("max_abs_similarity_diff_test_bed", 1.0)) <= 0.002}
+    log(
+        "max |similarity difference| vs fp32, random model / test bed: "
+        + ", ".join(
+            f"{k} {v['max_abs_similarity_diff']:.4f}/{v.get('max_abs_similarity_diff_test_bed', float('nan')):.4f}"
+            for k, v in results["backends"].items()
+        )
+    )
+    faithful = {
+        k: v
+        for k, v in results["backends"].items()
+        if max(v["max_abs_similarity_diff"], v.get("max_abs_similarity_diff_test_bed", 1.0)) <= 0.002
+    }
     results["default_backend"] = default_key
     results["int8_backend"] = int8_key
     results["fastest_within_0.002"] = max(faithful, key=lambda k: faithful[k]["pairs_per_s"]) if faithful else None
@@ -539,15 +683,23 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     for u in big:
         load_pixels(images[u], full_cfg)
     full_ms = (time.perf_counter() - t) / len(big) * 1000
-    results["jpeg_draft"] = {"images": len(big), "ms_per_image_draft": draft_ms, "ms_per_image_full": full_ms,
-                             "embedding_cos_min": float((a * b).sum(1).min()),
-                             "max_abs_similarity_diff": float(np.abs((a - b) @ ref_t.T).max() / 2)}
-    log(f"JPEG draft on {len(big)} large images: {full_ms:.1f} -> {draft_ms:.1f} ms/image, "
+    results["jpeg_draft"] = {
+        "images": len(big),
+        "ms_per_image_draft": draft_ms,
+        "ms_per_image_full": full_ms,
+        "embedding_cos_min": float((a * b).sum(1).min()),
+        "max_abs_similarity_diff": float(np.abs((a - b) @ ref_t.T).max() / 2),
+    }
+    log(
+        f"JPEG draft on {len(big)} large images: {full_ms:.1f} -> {draft_ms:.1f} ms/image, "
         f"embedding cos min {results['jpeg_draft']['embedding_cos_min']:.5f}, "
-        f"max|dsim| {results['jpeg_draft']['max_abs_similarity_diff']:.5f}")
+        f"max|dsim| {results['jpeg_draft']['max_abs_similarity_diff']:.5f}"
+    )
 
-    results["cold_start_s"] = {"onnx-fp32 (Lambda default)": cold_start(model_dir, "onnx", "fp32"),
-                               "torch-fp32": cold_start(model_dir, "torch", "fp32")}
+    results["cold_start_s"] = {
+        "onnx-fp32 (Lambda default)": cold_start(model_dir, "onnx", "fp32"),
+        "torch-fp32": cold_start(model_dir, "torch", "fp32"),
+    }
     if default_key not in ("onnx-fp32", "torch-fp32"):
         results["cold_start_s"][f"{default_key} (default here)"] = cold_start(model_dir, auto_backend, auto_dtype)
     log("cold start to first score: " + ", ".join(f"{k} {v:.2f}s" for k, v in results["cold_start_s"].items()))

@@ -16,10 +16,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from support.imageserver import ImageServer  # noqa: E402
-
 from similarity.fetch import Fetcher, FetchSettings  # noqa: E402
-from similarity.netguard import AddressPolicy, parse_networks  # noqa: E402
+from similarity.fetch.guard import AddressPolicy, parse_networks  # noqa: E402
+from support.imageserver import ImageServer  # noqa: E402
 
 TINY_CLIP = TESTS / "fixtures" / "tiny-clip"
 LOOPBACK_ONLY = AddressPolicy(parse_networks("127.0.0.1/32"))
@@ -62,8 +61,14 @@ def forbidden_server() -> Iterator[ImageServer]:
 @pytest.fixture
 def fast_settings() -> FetchSettings:
     return FetchSettings(
-        connect_timeout=2, read_timeout=2, deadline=4, max_bytes=2 * 1024 * 1024,
-        backoff_base=0.05, backoff_max=0.2, retry_after_cap=2, allow_local_paths=True,
+        connect_timeout=2,
+        read_timeout=2,
+        deadline=4,
+        max_bytes=2 * 1024 * 1024,
+        backoff_base=0.05,
+        backoff_max=0.2,
+        retry_after_cap=2,
+        allow_local_paths=True,
     )
 
 
@@ -95,9 +100,9 @@ def moto_endpoint() -> Iterator[str]:
 
 @pytest.fixture
 def s3(moto_endpoint: str):
-    from similarity.clients import make_s3_client
+    from similarity.aws import make_client
 
-    return make_s3_client()
+    return make_client("s3")
 
 
 @pytest.fixture

@@ -10,20 +10,17 @@ finished directory into ``CLIP_MODEL_DIR`` with a rename, so readers never see a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from aws_lambda_powertools import Logger
-
-from similarity.csvio import split_s3
-from similarity.model import DEFAULT_MODEL_ID, MODEL_META_FILE, check_model_dir, read_identity
+from similarity.config import ModelSyncSettings, validated
+from similarity.io.streams import split_s3
+from similarity.model import MODEL_META_FILE, check_model_dir, read_identity
 
 from . import runtime
-
-logger = Logger(service="text-image-similarity")
+from .observability import logger
 
 
 def copy_from_s3(s3: Any, uri: str, dest: Path) -> list[str]:
@@ -32,7 +29,7 @@ def copy_from_s3(s3: Any, uri: str, dest: Path) -> list[str]:
     copied = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):]
+            rel = obj["Key"][len(prefix) :]
             if not rel or rel.endswith("/") or ".." in Path(rel).parts:
                 continue
             target = dest / rel
@@ -42,22 +39,26 @@ def copy_from_s3(s3: Any, uri: str, dest: Path) -> list[str]:
     return copied
 
 
-def sync(dest: Path, model_id: str, revision: str | None, source_s3_uri: str, s3: Any, export: bool = True) -> dict:
+def sync(
+    dest: Path, model_id: str, revision: str | None, source_s3_uri: str, s3: Any, export: bool = True
+) -> dict[str, Any]:
     staging = dest.parent / f".{dest.name}.staging-{int(time.time())}"
     staging.mkdir(parents=True)
     try:
         if source_s3_uri:
             files = copy_from_s3(s3, source_s3_uri, staging)
             if not (staging / MODEL_META_FILE).exists():
-                (staging / MODEL_META_FILE).write_text(json.dumps({"model_id": model_id, "revision": source_s3_uri}) + "\n")
+                (staging / MODEL_META_FILE).write_text(
+                    json.dumps({"model_id": model_id, "revision": source_s3_uri}) + "\n"
+                )
         else:
-            from similarity.hub import fetch_model
+            from similarity.tools.hub import fetch_model
 
             fetch_model(staging, model_id=model_id, revision=revision)
             files = sorted(p.name for p in staging.iterdir())
         check_model_dir(staging)
         if export:
-            from similarity.onnx_export import export_onnx
+            from similarity.tools.onnx_export import export_onnx
 
             export_onnx(staging, int8=True)
         old = dest.parent / f".{dest.name}.old-{int(time.time())}"
@@ -73,15 +74,16 @@ def sync(dest: Path, model_id: str, revision: str | None, source_s3_uri: str, s3
 
 
 @logger.inject_lambda_context
-def lambda_handler(event: dict, context: Any) -> dict:
+def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     event = event or {}
-    s = runtime.settings()
+    s = runtime.services()
+    wanted = validated(ModelSyncSettings)
     result = sync(
-        Path(event.get("model_dir") or s.core.model_dir),
-        model_id=event.get("model_id") or os.environ.get("MODEL_ID", DEFAULT_MODEL_ID),
-        revision=event.get("revision") or os.environ.get("MODEL_REVISION") or None,
-        source_s3_uri=event.get("source_s3_uri", os.environ.get("MODEL_SOURCE_S3_URI", "")),
-        s3=runtime.client("s3"),
+        Path(event.get("model_dir") or s.settings.model.dir),
+        model_id=event.get("model_id") or wanted.model_id,
+        revision=event.get("revision") or wanted.revision,
+        source_s3_uri=event.get("source_s3_uri", wanted.source_s3_uri),
+        s3=s.clients.get("s3"),
         export=bool(event.get("export", True)),
     )
     logger.info("model synced", extra=result)

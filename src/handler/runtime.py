@@ -1,86 +1,93 @@
-"""What lives for the whole execution environment: settings, the model, the fetcher, AWS clients.
+"""What lives for the whole execution environment, built once on first use: the settings, the AWS
+clients, the configured run (``similarity.bootstrap``), the job service and the API.
 
-Created once per container (Lambda reuses it across invocations) and reset only by tests.
+Nothing is built at import; ``reset()`` lets tests start again from a changed environment.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
-from similarity.errors import SimilarityError
-from similarity.fetch import Fetcher
-from similarity.model import ClipModel, load_model
-from similarity.netguard import AddressPolicy
-
-from .config import ServiceSettings
-
-_lock = threading.RLock()
-_state: dict[str, Any] = {}
+from similarity.api import ApiService
+from similarity.aws import make_client
+from similarity.bootstrap import Runtime, build
+from similarity.config import ServiceSettings, load
+from similarity.jobs import JobService, make_service
 
 
-def settings() -> ServiceSettings:
+@dataclass
+class Clients:
+    """AWS clients, each made on first use by ``similarity.aws`` (the one place they are made)."""
+
+    _made: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, service: str) -> Any:
+        with self._lock:
+            if service not in self._made:
+                self._made[service] = make_client(service)
+            return self._made[service]
+
+
+@dataclass
+class Services:
+    settings: ServiceSettings
+    clients: Clients
+    run: Runtime
+    load_time_reported: bool = False
+
+    @functools.cached_property
+    def jobs(self) -> JobService:
+        return make_service(
+            self.settings.jobs, self.clients.get("s3"), self.clients.get("sqs"), self.clients.get("ecs")
+        )
+
+    @functools.cached_property
+    def api(self) -> ApiService:
+        return ApiService(self.settings, self.run, lambda: self.jobs)
+
+
+_lock = threading.Lock()
+_services: Services | None = None
+
+
+def services() -> Services:
+    global _services
     with _lock:
-        if "settings" not in _state:
-            _state["settings"] = ServiceSettings.from_env()
-        return _state["settings"]
+        if _services is None:
+            settings = load(ServiceSettings)
+            clients = Clients()
+            # Services never read local files named in requests, unless SIMILARITY_ALLOW_LOCAL_PATHS says so.
+            run = build(settings, s3=lambda: clients.get("s3"), local_paths=False)
+            _services = Services(settings, clients, run)
+        return _services
 
 
-def client(service: str) -> Any:
-    """The one place AWS clients are made (boto3 honours AWS_ENDPOINT_URL for local endpoints)."""
-    from similarity.clients import make_client
-
-    with _lock:
-        key = f"client:{service}"
-        if key not in _state:
-            _state[key] = make_client(service)
-        return _state[key]
+def in_lambda() -> bool:
+    return bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))
 
 
-def fetcher() -> Fetcher:
-    s = settings()
-    s3 = client("s3")
-    with _lock:
-        if "fetcher" not in _state:
-            _state["fetcher"] = Fetcher(s.core.fetch, AddressPolicy(s.core.allowed_networks), s3_client=s3)
-        return _state["fetcher"]
+def preload() -> None:
+    """Load the model during the Lambda init phase (cold start) so the first request does not pay
+    for it. Failures are left for /readyz and the first request to report."""
+    from .observability import logger
 
-
-class ModelUnavailable(SimilarityError):
-    code = "model_unavailable"
-
-
-def model() -> ClipModel:
-    """Load once per environment; a failed load is retried on the next call (the mount may be late)."""
-    with _lock:
-        if "model" in _state:
-            return _state["model"]
-        s = settings()
-        try:
-            m = load_model(s.core.model_dir, backend=s.core.backend, device=s.core.device, dtype=s.core.dtype,
-                           threads=s.core.threads, streams=s.core.streams)
-        except SimilarityError as exc:
-            raise ModelUnavailable(str(exc)) from None
-        _state["model"] = m
-        return m
-
-
-def model_load_seconds() -> float | None:
-    m = _state.get("model")
-    return m.info.load_seconds if m is not None else None
+    try:
+        s = services()
+        if s.settings.api.preload_model:
+            s.run.load()
+    except Exception:  # noqa: BLE001 - /readyz reports it; /healthz still answers
+        logger.warning("model not loaded at init", exc_info=True)
 
 
 def reset() -> None:
     """Tests only: forget everything so the next call reads the environment again."""
+    global _services
     with _lock:
-        f = _state.get("fetcher")
-        if f is not None:
-            f.close()
-        _state.clear()
-
-
-def jobs():  # -> handler.jobs.Jobs
-    from .jobs import Jobs
-
-    s = settings()
-    return Jobs(settings=s, s3=client("s3"), sqs=client("sqs"), ecs=client("ecs"))
+        if _services is not None:
+            _services.run.close()
+        _services = None

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from . import runtime
-from .jobs import ChunkMessage
+from similarity.jobs import ChunkMessage
 
-logger = Logger(service="text-image-similarity")
-metrics = Metrics(namespace="TextImageSimilarity", service="worker")
-tracer = Tracer(service="text-image-similarity")
+from . import runtime
+from .observability import logger, metrics_for, tracer
+
+metrics = metrics_for("worker")
 # All-failed batches are reported item by item too, rather than as an invocation error.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
@@ -24,17 +23,18 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 @tracer.capture_method(capture_response=False)
 def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
     msg = ChunkMessage.model_validate_json(record.body)  # a malformed body fails -> retried -> DLQ
-    s = runtime.settings()
-    model = runtime.model()
-    reserve = s.worker_reserve_seconds
+    s = runtime.services()
+    run = s.run
+    reserve = s.settings.jobs.worker_reserve_seconds
     # No single image may outlive the margin kept before the Lambda deadline.
-    fetcher = runtime.fetcher().with_settings(deadline=min(s.core.fetch.deadline, max(1.0, reserve / 2)))
+    fetcher = run.fetcher.with_settings(deadline=min(run.fetcher.settings.deadline, max(1.0, reserve / 2)))
 
     def time_left() -> float:
         return lambda_context.get_remaining_time_in_millis() / 1000 if lambda_context else float("inf")
 
-    complete = runtime.jobs().process_chunk(msg, model, fetcher, record.message_id, time_left,
-                                            batch_size=s.core.batch_size, workers=s.core.workers)
+    complete = s.jobs.process_chunk(
+        msg, run.model, fetcher, record.message_id, time_left, batch_size=run.batch_size, workers=run.workers
+    )
     metrics.add_metric(name="ChunksScored", unit=MetricUnit.Count, value=1)
     if complete:
         logger.info("job complete", extra={"job_id": msg.job_id})
@@ -43,5 +43,11 @@ def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 @metrics.log_metrics
-def lambda_handler(event: dict, context: Any) -> dict:
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return dict(
+        process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    )
+
+
+if runtime.in_lambda():
+    runtime.preload()

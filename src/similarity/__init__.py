@@ -1,27 +1,31 @@
-"""Score how well a caption describes an image with CLIP."""
+"""Score how well a caption describes an image with CLIP.
 
-__version__ = "0.1.0"
+The public API: ``load_model`` a local model directory, build a ``Fetcher`` (or let
+``bootstrap.build`` make both from the settings), and ``score_pairs`` records, or ``score_csv``
+whole files.
+"""
 
-from .errors import ROW_ERROR_CODES, JobError, RowError, SimilarityError  # noqa: E402
-from .fetch import Fetcher, FetchSettings  # noqa: E402
-from .model import ClipModel, load_model  # noqa: E402
-from .netguard import AddressPolicy, classify  # noqa: E402
-from .records import Record, ScoreResult  # noqa: E402
-from .scoring import ScoreStats, score_pairs  # noqa: E402
+from ._version import __version__ as __version__
+from .errors import ROW_ERROR_CODES, RowError, RunError, SimilarityError
+from .fetch import AddressPolicy, Fetcher, FetchSettings, classify
+from .model import ClipModel, load_model
+from .pipeline import score_csv, score_pairs
+from .types import Record, ScoreResult, ScoreStats
 
 __all__ = [
+    "ROW_ERROR_CODES",
     "AddressPolicy",
     "ClipModel",
     "FetchSettings",
     "Fetcher",
-    "JobError",
-    "ROW_ERROR_CODES",
     "Record",
     "RowError",
+    "RunError",
     "ScoreResult",
     "ScoreStats",
     "SimilarityError",
     "classify",
     "load_model",
+    "score_csv",
     "score_pairs",
 ]

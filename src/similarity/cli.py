@@ -1,13 +1,13 @@
 """``similarity`` command line: ``score`` a CSV, ``model fetch|info|export``.
 
 Exit status: 0 when the file was processed (row errors included), 2 when the input cannot be
-processed (missing file, no URL column, malformed CSV), 3 when the model is missing or incomplete.
+processed (missing file, no URL column, malformed CSV, a bad flag or variable), 3 when the model is
+missing or incomplete.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -15,13 +15,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ConfigError, InputNotFound, JobError, ModelFetchFailed, ModelIncomplete, ModelNotFound
-from .netguard import AddressPolicy, parse_networks
-from .settings import Settings
+from ._version import __version__
+from .config import Settings, load
+from .errors import InputNotFound, ModelError, ModelFetchFailed, RunError
+from .model.directory import DEFAULT_MODEL_ID
 
 EXIT_INPUT = 2
 EXIT_MODEL = 3
+
+#: Settings fields the CLI's flags set, by section, with the flag's name for messages.
+FLAGS: dict[str, dict[str, str]] = {
+    "model": {
+        "dir": "--model",
+        "backend": "--backend",
+        "device": "--device",
+        "dtype": "--dtype",
+        "threads": "--threads",
+        "streams": "--streams",
+    },
+    "fetch": {
+        "deadline": "--timeout",
+        "max_image_bytes": "--max-image-bytes",
+        "allow_local_paths": "--no-local-paths",
+        "allowed_networks": "--allow-network",
+    },
+    "score": {"batch_size": "--batch-size", "workers": "--workers", "excel_safe": "--excel-safe"},
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,14 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="output path or s3:// URI (default: INPUT_scored.csv; - for stdout)")
     s.add_argument("--model", help="model directory (default: $CLIP_MODEL_DIR or models/clip-vit-base-patch32)")
     s.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino"], help="inference backend (default auto)")
-    s.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                   help="precision (default auto: the fastest within 0.002 of fp32 on this machine)")
+    s.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help="precision (default auto: the fastest within 0.002 of fp32 on this machine)",
+    )
     s.add_argument("--batch-size", type=int, help="images/captions per model call (default 32)")
     s.add_argument("--workers", type=int, help="concurrent image downloads (default 16)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
     s.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
-    s.add_argument("--streams", type=int,
-                   help="batch parts run at once, each on threads/streams threads (default: one per thread)")
+    s.add_argument(
+        "--streams", type=int, help="batch parts run at once, each on threads/streams threads (default: one per thread)"
+    )
     s.add_argument(
         "--allow-network",
         action="append",
@@ -61,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="model directory tools")
     msub = m.add_subparsers(dest="model_command", required=True)
     f = msub.add_parser("fetch", help="download a CLIP checkpoint (needs network)")
-    f.add_argument("--model-id", default="openai/clip-vit-base-patch32")
+    f.add_argument("--model-id", default=DEFAULT_MODEL_ID)
     f.add_argument("--revision", default=None, help="branch, tag or commit (default: main, resolved to a commit)")
     f.add_argument("--to", required=True, dest="dest", help="target directory")
     i = msub.add_parser("info", help="check a model directory and print what it holds")
@@ -72,65 +95,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    base = Settings.from_env(allow_local_paths=not args.no_local_paths)
-    fetch = base.fetch
-    overrides: dict[str, Any] = {}
-    if args.timeout is not None:
-        overrides["deadline"] = args.timeout
-        overrides["read_timeout"] = min(fetch.read_timeout, args.timeout)
-    if args.max_image_bytes is not None:
-        overrides["max_bytes"] = args.max_image_bytes
-    if args.no_local_paths:
-        overrides["allow_local_paths"] = False
-    workers = args.workers or base.workers
-    overrides["pool_size"] = max(fetch.pool_size, workers)
-    fetch = dataclasses.replace(fetch, **overrides)
-    return Settings(
-        model_dir=args.model or base.model_dir,
-        backend=args.backend or base.backend,
-        device=args.device or base.device,
-        dtype=args.dtype or base.dtype,
-        batch_size=args.batch_size or base.batch_size,
-        workers=workers,
-        threads=base.threads if args.threads is None else args.threads,  # 0 is refused, not ignored
-        streams=base.streams if args.streams is None else args.streams,
-        allowed_networks=base.allowed_networks + parse_networks(args.allow_network),
-        fetch=fetch,
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The environment's settings with the flags laid over them (each validated, named in errors)."""
+    settings = load(Settings)
+    settings = settings.with_overrides(
+        "model",
+        {
+            "dir": args.model,
+            "backend": args.backend,
+            "device": args.device,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "streams": args.streams,
+        },
+        FLAGS["model"],
+    )
+    networks = settings.fetch.allowed_networks + tuple(args.allow_network)
+    settings = settings.with_overrides(
+        "fetch",
+        {
+            "deadline": args.timeout,
+            "max_image_bytes": args.max_image_bytes,
+            "allow_local_paths": False if args.no_local_paths else None,
+            "allowed_networks": networks if args.allow_network else None,
+        },
+        FLAGS["fetch"],
+    )
+    return settings.with_overrides(
+        "score",
+        {
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "excel_safe": True if args.excel_safe else None,
+        },
+        FLAGS["score"],
     )
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .csvio import default_output, is_s3
-    from .csvjob import score_csv
-    from .fetch import Fetcher
-    from .model import load_model
+    from .bootstrap import build
+    from .io.streams import default_output, is_s3
 
-    try:
-        settings = _settings(args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    settings = settings_from(args)
     output = args.output or default_output(args.input)
-    s3 = None
-    if is_s3(args.input) or is_s3(output):
-        from .clients import make_s3_client
-
-        s3 = make_s3_client()
     if not is_s3(args.input) and args.input != "-" and not Path(args.input).is_file():
         raise InputNotFound(f"input file {args.input!r} does not exist")
-
-    model = load_model(
-        settings.model_dir,
-        backend=settings.backend,
-        device=settings.device,
-        dtype=settings.dtype,
-        threads=settings.threads,
-        streams=settings.streams,
-    )
-    info = model.info
-    _err(f"model {info.model_id} @ {info.revision} ({info.backend}/{info.device}/{info.dtype}, loaded in {info.load_seconds:.1f}s)")
     base_dir = None if is_s3(args.input) or args.input == "-" else Path(args.input).resolve().parent
-    fetcher = Fetcher(settings.fetch, AddressPolicy(settings.allowed_networks), s3_client=s3, base_dir=base_dir)
+    run = build(settings, local_paths=True, base_dir=base_dir)
+    info = run.load().info
+    _err(
+        f"model {info.model_id} @ {info.revision} ({info.backend}/{info.device}/{info.dtype}, "
+        f"loaded in {info.load_seconds:.1f}s)"
+    )
 
     bar = None
     if not args.no_progress and sys.stderr.isatty():
@@ -138,23 +154,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
         bar = tqdm(unit=" rows", desc="scoring", file=sys.stderr, dynamic_ncols=True)
     try:
-        result = score_csv(
+        result = run.score_csv(
             args.input,
             output,
-            model,
-            fetcher,
-            s3_client=s3,
-            batch_size=settings.batch_size,
-            workers=settings.workers,
             url_column=args.url_column,
             caption_column=args.caption_column,
-            excel_safe=args.excel_safe,
             on_row=bar.update if bar is not None else None,
         )
     finally:
         if bar is not None:
             bar.close()
-        fetcher.close()
+        run.close()
     st = result.stats
     errors = ", ".join(f"{k}={v}" for k, v in sorted(st.errors.items(), key=lambda kv: -kv[1])) or "none"
     _err(
@@ -162,7 +172,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         f"truncated captions: {st.truncated}  {result.pairs_per_second:.1f} pairs/s  -> {output}"
     )
     if args.summary_json:
-        summary = {
+        summary: dict[str, Any] = {
             "input": args.input,
             "output": output,
             "rows": st.rows,
@@ -183,26 +193,36 @@ def _cmd_model(args: argparse.Namespace) -> int:
     from .model import check_model_dir, read_identity
 
     if args.model_command == "fetch":
-        from .hub import fetch_model
+        from .tools.hub import fetch_model
 
         meta = fetch_model(args.dest, model_id=args.model_id, revision=args.revision)
         _err(f"fetched {meta['model_id']} @ {meta['revision']} into {args.dest}")
         return 0
-    directory = args.dir or Settings.from_env().model_dir
+    settings = load(Settings)
+    directory = args.dir or settings.model.dir
     if args.model_command == "info":
-        path = check_model_dir(directory)
-        model_id, revision = read_identity(path)
-        from .model import resolve_backend
-        from .onnx_backend import onnx_files_present
+        from .backends import onnx_files_present
+        from .model import resolve
 
-        env = Settings.from_env()
-        picked = resolve_backend(env.backend, env.device, path, env.dtype)
-        print(json.dumps({"dir": str(path), "id": model_id, "revision": revision,
-                          "onnx": {d: onnx_files_present(path, d) for d in ("fp32", "int8")},
-                          "runs_as": dict(zip(("backend", "device", "dtype"), picked))}, indent=2))
+        path = check_model_dir(directory, need_weights=False)
+        model_id, revision = read_identity(path)
+        m = settings.model
+        picked = resolve(m.backend, m.device, path, m.dtype)
+        print(
+            json.dumps(
+                {
+                    "dir": str(path),
+                    "id": model_id,
+                    "revision": revision,
+                    "onnx": {d: onnx_files_present(path, d) for d in ("fp32", "int8")},
+                    "runs_as": picked.as_dict(),
+                },
+                indent=2,
+            )
+        )
         return 0
     if args.model_command == "export":
-        from .onnx_export import export_onnx
+        from .tools.onnx_export import export_onnx
 
         for written in export_onnx(directory, int8=not args.no_int8):
             _err(f"wrote {written}")
@@ -215,20 +235,22 @@ def _err(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("SIMILARITY_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("SIMILARITY_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
+    )
     args = _parser().parse_args(argv)
     try:
         if args.command == "score":
             return _cmd_score(args)
         return _cmd_model(args)
-    except (ModelNotFound, ModelIncomplete, ModelFetchFailed) as exc:
-        from .hub import PROVIDE_HINT
+    except ModelError as exc:
+        from .tools.hub import PROVIDE_HINT
 
         _err(f"error: {exc}")
         if not isinstance(exc, ModelFetchFailed):
-            _err(PROVIDE_HINT.format(model_id="openai/clip-vit-base-patch32"))
+            _err(PROVIDE_HINT.format(model_id=DEFAULT_MODEL_ID))
         return EXIT_MODEL
-    except JobError as exc:
+    except RunError as exc:
         _err(f"error: {exc}")
         return EXIT_INPUT
     except KeyboardInterrupt:

@@ -44,7 +44,8 @@ def toy_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def real_clip_vocab(bpe_gz: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The real 49408-token CLIP vocabulary, as open_clip's SimpleTokenizer builds it."""
-    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_gz) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
     base = list(bytes_to_unicode().values())
     vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gzip
 import io
 import struct
-import zlib
 import threading
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +27,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         self.server.hits[path] += 1
         route = self.server.routes.get(path)
@@ -39,7 +39,9 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the client gave up (deadline, cap): expected in fault tests
 
-    def send_plain(self, status: int, body: bytes, ctype: str = "text/plain", headers: dict[str, str] | None = None) -> None:
+    def send_plain(
+        self, status: int, body: bytes, ctype: str = "text/plain", headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -87,7 +89,9 @@ class ImageServer(ThreadingHTTPServer):
         self.routes[path] = lambda h: h.send_plain(status, b"nope")
         return self.url(path)
 
-    def fail_then_serve(self, path: str, data: bytes, first_status: int, times: int = 1, headers: dict[str, str] | None = None) -> str:
+    def fail_then_serve(
+        self, path: str, data: bytes, first_status: int, times: int = 1, headers: dict[str, str] | None = None
+    ) -> str:
         def route(h: Handler) -> None:
             if self.hits[path] <= times:
                 h.send_plain(first_status, b"try again", headers=headers)
@@ -149,6 +153,7 @@ def png_bytes(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
 
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height but carries almost no data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

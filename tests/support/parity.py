@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from similarity.images import PreprocessConfig, preprocess
+from similarity.model.preprocess import PreprocessConfig, preprocess
 
 from .shapes import COLOURS, SHAPES, all_captions, draw
 

@@ -18,7 +18,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 # Neutral backgrounds, so the background never carries one of the named colours.
-BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (190, 190, 190), (120, 120, 120), (40, 40, 40), (0, 0, 0), (225, 215, 195))
+BACKGROUNDS = (
+    (255, 255, 255),
+    (235, 235, 235),
+    (190, 190, 190),
+    (120, 120, 120),
+    (40, 40, 40),
+    (0, 0, 0),
+    (225, 215, 195),
+)
 TEMPLATES = ("a {c} {s}", "a photo of a {c} {s}", "a {c} {s} shape", "a picture of a {c} {s}", "{c} {s}")
 
 

@@ -1,0 +1,234 @@
+"""Every setting, declared once, read from the environment and validated at start.
+
+Sections: ``model`` (which weights, backend and precision), ``fetch`` (limits of one image fetch),
+``score`` (batching and concurrency), and for the services ``api`` (request limits) and ``jobs``
+(the S3/SQS batch pipeline). Each field names its environment variable; the CLI lays its flags
+over these (``Settings.with_overrides``). A bad value raises ``ConfigError`` naming the variable
+(or the flag) and what it must be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .backends import BackendChoice, DeviceChoice, DtypeChoice
+from .errors import ConfigError
+from .fetch.guard import IPNetwork, parse_networks
+from .fetch.settings import FetchSettings
+from .model.directory import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ID
+
+_CONFIG = SettingsConfigDict(populate_by_name=True, frozen=True, env_ignore_empty=True, extra="ignore")
+
+
+class _StrippedEnv(EnvSettingsSource):
+    """Values are stripped, and a blank variable means the default (as an unset one does)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k: v.strip() for k, v in super()._load_env_vars().items() if v is not None and v.strip()}
+
+
+class Section(BaseSettings):
+    """A group of settings read from the environment: only from init values and variables."""
+
+    model_config = _CONFIG
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _StrippedEnv(settings_cls)
+
+
+def _split(value: Any) -> Any:
+    return tuple(x.strip() for x in value.split(",") if x.strip()) if isinstance(value, str) else value
+
+
+class ModelSettings(Section):
+    dir: str = Field(DEFAULT_MODEL_DIR, validation_alias="CLIP_MODEL_DIR")
+    backend: BackendChoice = Field("auto", validation_alias="SIMILARITY_BACKEND")
+    device: DeviceChoice = Field("auto", validation_alias="SIMILARITY_DEVICE")
+    dtype: DtypeChoice = Field("auto", validation_alias="SIMILARITY_DTYPE")
+    #: Inference threads (default: every core the process may use).
+    threads: int | None = Field(None, ge=1, validation_alias="SIMILARITY_THREADS")
+    #: Batch parts run at once (default: one per thread).
+    streams: int | None = Field(None, ge=1, validation_alias="SIMILARITY_STREAMS")
+    #: Where OpenVINO keeps its cut and compiled graphs (default: beside the ONNX files).
+    ov_cache_dir: str | None = Field(None, validation_alias="SIMILARITY_OV_CACHE_DIR")
+
+
+class FetchConfig(Section):
+    connect_timeout: float = Field(5.0, gt=0, validation_alias="SIMILARITY_CONNECT_TIMEOUT")
+    read_timeout: float = Field(10.0, gt=0, validation_alias="SIMILARITY_READ_TIMEOUT")
+    deadline: float = Field(30.0, gt=0, validation_alias="SIMILARITY_FETCH_DEADLINE")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, validation_alias="SIMILARITY_MAX_IMAGE_BYTES")
+    max_retries: int = Field(2, ge=0, validation_alias="SIMILARITY_MAX_RETRIES")
+    per_host: int = Field(8, ge=1, validation_alias="SIMILARITY_PER_HOST")
+    #: None: the entry point decides (the CLI reads local paths, the services never do).
+    allow_local_paths: bool | None = Field(None, validation_alias="SIMILARITY_ALLOW_LOCAL_PATHS")
+    allowed_networks: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias="SIMILARITY_ALLOWED_NETWORKS")
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _valid_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_networks(value)  # raises ValueError naming the bad entry
+        return value
+
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return parse_networks(self.allowed_networks)
+
+    def fetch_settings(self, allow_local_paths: bool, pool_size: int) -> FetchSettings:
+        return FetchSettings(
+            connect_timeout=self.connect_timeout,
+            read_timeout=min(self.read_timeout, self.deadline),
+            deadline=self.deadline,
+            max_bytes=self.max_image_bytes,
+            max_retries=self.max_retries,
+            per_host=self.per_host,
+            pool_size=max(32, pool_size),
+            allow_local_paths=allow_local_paths if self.allow_local_paths is None else self.allow_local_paths,
+        )
+
+
+class ScoreSettings(Section):
+    batch_size: int = Field(32, ge=1, le=4096, validation_alias="SIMILARITY_BATCH_SIZE")
+    #: Concurrent image fetches and decodes.
+    workers: int = Field(16, ge=1, le=1024, validation_alias="SIMILARITY_WORKERS")
+    excel_safe: bool = Field(False, validation_alias="SIMILARITY_EXCEL_SAFE")
+
+
+class ApiSettings(Section):
+    max_pairs: int = Field(64, ge=1, validation_alias="MAX_PAIRS")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")
+    fetch_deadline: float = Field(10.0, gt=0, validation_alias="API_FETCH_DEADLINE")
+    #: Seconds kept back from the request's deadline for inference and the response.
+    reserve_seconds: float = Field(4.0, ge=0, validation_alias="API_RESERVE_SECONDS")
+    preload_model: bool = Field(True, validation_alias="PRELOAD_MODEL")
+
+
+class JobSettings(Section):
+    bucket: str = Field("", validation_alias="BUCKET")
+    chunk_queue_url: str = Field("", validation_alias="CHUNK_QUEUE_URL")
+    input_prefix: str = Field("incoming/", validation_alias="INPUT_PREFIX")
+    output_prefix: str = Field("scored/", validation_alias="OUTPUT_PREFIX")
+    jobs_prefix: str = Field("jobs/", validation_alias="JOBS_PREFIX")
+    chunk_rows: int = Field(500, ge=1, validation_alias="CHUNK_ROWS")
+    gpu_min_rows: int = Field(200_000, ge=0, validation_alias="GPU_MIN_ROWS")
+    ecs_cluster: str = Field("", validation_alias="ECS_CLUSTER")
+    ecs_task_definition: str = Field("", validation_alias="ECS_TASK_DEFINITION")
+    ecs_subnets: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias="ECS_SUBNETS")
+    ecs_security_groups: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias="ECS_SECURITY_GROUPS")
+    ecs_capacity_provider: str = Field("", validation_alias="ECS_CAPACITY_PROVIDER")
+    ecs_container_name: str = Field("scorer", validation_alias="ECS_CONTAINER_NAME")
+    #: Seconds of margin before the Lambda deadline when a chunk is handed back.
+    worker_reserve_seconds: float = Field(20.0, ge=0, validation_alias="WORKER_RESERVE_SECONDS")
+    #: Cost estimate (USD): Lambda x86 price per GB-second and the worker's memory.
+    lambda_gb_second_usd: float = Field(0.0000166667, ge=0, validation_alias="LAMBDA_GB_SECOND_USD")
+    worker_memory_mb: int = Field(
+        4096, ge=128, validation_alias=AliasChoices("WORKER_MEMORY_MB", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+    )
+    gpu_hourly_usd: float = Field(0.526, ge=0, validation_alias="GPU_HOURLY_USD")  # g4dn.xlarge, us-east-1
+
+    @field_validator("ecs_subnets", "ecs_security_groups", mode="before")
+    @classmethod
+    def _split_lists(cls, value: Any) -> Any:
+        return _split(value)
+
+    @property
+    def gpu_enabled(self) -> bool:
+        return bool(self.ecs_cluster and self.ecs_task_definition)
+
+    def lambda_cost_usd(self, seconds: float) -> float:
+        """Compute cost of ``seconds`` of chunk-worker time."""
+        return seconds * self.worker_memory_mb / 1024 * self.lambda_gb_second_usd
+
+
+class ModelSyncSettings(Section):
+    """What the model-sync function puts on the model volume."""
+
+    model_id: str = Field(DEFAULT_MODEL_ID, validation_alias="MODEL_ID")
+    revision: str | None = Field(None, validation_alias="MODEL_REVISION")
+    #: An s3://bucket/prefix holding a model directory, used instead of the hub when set.
+    source_s3_uri: str = Field("", validation_alias="MODEL_SOURCE_S3_URI")
+
+
+class Settings(Section):
+    """The library's and the CLI's settings."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+
+    def with_overrides(self, section: str, values: dict[str, Any], flags: dict[str, str] | None = None) -> Settings:
+        """A copy with some fields of one section replaced (``None`` values are ignored), validated
+        like the environment's. ``flags`` maps a field to the CLI flag that set it, for messages."""
+        current = getattr(self, section)
+        given = {k: v for k, v in values.items() if v is not None}
+        replaced = validated(type(current), {**current.model_dump(), **given}, flags or {})
+        return self.model_copy(update={section: replaced})
+
+
+class ServiceSettings(Settings):
+    """What the Lambda functions, the ECS task and the server read: the library's settings plus the
+    API's limits and the batch pipeline's resources."""
+
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def validated(cls: type[S], values: dict[str, Any] | None = None, flags: dict[str, str] | None = None) -> S:
+    """``cls(**values)`` (the rest from the environment), with errors as ``ConfigError`` naming the
+    environment variable a bad value came from, or the CLI flag (``flags``: field -> flag)."""
+    try:
+        return cls(**(values or {}))
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, cls, flags or {})) from None
+
+
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    alias = cls.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return str(alias or field)
+
+
+def describe(exc: ValidationError, cls: type[BaseSettings], flags: dict[str, str]) -> str:
+    parts = []
+    for err in exc.errors():
+        name = str(err["loc"][-1]) if err["loc"] else "settings"
+        if name in flags:
+            where = flags[name]
+        elif name in cls.model_fields:
+            where = env_name(cls, name)
+        else:
+            where = name  # already the variable's name: it came from the environment
+        value = err.get("input")
+        shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+        parts.append(f"{where}: {err['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def load(cls: type[S]) -> S:
+    """Read and validate ``cls`` and each of its sections from the environment."""
+    sections: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseSettings):
+            sections[name] = validated(section)
+    return validated(cls, sections)

@@ -1,0 +1,69 @@
+"""``Fetcher``: image bytes for any supported source. Every failure becomes a ``RowError`` with a
+stable code; nothing else escapes ``Fetcher.fetch``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import UnsupportedSource
+from .guard import AddressPolicy
+from .http import HttpSource
+from .settings import FetchSettings
+from .sources import S3Source, fetch_data_uri, fetch_local
+
+
+def _default_s3() -> Any:
+    from ..aws import make_client
+
+    return make_client("s3")
+
+
+class Fetcher:
+    """Thread-safe; share one per run. ``s3_client`` is a client or a callable that makes one
+    (default: ``similarity.aws.make_client`` on first use of an ``s3://`` URL)."""
+
+    def __init__(
+        self,
+        settings: FetchSettings | None = None,
+        policy: AddressPolicy | None = None,
+        s3_client: Any | Callable[[], Any] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.settings = settings or FetchSettings()
+        self.policy = policy or AddressPolicy()
+        self._http = HttpSource(self.settings, self.policy)
+        self._s3 = S3Source(s3_client if s3_client is not None else _default_s3)
+        self.base_dir = Path(base_dir) if base_dir else None
+
+    @property
+    def session(self) -> Any:
+        return self._http.session
+
+    def close(self) -> None:
+        self._http.close()
+
+    def with_settings(self, **changes: Any) -> Fetcher:
+        """A view with other settings (e.g. a request's deadline) sharing the pooled session, the
+        per-host slots and the S3 client."""
+        clone = copy.copy(self)
+        clone.settings = dataclasses.replace(self.settings, **changes)
+        return clone
+
+    def fetch(self, url: str) -> bytes:
+        url = url.strip()
+        scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            return self._http.fetch(url, self.settings)
+        if scheme == "s3":
+            return self._s3.fetch(url, self.settings)
+        if scheme == "data":
+            return fetch_data_uri(url, self.settings)
+        if scheme == "file" or scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+            return fetch_local(url, self.settings, self.base_dir)
+        raise UnsupportedSource(f"scheme {scheme!r} is not supported")

@@ -1,0 +1,76 @@
+"""What this machine offers: usable cores, CPU features, a CUDA device, installed packages.
+
+Every probe is cheap and never imports torch unless an NVIDIA driver is present (importing it
+costs ~1 s of cold start). Works on Linux, macOS and Windows.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the cgroup's CPU set on Linux, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty elsewhere), read once per process."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_native_bf16() -> bool:
+    """x86 CPUs with bf16 dot-product instructions (AVX-512 BF16 or AMX); elsewhere bf16 would be
+    emulated and slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def has_amx() -> bool:
+    return "amx_bf16" in cpu_flags()
+
+
+def has_int8_dot() -> bool:
+    """x86 CPUs with int8 dot-product instructions (VNNI or AMX)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def import_torch() -> Any:
+    if "torch" not in sys.modules:
+        # OpenMP workers that spin between model calls take the cores our decode threads need
+        # (+13% end to end when they sleep). Read once, when torch loads its OpenMP runtime.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    return torch
+
+
+def cuda_present() -> bool:
+    if not (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()):
+        return False
+    try:
+        return bool(import_torch().cuda.is_available())
+    except ImportError:
+        return False

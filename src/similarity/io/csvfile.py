@@ -1,0 +1,168 @@
+"""CSV rows in and out, never losing or reordering a row.
+
+``CsvRows`` is the one parser: the scorer's ``CsvReader`` and the job splitter both read through
+it. Reading: short rows padded, long rows flagged, oversized fields flagged per row (the stream is
+opened with ``utf-8-sig`` and ``newline=""`` by ``io.streams``, so a BOM never reaches the header
+and quoted newlines survive). Writing: every input column in order, then ``similarity``,
+``cosine``, ``error`` and ``truncated``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, TextIO
+
+from ..errors import FieldTooLarge, MalformedCsv, NoCaptionColumn, NoUrlColumn, RaggedRow
+from ..types import Record, ScoreResult
+
+URL_COLUMNS = ("url", "image_url", "image")
+CAPTION_COLUMNS = ("caption", "text")
+OUTPUT_COLUMNS = ("similarity", "cosine", "error", "truncated")
+
+#: Python's csv default. Larger fields become a ``field_too_large`` row error.
+DEFAULT_MAX_FIELD = 128 * 1024
+#: What the parser itself accepts before giving up on the file (an unmatched quote swallowing the
+#: rest of a file stops here with a clear error instead of eating memory).
+PARSER_FIELD_LIMIT = 64 * 1024 * 1024
+
+_FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    header: list[str]
+    url_index: int
+    caption_index: int
+
+
+def _find(header: list[str], wanted: str | None, candidates: tuple[str, ...]) -> int | None:
+    norm = [h.strip().lower() for h in header]
+    if wanted is not None:
+        for i, h in enumerate(header):
+            if h == wanted:
+                return i
+        wanted_norm = wanted.strip().lower()
+        return norm.index(wanted_norm) if wanted_norm in norm else None
+    for c in candidates:
+        if c in norm:
+            return norm.index(c)
+    return None
+
+
+def detect_layout(header: list[str], url_column: str | None = None, caption_column: str | None = None) -> CsvLayout:
+    u = _find(header, url_column, URL_COLUMNS)
+    if u is None:
+        asked = f"column {url_column!r}" if url_column else f"one of {', '.join(URL_COLUMNS)}"
+        raise NoUrlColumn(f"no image URL column: expected {asked}; the header has {header!r}")
+    c = _find(header, caption_column, CAPTION_COLUMNS)
+    if c is None:
+        asked = f"column {caption_column!r}" if caption_column else f"one of {', '.join(CAPTION_COLUMNS)}"
+        raise NoCaptionColumn(f"no caption column: expected {asked}; the header has {header!r}")
+    return CsvLayout(list(header), u, c)
+
+
+class CsvRows:
+    """The header, then each record's fields. Blank lines carry no fields and are not records; a
+    row the parser cannot delimit stops the file with ``MalformedCsv`` (never a guess)."""
+
+    def __init__(self, stream: TextIO, max_field: int = DEFAULT_MAX_FIELD) -> None:
+        csv.field_size_limit(max(PARSER_FIELD_LIMIT, max_field))
+        self._reader = csv.reader(stream)
+        try:
+            self.header: list[str] = next(self._reader)
+        except StopIteration:
+            raise MalformedCsv("the input is empty: no header row") from None
+        except csv.Error as exc:
+            raise MalformedCsv(f"header: {exc}") from None
+
+    def __iter__(self) -> Iterator[list[str]]:
+        while True:
+            try:
+                row = next(self._reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise MalformedCsv(f"line {self._reader.line_num}: {exc}") from None
+            if row:
+                yield row
+
+
+class CsvReader:
+    """Iterate ``Record``s from a text stream. ``layout`` is known once the header is read."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        url_column: str | None = None,
+        caption_column: str | None = None,
+        max_field: int = DEFAULT_MAX_FIELD,
+    ) -> None:
+        self._rows = CsvRows(stream, max_field)
+        self.max_field = max_field
+        self.layout = detect_layout(self._rows.header, url_column, caption_column)
+
+    @property
+    def header(self) -> list[str]:
+        return self.layout.header
+
+    def __iter__(self) -> Iterator[Record]:
+        width = len(self.layout.header)
+        ui, ci = self.layout.url_index, self.layout.caption_index
+        for row in self._rows:
+            error: RaggedRow | FieldTooLarge | None = None
+            if len(row) > width:
+                error = RaggedRow(f"{len(row)} fields, header has {width}; extra fields kept after the score columns")
+            elif len(row) < width:
+                row = row + [""] * (width - len(row))
+            big = next((i for i, v in enumerate(row) if len(v) > self.max_field), None)
+            if big is not None and error is None:
+                name = self.layout.header[big] if big < width else f"field {big + 1}"
+                error = FieldTooLarge(f"{name!r} has {len(row[big])} characters, limit {self.max_field}")
+            yield Record(url=row[ui], caption=row[ci], row=row, error=error)
+
+
+def _cell(value: str, excel_safe: bool) -> str:
+    if excel_safe and value.startswith(_FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
+
+def header_cells(header: Sequence[str], excel_safe: bool = False) -> list[str]:
+    return [_cell(h, excel_safe) for h in header] + list(OUTPUT_COLUMNS)
+
+
+def header_line(header: Sequence[str], excel_safe: bool = False) -> bytes:
+    """The output's header row as bytes, exactly as ``CsvWriter`` writes it."""
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerow(header_cells(header, excel_safe))
+    return buf.getvalue().encode("utf-8")
+
+
+class CsvWriter:
+    def __init__(
+        self, stream: TextIO, header: Sequence[str], excel_safe: bool = False, write_header: bool = True
+    ) -> None:
+        self._writer = csv.writer(stream)
+        self._width = len(header)
+        self._excel_safe = excel_safe
+        if write_header:  # parts of a chunked job are headerless; the merge writes it once
+            self._writer.writerow(header_cells(header, excel_safe))
+
+    def write(self, result: ScoreResult) -> None:
+        row = list(result.record.row)
+        base, extra = row[: self._width], row[self._width :]
+        base += [""] * (self._width - len(base))
+        sim = "" if result.similarity is None else f"{result.similarity:.4f}"
+        cos = "" if result.cosine_rounded is None else f"{result.cosine_rounded:.4f}"
+        trunc = "true" if result.truncated else ""
+        out = [_cell(v, self._excel_safe) for v in base] + [sim, cos, result.error_text, trunc]
+        self._writer.writerow(out + [_cell(v, self._excel_safe) for v in extra])
+
+
+def read_all(stream: IO[str]) -> list[list[str]]:
+    """Small helper for tests and tools: every row of a CSV text stream."""
+    csv.field_size_limit(PARSER_FIELD_LIMIT)
+    return list(csv.reader(stream))

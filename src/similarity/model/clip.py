@@ -1,0 +1,108 @@
+"""CLIP loaded from a local directory in Hugging Face layout (the EFS mount in production).
+
+Loading never talks to a hub: the directory must already hold the files (``similarity model fetch``
+puts them there on a machine with network).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import backends
+from ..backends import Backend, BackendChoice, BackendName, BackendOptions, Device, DeviceChoice, Dtype, DtypeChoice
+from ..errors import ModelNotFound
+from .directory import check_model_dir, max_caption_tokens, read_identity
+from .preprocess import PreprocessConfig, load_pixels
+from .selection import resolve
+from .tokenizer import CaptionTokenizer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    revision: str
+    path: str
+    backend: BackendName
+    device: Device
+    dtype: Dtype
+    load_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.model_id,
+            "revision": self.revision,
+            "backend": self.backend,
+            "device": self.device,
+            "dtype": self.dtype,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+class ClipModel:
+    """Preprocessing, tokenizer and a backend, with unit-norm embeddings out."""
+
+    def __init__(self, backend: Backend, tokenizer: CaptionTokenizer, preprocess: PreprocessConfig, info: ModelInfo):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.info = info
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """Image bytes to this model's input (decode, convert, resize, crop, normalise)."""
+        return load_pixels(data, self.preprocess)
+
+    def embed_images(self, pixels: np.ndarray) -> np.ndarray:
+        return _normalise(self.backend.image_features(pixels))
+
+    def embed_texts(self, captions: list[str]) -> tuple[np.ndarray, list[bool]]:
+        ids, mask, truncated = self.tokenizer(captions)
+        return _normalise(self.backend.text_features(ids, mask)), truncated
+
+
+def load_model(
+    model_dir: str | os.PathLike[str],
+    backend: BackendChoice = "auto",
+    device: DeviceChoice = "auto",
+    dtype: DtypeChoice = "auto",
+    threads: int | None = None,
+    streams: int | None = None,
+    cache_dir: str | None = None,
+) -> ClipModel:
+    """Load CLIP from ``model_dir``; ``selection.resolve`` says what ``auto`` picks. ``threads``
+    (default: every core) are split into ``streams`` (default: one per thread) that run the parts
+    of each batch at once; the torch backend uses ``threads`` only. ``cache_dir``: where OpenVINO
+    keeps its compiled graphs (default: beside the ONNX files)."""
+    start = time.perf_counter()
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelNotFound(f"model directory {str(path)!r} does not exist")
+    chosen = resolve(backend, device, path, dtype)
+    check_model_dir(path, need_weights=not backends.REGISTRY[chosen.backend].needs_onnx)
+    tokenizer = CaptionTokenizer(path, max_caption_tokens(path))
+    preprocess = PreprocessConfig.from_model_dir(path)
+    impl = backends.create(
+        chosen.backend, path, chosen.device, chosen.dtype, BackendOptions(threads, streams, cache_dir)
+    )
+    model_id, revision = read_identity(path)
+    info = ModelInfo(
+        model_id=model_id,
+        revision=revision,
+        path=str(path),
+        backend=impl.name,
+        device=impl.device,
+        dtype=impl.dtype,
+        load_seconds=time.perf_counter() - start,
+    )
+    return ClipModel(impl, tokenizer, preprocess, info)

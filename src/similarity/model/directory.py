@@ -1,0 +1,71 @@
+"""A model directory in Hugging Face layout: what it must hold, and which model it is."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelIncomplete, ModelNotFound
+
+DEFAULT_MODEL_ID = "openai/clip-vit-base-patch32"
+DEFAULT_MODEL_DIR = "models/clip-vit-base-patch32"
+MODEL_META_FILE = ".similarity-model.json"  # written by `model fetch`: id and resolved revision
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when the file is missing; ``ModelIncomplete`` when it is
+    not a JSON object (a corrupt config must not be a traceback)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelIncomplete(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelIncomplete(f"{path} does not hold a JSON object")
+    return data
+
+
+def has_weights(model_dir: Path) -> bool:
+    return (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
+
+
+def check_model_dir(model_dir: str | os.PathLike[str], need_weights: bool = True) -> Path:
+    """Raise ``ModelNotFound`` / ``ModelIncomplete`` with the exact missing files."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelNotFound(f"model directory {str(path)!r} does not exist")
+    missing = [f for f in ("config.json", "preprocessor_config.json") if not (path / f).is_file()]
+    if not (path / "tokenizer.json").is_file() and not (
+        (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    ):
+        missing.append("tokenizer.json")
+    if need_weights and not has_weights(path):
+        missing.append("model.safetensors")
+    if missing:
+        raise ModelIncomplete(f"model directory {str(path)!r} lacks {', '.join(missing)}")
+    for name in ("config.json", "preprocessor_config.json"):
+        read_json(path / name)  # parses, or says which file is corrupt
+    return path
+
+
+def read_identity(model_dir: Path) -> tuple[str, str]:
+    """(model id, revision) as recorded by ``model fetch``, else the best the config tells."""
+    meta = read_json(model_dir / MODEL_META_FILE)
+    if meta.get("model_id"):
+        return str(meta["model_id"]), str(meta.get("revision") or "unknown")
+    cfg = read_json(model_dir / "config.json")
+    name = cfg.get("_name_or_path") or model_dir.name
+    return str(name), "local"
+
+
+def max_caption_tokens(model_dir: Path) -> int:
+    """The text tower's context length, or the tokenizer's limit when that is shorter."""
+    cfg = read_json(model_dir / "config.json")
+    max_len = int(cfg.get("text_config", {}).get("max_position_embeddings", 77))
+    tcfg_max = read_json(model_dir / "tokenizer_config.json").get("model_max_length")
+    if isinstance(tcfg_max, int) and 0 < tcfg_max < max_len:
+        max_len = tcfg_max
+    return max_len

@@ -1,0 +1,106 @@
+"""Which backend, device and precision run: the one place ``auto`` is decided and combinations are
+checked.
+
+``auto``/``auto`` picks the fastest path whose similarities stay within 0.002 of fp32 (bench/ and
+the backend tests measure it): CUDA torch fp16 on a GPU; on a CPU with native bf16, mixed bf16
+with OpenVINO (needs the exported ONNX files) or else torch; else ONNX Runtime fp32 when the
+exported files and onnxruntime are present (the Lambda image, which has neither torch nor
+OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on CUDA);
+``--dtype fp32`` runs fp32 on CUDA too. int8 is never picked: it is opt-in, and ``--dtype int8``
+gets OpenVINO's int8 where the CPU has VNNI, else ONNX Runtime's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_args
+
+from .. import hardware
+from ..backends import (
+    REGISTRY,
+    BackendChoice,
+    BackendName,
+    Device,
+    DeviceChoice,
+    Dtype,
+    DtypeChoice,
+    onnx_files_present,
+)
+from ..errors import BackendUnavailable
+from .directory import has_weights
+
+
+@dataclass(frozen=True)
+class Selection:
+    backend: BackendName
+    device: Device
+    dtype: Dtype
+
+    def as_dict(self) -> dict[str, str]:
+        return {"backend": self.backend, "device": self.device, "dtype": self.dtype}
+
+
+def runnable(name: BackendName, model_dir: Path) -> bool:
+    """The backend's packages are installed and the files it reads are in the directory."""
+    spec = REGISTRY[name]
+    if not all(hardware.installed(m) for m in spec.requires):
+        return False
+    return onnx_files_present(model_dir) if spec.needs_onnx else has_weights(model_dir)
+
+
+def _auto_backend(
+    device: DeviceChoice, dtype: DtypeChoice, model_dir: Path
+) -> tuple[BackendName, DeviceChoice, DtypeChoice]:
+    bf16_cpu = dtype in ("auto", "bf16") and device in ("auto", "cpu") and hardware.has_native_bf16()
+    if dtype == "int8":
+        ov_int8 = hardware.has_int8_dot() and runnable("openvino", model_dir)
+        return ("openvino" if ov_int8 else "onnx"), "cpu", dtype
+    if device == "cuda" or (device == "auto" and hardware.cuda_present()):
+        return "torch", "cuda", dtype
+    if bf16_cpu and runnable("openvino", model_dir):
+        return "openvino", "cpu", "bf16"
+    if bf16_cpu and runnable("torch", model_dir):
+        return "torch", "cpu", "bf16"
+    if dtype in ("auto", "fp32") and runnable("onnx", model_dir):
+        return "onnx", device, dtype
+    if runnable("torch", model_dir):
+        return "torch", device, dtype
+    if dtype in ("auto", "fp32") and runnable("openvino", model_dir):  # no torch, no onnxruntime
+        return "openvino", "cpu", dtype
+    if all(hardware.installed(m) for m in REGISTRY["torch"].requires):
+        return "torch", device, dtype  # the weights are missing: loading says which file
+    raise BackendUnavailable(
+        "no backend can run this model here: install an extra (pip install '.[cpu]' runs the exported "
+        "ONNX files; '.[torch]' runs the safetensors weights) and, for ONNX, run `similarity model export`"
+    )
+
+
+def resolve(backend: BackendChoice, device: DeviceChoice, model_dir: Path, dtype: DtypeChoice = "auto") -> Selection:
+    """What ``load_model`` will run for these choices on this machine; raises ``BackendUnavailable``
+    for a combination no backend offers."""
+    _known("backend", backend, ("auto", *REGISTRY))
+    _known("device", device, get_args(DeviceChoice))
+    _known("dtype", dtype, get_args(DtypeChoice))
+    if backend == "auto":
+        backend, device, dtype = _auto_backend(device, dtype, model_dir)
+    spec = REGISTRY[backend]
+    if device == "auto":
+        device = "cuda" if backend == "torch" and hardware.cuda_present() else "cpu"
+    if dtype == "auto":
+        dtype = "fp16" if device == "cuda" else "fp32"
+    if device not in spec.devices:
+        raise BackendUnavailable(f"{backend} backend runs on {_either(spec.devices)}, not {device}")
+    if dtype not in spec.dtypes:
+        raise BackendUnavailable(f"{backend} backend supports {_either(spec.dtypes)}, not {dtype}")
+    return Selection(backend, device, dtype)
+
+
+def _either(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _known(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    # Literal types are not checked at run time; library callers may pass any string.
+    if value not in allowed:
+        raise BackendUnavailable(f"unknown {what} {value!r} ({_either(allowed)})")

@@ -1,0 +1,224 @@
+"""Batched, de-duplicated, pipelined scoring: records in, results out in the same order.
+
+Rows are taken a window at a time (bounded memory). While the model embeds window *k*, the thread
+pool is already fetching and decoding window *k+1*. Identical URLs are fetched and embedded once and
+identical captions encoded once per run (LRU caches sized well above two windows).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from ..errors import InferenceError, InternalError, MissingCaption, MissingUrl, RowError
+from ..fetch import Fetcher
+from ..model import ClipModel
+from ..types import Record, ScoreResult, ScoreStats
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Lru(Generic[K, V]):
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._items
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.maxsize:
+            self._items.popitem(last=False)
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+
+#: What the fetch pool hands back for one URL: the model's input, or why there is none.
+Loaded = np.ndarray | RowError
+
+
+class Scorer:
+    """Holds the model, the fetcher, the pool and the caches for one run."""
+
+    def __init__(
+        self,
+        model: ClipModel,
+        fetcher: Fetcher,
+        batch_size: int = 32,
+        workers: int = 16,
+        window: int | None = None,
+        cache_size: int = 20_000,
+    ) -> None:
+        self.model = model
+        self.fetcher = fetcher
+        self.batch_size = max(1, batch_size)
+        self.window = window or max(4 * self.batch_size, 64)
+        self.workers = max(1, workers)
+        self.stats = ScoreStats()
+        cache_size = max(cache_size, 4 * self.window)
+        self._images: Lru[str, np.ndarray] = Lru(cache_size)  # url -> unit embedding
+        self._image_errors: Lru[str, RowError] = Lru(cache_size)
+        self._captions: Lru[str, tuple[np.ndarray, bool]] = Lru(cache_size)  # caption -> (embedding, truncated)
+        self._caption_errors: Lru[str, RowError] = Lru(cache_size)
+        self._pending: dict[str, Future[Loaded]] = {}
+
+    def _known_image(self, url: str) -> bool:
+        return url in self._images or url in self._image_errors
+
+    # -- worker side: runs in the pool
+    def _load(self, url: str) -> Loaded:
+        try:
+            return self.model.pixels(self.fetcher.fetch(url))
+        except RowError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("unexpected error loading %s", url[:200])
+            return InternalError(f"{type(exc).__name__} while loading image")
+
+    # -- model side
+    def _submit(self, pool: ThreadPoolExecutor, records: list[Record]) -> None:
+        for rec in records:
+            url = _clean(rec.url)
+            if rec.error is None and url and _clean(rec.caption):
+                if url not in self._pending and not self._known_image(url):
+                    self._pending[url] = pool.submit(self._load, url)
+                elif url in self._images:
+                    self._images.get(url)  # keep it recent: this window needs it
+
+    def _embed_images(self, records: list[Record]) -> None:
+        wanted: dict[Future[Loaded], str] = {}
+        for rec in records:
+            url = _clean(rec.url)
+            if url and url in self._pending:
+                wanted[self._pending[url]] = url
+        batch: list[tuple[str, np.ndarray]] = []
+        for fut in as_completed(wanted):
+            url = wanted[fut]
+            value = fut.result()
+            if isinstance(value, RowError):
+                self._image_errors.put(url, value)
+                self._pending.pop(url, None)
+                continue
+            self.stats.images_fetched += 1
+            batch.append((url, value))
+            if len(batch) >= self.batch_size:
+                self._run_image_batch(batch)
+                batch = []
+        if batch:
+            self._run_image_batch(batch)
+
+    def _run_image_batch(self, batch: list[tuple[str, np.ndarray]]) -> None:
+        try:
+            embs = self.model.embed_images(np.stack([px for _, px in batch]))
+        except Exception as exc:
+            log.exception("image batch failed")
+            for url, _ in batch:
+                self._image_errors.put(url, InferenceError(f"{type(exc).__name__} in image tower"))
+                self._pending.pop(url, None)
+            return
+        self.stats.images_embedded += len(batch)
+        for (url, _), emb in zip(batch, embs, strict=True):
+            self._images.put(url, emb)
+            self._pending.pop(url, None)
+
+    def _embed_captions(self, records: list[Record]) -> None:
+        todo = list(
+            dict.fromkeys(
+                c
+                for c in (_clean(r.caption) for r in records if r.error is None and _clean(r.url))
+                if c and self._captions.get(c) is None and c not in self._caption_errors
+            )
+        )
+        todo.sort(key=len)  # similar lengths together: less padding per batch
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            try:
+                embs, truncated = self.model.embed_texts(chunk)
+            except Exception as exc:
+                log.exception("text batch failed")
+                for c in chunk:
+                    self._caption_errors.put(c, InferenceError(f"{type(exc).__name__} in text tower"))
+                continue
+            self.stats.captions_encoded += len(chunk)
+            for c, e, t in zip(chunk, embs, truncated, strict=True):
+                self._captions.put(c, (e, t))
+
+    def _result(self, rec: Record) -> ScoreResult:
+        if rec.error is not None:
+            return ScoreResult(rec, error=rec.error)
+        url, caption = _clean(rec.url), _clean(rec.caption)
+        if not url:
+            return ScoreResult(rec, error=MissingUrl("the image URL is empty"))
+        if not caption:
+            return ScoreResult(rec, error=MissingCaption("the caption is empty"))
+        error = self._image_errors.get(url) or self._caption_errors.get(caption)
+        if error is not None:
+            return ScoreResult(rec, error=error)
+        img, txt = self._images.get(url), self._captions.get(caption)
+        if img is None or txt is None:  # cannot happen; never let a row vanish if it does
+            return ScoreResult(rec, error=InternalError("embedding missing"))
+        cos = float(np.clip(np.dot(img.astype(np.float64), txt[0].astype(np.float64)), -1.0, 1.0))
+        return ScoreResult(rec, cosine=cos, truncated=bool(txt[1]))
+
+    def score(self, records: Iterable[Record]) -> Iterator[ScoreResult]:
+        it = iter(records)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="fetch") as pool:
+            current = list(itertools.islice(it, self.window))
+            self._submit(pool, current)
+            while current:
+                upcoming = list(itertools.islice(it, self.window))
+                self._submit(pool, upcoming)  # fetched while `current` is embedded
+                self._embed_captions(current)
+                self._embed_images(current)
+                for rec in current:
+                    result = self._result(rec)
+                    self.stats.add(result)
+                    yield result
+                current = upcoming
+
+
+def score_pairs(
+    records: Iterable[Record],
+    model: ClipModel,
+    fetcher: Fetcher | None = None,
+    *,
+    batch_size: int = 32,
+    workers: int = 16,
+    window: int | None = None,
+    stats_out: Callable[[ScoreStats], None] | None = None,
+) -> Iterator[ScoreResult]:
+    """Score (image, caption) records in input order with bounded memory.
+
+    >>> model = load_model("models/clip-vit-base-patch32")            # doctest: +SKIP
+    >>> for r in score_pairs([Record("https://x/cat.jpg", "a cat")], model):  # doctest: +SKIP
+    ...     print(r.similarity, r.error_text)
+    """
+    own_fetcher = fetcher is None
+    fetcher = fetcher or Fetcher()
+    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, window=window)
+    try:
+        yield from scorer.score(records)
+    finally:
+        if stats_out is not None:
+            stats_out(scorer.stats)
+        if own_fetcher:
+            fetcher.close()
+
+
+def _clean(value: str | None) -> str:
+    return value.strip() if isinstance(value, str) else ""

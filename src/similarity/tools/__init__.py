@@ -1,0 +1,1 @@
+"""Offline model tools: fetch a checkpoint from the hub, export the ONNX towers."""

@@ -1,0 +1,115 @@
+"""``similarity model export``: write ONNX files for both towers next to the weights.
+
+The graphs end at the projection (unnormalised embeddings, like ``get_*_features``); text pooling
+at the end-of-text token is inside the graph, and the last layer computes the pooled token only
+(``clip_pooled``). Batch and sequence axes are dynamic, so captions keep being padded only to the
+longest in each batch. int8 files use ONNX Runtime's dynamic quantisation (per-channel QInt8
+weights, activations quantised at run time).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..backends.files import ONNX_SUBDIR, onnx_paths
+from ..model.directory import check_model_dir
+
+OPSET = 17
+
+
+def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True) -> list[Path]:
+    import torch
+    from transformers import CLIPModel
+
+    from .clip_pooled import image_embeds, text_embeds
+
+    path = check_model_dir(model_dir)
+    out_dir = path / ONNX_SUBDIR
+    out_dir.mkdir(exist_ok=True)
+    # Plain attention math exports cleanly with the TorchScript exporter.
+    model = CLIPModel.from_pretrained(
+        str(path), local_files_only=True, use_safetensors=True, attn_implementation="eager"
+    ).eval()
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return image_embeds(self.m, pixel_values)
+
+    class Text(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return text_embeds(self.m, input_ids, attention_mask)
+
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    px = torch.zeros(2, 3, vcfg.image_size, vcfg.image_size)
+    ids = torch.full((2, 7), 1, dtype=torch.long)
+    ids[:, 0] = getattr(tcfg, "bos_token_id", 0) or 0
+    ids[:, -1] = tcfg.eos_token_id if tcfg.eos_token_id != 2 else tcfg.vocab_size - 1
+    mask = torch.ones_like(ids)
+    fp32 = onnx_paths(path, "fp32")
+    written: list[Path] = []
+    with torch.inference_mode():
+        torch.onnx.export(
+            Vision(),
+            (px,),
+            str(fp32["vision"]),
+            input_names=["pixel_values"],
+            output_names=["image_embeds"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            Text(),
+            (ids, mask),
+            str(fp32["text"]),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["text_embeds"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "text_embeds": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    for tower in ("vision", "text"):
+        written += _weights_beside(fp32[tower])
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        q = onnx_paths(path, "int8")
+        for tower in ("vision", "text"):
+            quantize_dynamic(str(fp32[tower]), str(q[tower]), weight_type=QuantType.QInt8, per_channel=True)
+            written.append(q[tower])
+    return written
+
+
+def _weights_beside(path: Path) -> list[Path]:
+    """Rewrite an ONNX file with its weights in ``<name>.data`` next to it. ONNX Runtime maps such
+    external weights instead of parsing them out of the protobuf: session creation drops from 0.90
+    to 0.53 s (vision) and 0.74 to 0.27 s (text), and RSS by ~140 MB, which is most of the Lambda's
+    cold start."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing file
+    onnx.save_model(
+        onnx.load(str(path)),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    shutil.copymode(path, data)  # onnx creates it owner-only; readers of the .onnx need it too
+    return [path, data]

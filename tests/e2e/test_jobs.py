@@ -1,0 +1,490 @@
+"""The batch path end to end against moto's server (S3, SQS, ECS on 127.0.0.1) and the loopback
+image server: S3 drop -> split -> SQS -> workers -> ordered merge, under duplicates and failures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import threading
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import pytest
+
+from handler import runtime
+from handler.invoke import LocalContext
+from similarity.cli import main as cli_main
+from similarity.jobs import ChunkMessage
+from support.imageserver import png_bytes
+from support.shapes import COLOURS, SHAPES, draw
+
+pytestmark = pytest.mark.slow
+
+EVENTS = Path(__file__).resolve().parents[2] / "events"
+CHUNK_ROWS = 40
+
+
+@pytest.fixture
+def env(monkeypatch, moto_endpoint, tiny_clip_dir, s3):
+    from similarity.aws import make_client
+
+    sqs = make_client("sqs")
+    bucket = f"data-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    dlq = sqs.create_queue(QueueName=f"dlq-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue = sqs.create_queue(
+        QueueName=f"chunks-{uuid.uuid4().hex[:8]}",
+        Attributes={
+            "VisibilityTimeout": "60",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"}),
+        },
+    )["QueueUrl"]
+    for k, v in {
+        "CLIP_MODEL_DIR": str(tiny_clip_dir),
+        "SIMILARITY_BACKEND": "torch",
+        "SIMILARITY_ALLOWED_NETWORKS": "127.0.0.1/32",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "BUCKET": bucket,
+        "CHUNK_QUEUE_URL": queue,
+        "CHUNK_ROWS": str(CHUNK_ROWS),
+        "PRELOAD_MODEL": "0",
+        "WORKER_RESERVE_SECONDS": "5",
+        "ECS_CLUSTER": "",
+        "ECS_TASK_DEFINITION": "",
+    }.items():
+        monkeypatch.setenv(k, v)
+    runtime.reset()
+    import handler.s3_event as s3_event
+    import handler.worker as worker
+
+    yield {"s3": s3, "sqs": sqs, "bucket": bucket, "queue": queue, "dlq": dlq, "s3_event": s3_event, "worker": worker}
+    runtime.reset()
+
+
+def make_csv(server, forbidden_server, rows: int = 230) -> str:
+    rng = random.Random(11)
+    urls = []
+    for i in range(6):
+        c, s = list(COLOURS)[i % 4], SHAPES[i % 3]
+        urls.append((server.image(f"/jobs/{i}.png", png_bytes(draw(c, s, rng))), f"a {c} {s}"))
+    bad = server.status("/jobs/missing.png", 404)
+    blocked = forbidden_server.image("/jobs/internal.png", b"x")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["id", "url", "caption"])
+    for i in range(rows):
+        url, cap = urls[i % len(urls)]
+        kind = i % 23
+        if kind == 5:
+            url = bad
+        elif kind == 7:
+            url = blocked
+        elif kind == 9:
+            cap = f'a caption\nwith a newline, "quotes" and a comma {i}'
+        elif kind == 13:
+            cap = ""
+        w.writerow([str(i), url, cap])
+    return buf.getvalue()
+
+
+def s3_event_for(bucket: str, key: str, head: dict) -> dict:
+    event = json.loads((EVENTS / "s3_put.json").read_text())
+    obj = event["Records"][0]["s3"]
+    obj["bucket"] = {"name": bucket, "arn": f"arn:aws:s3:::{bucket}", "ownerIdentity": {"principalId": "X"}}
+    obj["object"].update(
+        {
+            "key": urllib.parse.quote_plus(key, safe="/"),
+            "eTag": head["ETag"].strip('"'),
+            "versionId": head.get("VersionId"),
+            "size": head["ContentLength"],
+        }
+    )
+    return event
+
+
+def drop(env, key: str, body: str | bytes) -> dict:
+    data = body.encode() if isinstance(body, str) else body
+    env["s3"].put_object(Bucket=env["bucket"], Key=key, Body=data)
+    head = env["s3"].head_object(Bucket=env["bucket"], Key=key)
+    return env["s3_event"].lambda_handler(s3_event_for(env["bucket"], key, head), LocalContext(timeout_s=900))
+
+
+def receive(env, n: int = 10, queue: str | None = None) -> list[dict]:
+    return (
+        env["sqs"]
+        .receive_message(QueueUrl=queue or env["queue"], MaxNumberOfMessages=n, AttributeNames=["All"])
+        .get("Messages", [])
+    )
+
+
+def as_event(messages: list[dict]) -> dict:
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:chunks",
+                "awsRegion": "us-east-1",
+            }
+            for m in messages
+        ]
+    }
+
+
+def run_worker(env, messages: list[dict], timeout: float = 300, delete: bool = True) -> list[str]:
+    """As Lambda's SQS event source does: invoke, then delete what succeeded and release the rest."""
+    resp = env["worker"].lambda_handler(as_event(messages), LocalContext(timeout_s=timeout))
+    failed = {f["itemIdentifier"] for f in resp["batchItemFailures"]}
+    for m in messages:
+        if m["MessageId"] in failed:
+            env["sqs"].change_message_visibility(
+                QueueUrl=env["queue"], ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
+            )
+        elif delete:
+            env["sqs"].delete_message(QueueUrl=env["queue"], ReceiptHandle=m["ReceiptHandle"])
+    return sorted(failed)
+
+
+def drain(env, batch: int = 3, rounds: int = 50) -> None:
+    for _ in range(rounds):
+        msgs = receive(env, batch)
+        if not msgs:
+            return
+        run_worker(env, msgs)
+    raise AssertionError("queue did not drain")
+
+
+def output_rows(env, key: str) -> list[list[str]]:
+    body = env["s3"].get_object(Bucket=env["bucket"], Key=key)["Body"].read().decode()
+    return list(csv.reader(io.StringIO(body, newline="")))
+
+
+def cli_rows(tmp_path, tiny_clip_dir, body: str) -> list[list[str]]:
+    inp = tmp_path / "same.csv"
+    inp.write_text(body, encoding="utf-8", newline="")
+    out = tmp_path / "same_scored.csv"
+    assert (
+        cli_main(
+            [
+                "score",
+                str(inp),
+                "-o",
+                str(out),
+                "--model",
+                str(tiny_clip_dir),
+                "--backend",
+                "torch",
+                "--allow-network",
+                "127.0.0.1/32",
+                "--no-progress",
+                "--no-local-paths",
+            ]
+        )
+        == 0
+    )
+    return list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
+
+
+def job_status(env, job_id: str) -> dict:
+    return runtime.services().jobs.status(env["bucket"], job_id)
+
+
+def test_end_to_end_matches_cli(env, server, forbidden_server, tmp_path, tiny_clip_dir) -> None:
+    body = make_csv(server, forbidden_server)
+    key = "incoming/batch one+é.csv"  # space, plus and unicode survive the URL-encoded event
+    out = drop(env, key, body)
+    [job] = out["jobs"]
+    assert job["state"] == "running" and job["rows"] == 230 and job["chunks"] == 6
+    st = job_status(env, job["job_id"])
+    assert st["chunks"] == {"done": 0, "total": 6}
+    run_worker(env, receive(env, 3))
+    jobs = runtime.services().jobs
+    m = jobs.load(env["bucket"], job["job_id"])
+    done = jobs.store.read_markers(m, jobs.store.done_keys(m))
+    st = job_status(env, job["job_id"])  # mid-way: rows done follow from the chunks done
+    assert st["state"] == "running" and st["chunks"]["done"] == len(done) == 3
+    assert st["rows"]["done"] == sum(d.rows for d in done)
+    drain(env)
+    rows = output_rows(env, "scored/batch one+é_scored.csv")
+    assert rows == cli_rows(tmp_path, tiny_clip_dir, body)  # same rows, same order, same scores
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(230)]
+    errors = {r[5].split(":")[0] for r in rows[1:] if r[5]}
+    assert errors == {"http_404", "blocked_address", "missing_caption"}
+    assert forbidden_server.hits["/jobs/internal.png"] == 0
+    st = job_status(env, job["job_id"])
+    assert st["state"] == "done" and st["rows"] == {"done": 230, "total": 230}
+    assert st["chunks"] == {"done": 6, "total": 6} and st["errors"]["http_404"] == 10
+    assert st["estimated_cost_usd"] > 0 and st["elapsed_seconds"] > 0
+
+
+@pytest.mark.parametrize("excel_safe", [False, True])
+def test_s3_path_writes_the_clis_bytes(
+    env, server, forbidden_server, tmp_path, tiny_clip_dir, monkeypatch, excel_safe
+) -> None:
+    """The same input gives the same output file, byte for byte, through the CLI and through the
+    S3 drop, with formula-like cells (escaped or not) in the header and the rows."""
+    rng = random.Random(5)
+    url = server.image("/jobs/xl.png", png_bytes(draw("red", "circle", rng)))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["@note", "url", "caption"])
+    for i in range(90):
+        w.writerow([["=1+1", "+cmd", "-2", "@SUM(A1)", "plain"][i % 5], url, ["=HYPERLINK(x)", "a red circle"][i % 2]])
+    body = buf.getvalue()
+    if excel_safe:
+        monkeypatch.setenv("SIMILARITY_EXCEL_SAFE", "1")  # the deployment's setting, read by the splitter
+        runtime.reset()
+    [job] = drop(env, "incoming/formulas.csv", body)["jobs"]
+    assert job["chunks"] == 3
+    drain(env)
+    s3_bytes = env["s3"].get_object(Bucket=env["bucket"], Key="scored/formulas_scored.csv")["Body"].read()
+    inp, out = tmp_path / "formulas.csv", tmp_path / "formulas_scored.csv"
+    inp.write_text(body, encoding="utf-8", newline="")
+    args = [
+        "score",
+        str(inp),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_clip_dir),
+        "--backend",
+        "torch",
+        "--allow-network",
+        "127.0.0.1/32",
+        "--no-progress",
+        "--no-local-paths",
+    ]
+    assert cli_main(args + (["--excel-safe"] if excel_safe else [])) == 0
+    assert s3_bytes == out.read_bytes()
+    assert s3_bytes.startswith(b"'@note," if excel_safe else b"@note,")
+
+
+def test_duplicate_deliveries_and_lost_deletes(env, server, forbidden_server, tmp_path, tiny_clip_dir) -> None:
+    body = make_csv(server, forbidden_server, rows=120)
+    [job] = drop(env, "incoming/dupes.csv", body)["jobs"]
+    # the same S3 event again: same job, no new messages
+    head = env["s3"].head_object(Bucket=env["bucket"], Key="incoming/dupes.csv")
+    again = env["s3_event"].lambda_handler(s3_event_for(env["bucket"], "incoming/dupes.csv", head), LocalContext())
+    assert again["jobs"][0]["job_id"] == job["job_id"]
+    # a chunk delivered twice
+    env["sqs"].send_message(
+        QueueUrl=env["queue"],
+        MessageBody=ChunkMessage(job_id=job["job_id"], bucket=env["bucket"], chunk=1, chunks=3).model_dump_json(),
+    )
+    # a worker that writes its part and then dies before the message is deleted
+    first = receive(env, 1)
+    run_worker(env, first, delete=False)
+    env["sqs"].change_message_visibility(
+        QueueUrl=env["queue"], ReceiptHandle=first[0]["ReceiptHandle"], VisibilityTimeout=0
+    )
+    drain(env)
+    rows = output_rows(env, "scored/dupes_scored.csv")
+    assert rows == cli_rows(tmp_path, tiny_clip_dir, body)
+    assert len(rows) == 121  # every row once
+
+
+def test_two_workers_finishing_last_at_once(env, server, forbidden_server, tmp_path, tiny_clip_dir) -> None:
+    body = make_csv(server, forbidden_server, rows=80)  # two chunks
+    [job] = drop(env, "incoming/race.csv", body)["jobs"]
+    msgs = receive(env, 10)
+    assert len(msgs) == 2
+    jobs = runtime.services().jobs
+    model, fetcher = runtime.services().run.model, runtime.services().run.fetcher
+    barrier = threading.Barrier(2)
+    results: dict[int, bool] = {}
+
+    def work(m: dict) -> None:
+        msg = ChunkMessage.model_validate_json(m["Body"])
+        barrier.wait()
+        results[msg.chunk] = jobs.process_chunk(msg, model, fetcher, m["MessageId"], lambda: 300.0)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in msgs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert output_rows(env, "scored/race_scored.csv") == cli_rows(tmp_path, tiny_clip_dir, body)
+    assert job_status(env, job["job_id"])["state"] == "done"
+    # the lock lets exactly one concurrent merger through
+    m = jobs.load(env["bucket"], job["job_id"])
+    env["s3"].delete_object(Bucket=env["bucket"], Key=f"{jobs.store.prefix(m.job_id)}merge.lock")
+    assert jobs.take_lock(m, "a") is True and jobs.take_lock(m, "b") is False and jobs.take_lock(m, "a") is True
+
+
+def test_worker_near_deadline_hands_chunk_back(env, server, forbidden_server) -> None:
+    body = make_csv(server, forbidden_server, rows=30)
+    [job] = drop(env, "incoming/late.csv", body)["jobs"]
+    msgs = receive(env, 1)
+    failed = run_worker(env, msgs, timeout=3)  # less than the 5 s reserve
+    assert failed == [msgs[0]["MessageId"]]
+    jobs = runtime.services().jobs
+    listed = env["s3"].list_objects_v2(Bucket=env["bucket"], Prefix=f"{jobs.store.prefix(job['job_id'])}parts/")
+    assert listed.get("KeyCount", 0) == 0  # never half-written
+    drain(env)
+    assert len(output_rows(env, "scored/late_scored.csv")) == 31
+
+
+def test_poison_message_goes_to_dlq(env) -> None:
+    env["sqs"].send_message(QueueUrl=env["queue"], MessageBody="this is not a chunk")
+    env["sqs"].send_message(
+        QueueUrl=env["queue"],
+        MessageBody=json.dumps({"job_id": "nope", "bucket": env["bucket"], "chunk": 0, "chunks": 1}),
+    )
+    for _ in range(4):
+        msgs = receive(env, 10)
+        if msgs:
+            assert len(run_worker(env, msgs)) == len(msgs)  # each one reported, none crashes the batch
+    assert receive(env, 10) == []
+    dead = receive(env, 10, queue=env["dlq"])
+    assert sorted(m["Body"][:4] for m in dead) == ["this", '{"jo']
+
+
+def test_partial_batch_one_good_one_poison(env, server, forbidden_server) -> None:
+    body = make_csv(server, forbidden_server, rows=20)
+    drop(env, "incoming/mixed.csv", body)
+    good = receive(env, 1)
+    env["sqs"].send_message(QueueUrl=env["queue"], MessageBody="garbage")
+    bad = receive(env, 1)
+    failed = run_worker(env, good + bad)
+    assert failed == [bad[0]["MessageId"]]
+    assert len(output_rows(env, "scored/mixed_scored.csv")) == 21
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "state", "reason"),
+    [
+        ("empty.csv", "", "failed", "empty"),
+        ("header-only.csv", "url,caption\r\n", "done", None),
+        ("no-url.csv", "link,caption\nx,y\n", "failed", "no image URL column"),
+    ],
+)
+def test_degenerate_inputs(env, name, body, state, reason) -> None:
+    [job] = drop(env, f"incoming/{name}", body)["jobs"]
+    assert job["state"] == state
+    assert (reason is None and job["reason"] is None) or reason in job["reason"]
+    assert receive(env, 10) == []
+    if state == "done":
+        assert output_rows(env, f"scored/{name[:-4]}_scored.csv") == [
+            ["url", "caption", "similarity", "cosine", "error", "truncated"]
+        ]
+    st = job_status(env, job["job_id"])
+    assert st["state"] == state and (reason is None or reason in st["reason"])
+
+
+def test_objects_outside_prefix_are_ignored(env) -> None:
+    env["s3"].put_object(Bucket=env["bucket"], Key="scored/x_scored.csv", Body=b"url,caption\n")
+    head = env["s3"].head_object(Bucket=env["bucket"], Key="scored/x_scored.csv")
+    out = env["s3_event"].lambda_handler(s3_event_for(env["bucket"], "scored/x_scored.csv", head), LocalContext())
+    assert out == {"jobs": []}
+
+
+def test_large_file_routes_to_gpu_and_gpu_task_matches_lambda(
+    env, monkeypatch, server, forbidden_server, tmp_path, tiny_clip_dir
+) -> None:
+    from similarity.aws import make_client
+
+    ecs, ec2 = make_client("ecs"), make_client("ec2")
+    cluster = ecs.create_cluster(clusterName=f"gpu-{uuid.uuid4().hex[:6]}")["cluster"]["clusterName"]
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    inst = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]
+    doc = {
+        "instanceId": inst["InstanceId"],
+        "region": "us-east-1",
+        "availabilityZone": inst["Placement"]["AvailabilityZone"],
+        "instanceType": inst["InstanceType"],
+        "imageId": inst["ImageId"],
+        "privateIp": inst.get("PrivateIpAddress"),
+        "accountId": "123456789012",
+        "architecture": "x86_64",
+        "version": "2010-8-31",
+        "pendingTime": "2026-11-27T00:00:00Z",
+    }
+    ecs.register_container_instance(cluster=cluster, instanceIdentityDocument=json.dumps(doc))
+    td = ecs.register_task_definition(
+        family="gpu",
+        networkMode="awsvpc",
+        requiresCompatibilities=["EC2"],
+        containerDefinitions=[
+            {"name": "scorer", "image": "x", "memory": 512, "resourceRequirements": [{"type": "GPU", "value": "1"}]}
+        ],
+    )["taskDefinition"]["taskDefinitionArn"]
+    monkeypatch.setenv("ECS_CLUSTER", cluster)
+    monkeypatch.setenv("ECS_TASK_DEFINITION", td)
+    subnets = [x["SubnetId"] for x in ec2.describe_subnets()["Subnets"][:2]]
+    sg = ec2.describe_security_groups()["SecurityGroups"][0]["GroupId"]
+    monkeypatch.setenv("ECS_SUBNETS", ",".join(subnets))
+    monkeypatch.setenv("ECS_SECURITY_GROUPS", sg)
+    monkeypatch.setenv("GPU_MIN_ROWS", "50")
+    runtime.reset()
+    body = make_csv(server, forbidden_server, rows=90)
+    [job] = drop(env, "incoming/huge.csv", body)["jobs"]
+    assert job["state"] == "gpu" and job["path"] == "gpu"
+    assert receive(env, 10) == []  # nothing fanned out
+    [task] = ecs.describe_tasks(cluster=cluster, tasks=ecs.list_tasks(cluster=cluster)["taskArns"])["tasks"]
+    assert task["startedBy"] == f"job-{job['job_id']}"[:36]
+    assert task["taskDefinitionArn"] == td
+    [override] = task["overrides"]["containerOverrides"]
+    assert override["name"] == "scorer"
+    cmd = override["command"]
+    assert cmd[cmd.index("--input-key") + 1] == "incoming/huge.csv"
+    assert cmd[cmd.index("--output-key") + 1] == "scored/huge_scored.csv"
+    # the GPU entry point, on CPU here, with the arguments RunTask carried
+    from handler.gpu_task import main as gpu_main
+
+    assert gpu_main(cmd) == 0
+    rows = output_rows(env, "scored/huge_scored.csv")
+    assert rows == cli_rows(tmp_path, tiny_clip_dir, body)
+    st = job_status(env, job["job_id"])
+    assert st["state"] == "done" and st["rows"]["done"] == 90
+
+
+def _api_call(mod, name: str, body: dict | None = None, job_id: str | None = None) -> tuple[int, dict]:
+    event = json.loads((EVENTS / name).read_text())
+    if body is not None:
+        event["body"] = json.dumps(body)
+    if job_id is not None:
+        event["rawPath"] = event["requestContext"]["http"]["path"] = f"/jobs/{job_id}"
+        event["pathParameters"] = {"id": job_id}
+    resp = mod.lambda_handler(event, LocalContext())
+    return resp["statusCode"], json.loads(resp["body"])
+
+
+def test_jobs_api_start_and_status(env, server, forbidden_server, monkeypatch) -> None:
+    import handler.api as api
+
+    body = make_csv(server, forbidden_server, rows=50)
+    env["s3"].put_object(Bucket=env["bucket"], Key="uploads/already-there.csv", Body=body.encode())
+    b = env["bucket"]
+    status, out = _api_call(
+        api,
+        "api_jobs_start.json",
+        {"input": f"s3://{b}/uploads/already-there.csv", "output": f"s3://{b}/results/x.csv"},
+    )
+    assert status == 202 and out["state"] == "running" and out["chunks"] == {"done": 0, "total": 2}
+    drain(env)
+    status, st = _api_call(api, "api_jobs_status.json", job_id=out["job_id"])
+    assert status == 200 and st["state"] == "done" and st["rows"] == {"done": 50, "total": 50}
+    assert len(output_rows(env, "results/x.csv")) == 51
+    assert _api_call(api, "api_jobs_status.json", job_id="0" * 20)[0] == 404
+    assert _api_call(api, "api_jobs_status.json", job_id="../etc")[0] in (400, 404)
+    assert _api_call(api, "api_jobs_start.json", {"input": "s3://other-bucket/a.csv"})[0] == 400
+    assert (
+        _api_call(
+            api,
+            "api_jobs_start.json",
+            {"input": f"s3://{b}/uploads/already-there.csv", "output": f"s3://{b}/incoming/loop.csv"},
+        )[0]
+        == 400
+    )
+    assert _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/missing.csv"})[0] == 404
+    assert _api_call(api, "api_jobs_start.json", {"input": "not-a-uri"})[0] == 400

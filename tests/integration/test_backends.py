@@ -1,0 +1,177 @@
+"""Backend parity on the test bed: every backend against the torch fp32 reference.
+
+Bounds are on the 0..1 ``similarity``. fp32 backends must match to rounding; reduced-precision ones
+are held to what was measured on this test bed (see README, Performance) with some headroom, so a
+broken export or quantisation fails while normal rounding does not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from similarity.hardware import has_native_bf16 as cpu_has_native_bf16
+from similarity.model import load_model
+from support.parity import parity_inputs, similarities
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_clip_dir, tmp_path_factory):
+    from similarity.tools.onnx_export import export_onnx
+
+    d = tmp_path_factory.mktemp("models") / "tiny-clip"
+    shutil.copytree(tiny_clip_dir, d)
+    export_onnx(d, int8=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model):
+    return parity_inputs(tiny_model.preprocess)
+
+
+def _has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+CASES = [
+    ("onnx", "fp32", 1e-5, None),
+    ("onnx", "int8", 0.03, None),
+    ("torch", "bf16", 0.002, None),  # mixed bf16: the default without OpenVINO where bf16 is native
+    ("openvino", "fp32", 1e-5, "openvino"),
+    ("openvino", "bf16", 0.002, "openvino"),  # mixed bf16: the CPU default where bf16 is native
+    ("openvino", "int8", 0.01, "openvino"),  # opt-in; per-channel weights, per-token groups: ~0.004 here
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype", "bound", "needs"), CASES, ids=[f"{b}-{d}" for b, d, _, _ in CASES])
+def test_backend_agrees_with_reference(exported, tiny_model, inputs, backend, dtype, bound, needs) -> None:
+    if needs and not _has(needs):
+        pytest.skip(f"{needs} not installed")
+    if dtype == "bf16" and backend == "openvino" and not cpu_has_native_bf16():
+        pytest.skip("CPU without bf16")
+    px, caps = inputs
+    ref = similarities(tiny_model, px, caps)
+    model = load_model(exported, backend=backend, device="cpu", dtype=dtype)  # tests/test_gpu.py: CUDA
+    assert model.info.backend == backend and model.info.dtype == dtype
+    diff = np.abs(similarities(model, px, caps) - ref).max()
+    assert diff < bound, f"{backend}/{dtype}: max |similarity difference| {diff:.5f}"
+
+
+def test_default_backend_stays_within_bound(exported, tiny_model, inputs) -> None:
+    """Whatever auto picks on this machine must stay within 0.002 of the fp32 reference."""
+    px, caps = inputs
+    model = load_model(exported)
+    assert model.info.dtype != "int8"
+    assert np.abs(similarities(model, px, caps) - similarities(tiny_model, px, caps)).max() <= 0.002
+
+
+def _lambda_like(blocked: tuple[str, ...]) -> bool:
+    return "openvino" in blocked or not _has("openvino") or not cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize(
+    "blocked",
+    [("torch", "transformers", "openvino"), ("torch", "transformers")],
+    ids=["lambda-image", "cli-without-torch"],
+)
+def test_cpu_default_needs_no_torch(exported, blocked) -> None:
+    """In an interpreter where torch and transformers cannot be found (as in the Lambda image, which
+    has no OpenVINO either), auto picks ONNX Runtime fp32, or OpenVINO mixed bf16 where OpenVINO is
+    there and the CPU has bf16, and scoring never imports torch or transformers."""
+    code = (
+        "import sys, base64, io\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}: raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from similarity import load_model, score_pairs, Record, Fetcher\n"
+        f"m = load_model({str(exported)!r})\n"
+        "from PIL import Image;b=io.BytesIO();Image.new('RGB',(40,40),(200,0,0)).save(b,'PNG')\n"
+        "u='data:image/png;base64,'+base64.b64encode(b.getvalue()).decode()\n"
+        "r = next(score_pairs([Record(u, 'a red square')], m, Fetcher()));assert r.ok, r.error_text\n"
+        "print(m.info.backend, m.info.dtype, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    expected = ["onnx", "fp32"] if _lambda_like(blocked) else ["openvino", "bf16"]
+    assert r.stdout.split() == [*expected, "False", "False"]
+
+
+def test_export_keeps_weights_beside_the_graph(exported, tmp_path, tiny_model, inputs) -> None:
+    """fp32 graphs keep their weights in `<name>.data` (ONNX Runtime maps them: faster cold start),
+    readable by whoever can read the graph; exporting again over the files gives the same files."""
+    import stat
+
+    from similarity.tools.onnx_export import export_onnx
+
+    d = tmp_path / "again"
+    shutil.copytree(exported, d)
+    export_onnx(d, int8=False)
+    for tower in ("vision", "text"):
+        graph = d / "onnx" / f"{tower}.onnx"
+        data = graph.with_name(graph.name + ".data")
+        assert data.stat().st_size > 5 * graph.stat().st_size
+        assert data.stat().st_size == (exported / "onnx" / data.name).stat().st_size  # replaced, not appended
+        assert stat.S_IMODE(data.stat().st_mode) == stat.S_IMODE(graph.stat().st_mode)
+    px, caps = inputs
+    diff = np.abs(similarities(load_model(d, backend="onnx"), px, caps) - similarities(tiny_model, px, caps)).max()
+    assert diff < 1e-5
+
+
+def test_unknown_backend_and_dtype_are_clear(exported) -> None:
+    from similarity.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        load_model(exported, backend="tpu")
+    with pytest.raises(BackendUnavailable, match="fp32 or int8"):
+        load_model(exported, backend="onnx", dtype="bf16")
+
+
+def test_onnx_without_export_says_how_to_fix(tiny_clip_dir) -> None:
+    from similarity.errors import ModelIncomplete
+
+    with pytest.raises(ModelIncomplete, match="similarity model export"):
+        load_model(tiny_clip_dir, backend="onnx")
+
+
+STREAM_CASES = [
+    ("onnx", "fp32", None),
+    ("onnx", "int8", None),
+    ("openvino", "fp32", "openvino"),
+    ("openvino", "bf16", "openvino"),
+    ("openvino", "int8", "openvino"),
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype", "needs"), STREAM_CASES, ids=[f"{b}-{d}" for b, d, _ in STREAM_CASES])
+def test_streams_give_the_same_embeddings(exported, inputs, backend, dtype, needs) -> None:
+    """Two one-thread streams against one two-thread stream, on an odd batch and on a single row."""
+    if needs and not _has(needs):
+        pytest.skip(f"{needs} not installed")
+    if dtype == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("CPU without bf16")
+    px, caps = inputs
+    px, caps = px[:23], caps[:23]
+    one = load_model(exported, backend=backend, dtype=dtype, threads=2, streams=1)
+    two = load_model(exported, backend=backend, dtype=dtype, threads=2, streams=2)
+    if backend == "openvino":
+        assert two.backend._vision.get_property("NUM_STREAMS") == 2
+        assert one.backend._vision.get_property("NUM_STREAMS") == 1
+    # ONNX Runtime's dynamic int8 scales each part's activations by the part's own range, so its
+    # embeddings move a little with the split; everything else must not move beyond rounding.
+    tol = 0.02 if (backend, dtype) == ("onnx", "int8") else 1e-5
+    for a, b in (
+        (one.embed_images(px), two.embed_images(px)),
+        (one.embed_texts(caps)[0], two.embed_texts(caps)[0]),
+        (one.embed_images(px[:1]), two.embed_images(px[:1])),
+    ):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= tol

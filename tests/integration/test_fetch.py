@@ -1,0 +1,196 @@
+"""The fetcher against a real HTTP server on 127.0.0.1 with fault modes (loopback only)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import time
+
+import pytest
+from PIL import Image
+
+from similarity.errors import (
+    BlockedAddress,
+    ConnectionFailed,
+    FetchTimeout,
+    HttpStatusError,
+    InvalidDataUri,
+    LocalPathsDisabled,
+    NotFound,
+    TooLarge,
+    TooManyRedirects,
+    UnsupportedSource,
+)
+from similarity.fetch import Fetcher, FetchSettings
+from similarity.fetch.http import retry_after
+from support.imageserver import png_bytes
+
+PNG = png_bytes(Image.new("RGB", (20, 10), (200, 10, 10)))
+
+
+def test_plain_fetch(server, fetcher) -> None:
+    assert fetcher.fetch(server.image("/ok.png", PNG)) == PNG
+
+
+def test_404_is_http_404(server, fetcher) -> None:
+    with pytest.raises(HttpStatusError) as exc:
+        fetcher.fetch(server.status("/missing.png", 404))
+    assert exc.value.code == "http_404"
+    assert server.hits["/missing.png"] == 1  # 4xx other than 429 is not retried
+
+
+def test_500_then_success_is_retried(server, fetcher) -> None:
+    url = server.fail_then_serve("/flaky.png", PNG, 500)
+    assert fetcher.fetch(url) == PNG
+    assert server.hits["/flaky.png"] == 2
+
+
+def test_persistent_503_gives_http_503_after_retries(server, fetcher) -> None:
+    url = server.fail_then_serve("/down.png", PNG, 503, times=100)
+    with pytest.raises(HttpStatusError) as exc:
+        fetcher.fetch(url)
+    assert exc.value.code == "http_503"
+    assert server.hits["/down.png"] == 1 + fetcher.settings.max_retries
+
+
+def test_429_honoursretry_after(server, fetcher) -> None:
+    url = server.fail_then_serve("/limited.png", PNG, 429, headers={"Retry-After": "1"})
+    start = time.monotonic()
+    assert fetcher.fetch(url) == PNG
+    assert time.monotonic() - start >= 0.9  # waited as told, not the tiny backoff
+    assert server.hits["/limited.png"] == 2
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after("3", 10) == 3
+    assert retry_after("3600", 10) == 10  # capped
+    assert retry_after("garbage", 10) is None
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 10) == 0  # in the past
+
+
+def test_slow_drip_hits_the_deadline(server, fast_settings, fetcher) -> None:
+    url = server.drip("/drip.png", PNG, interval=0.3)  # would take ~20 s in full
+    f = Fetcher(FetchSettings(**{**fast_settings.__dict__, "deadline": 1.5}), fetcher.policy)
+    start = time.monotonic()
+    with pytest.raises(FetchTimeout):
+        f.fetch(url)
+    assert time.monotonic() - start < 3.0  # the row is released at the deadline, not after the body
+    f.close()
+
+
+def test_declared_body_over_cap(server, fetcher) -> None:
+    with pytest.raises(TooLarge, match="Content-Length"):
+        fetcher.fetch(server.huge("/huge.png", 3 * 1024 * 1024))
+
+
+def test_streamed_body_over_cap(server, fetcher) -> None:
+    with pytest.raises(TooLarge, match="body exceeds"):
+        fetcher.fetch(server.huge("/huge-chunked.png", 3 * 1024 * 1024, declare=False))
+
+
+def test_gzip_bomb_counts_inflated_bytes(server, fetcher) -> None:
+    url = server.huge("/bomb.gz", 50 * 1024 * 1024, gzipped=True)  # ~50 KB on the wire
+    with pytest.raises(TooLarge, match="body exceeds"):
+        fetcher.fetch(url)
+
+
+def test_redirect_chain_is_followed(server, fetcher) -> None:
+    server.image("/final.png", PNG)
+    for i in range(3):
+        server.redirect(f"/hop{i}", f"/hop{i + 1}" if i < 2 else "/final.png")
+    assert fetcher.fetch(server.url("/hop0")) == PNG
+
+
+def test_too_many_redirects(server, fetcher) -> None:
+    server.redirect("/loop", "/loop")
+    with pytest.raises(TooManyRedirects):
+        fetcher.fetch(server.url("/loop"))
+    assert server.hits["/loop"] == 6  # first request + 5 redirects, then stop
+
+
+def test_redirect_to_forbidden_host_is_blocked(server, forbidden_server, fetcher) -> None:
+    secret = forbidden_server.image("/secret.png", PNG)
+    url = server.redirect("/to-internal", secret)
+    with pytest.raises(BlockedAddress, match="127.0.0.2"):
+        fetcher.fetch(url)
+    assert forbidden_server.hits["/secret.png"] == 0  # never connected
+
+
+def test_direct_forbidden_host_is_blocked(forbidden_server, fetcher) -> None:
+    url = forbidden_server.image("/direct.png", PNG)
+    with pytest.raises(BlockedAddress):
+        fetcher.fetch(url)
+    assert forbidden_server.hits["/direct.png"] == 0
+
+
+def test_guard_on_by_default_refuses_loopback(server, fast_settings) -> None:
+    url = server.image("/default-guard.png", PNG)
+    f = Fetcher(fast_settings)  # no allow-list
+    with pytest.raises(BlockedAddress):
+        f.fetch(url)
+    f.close()
+    assert server.hits["/default-guard.png"] == 0
+
+
+def test_redirect_to_other_scheme_refused(server, fetcher) -> None:
+    url = server.redirect("/to-file", "file:///etc/passwd")
+    with pytest.raises(UnsupportedSource):
+        fetcher.fetch(url)
+
+
+def test_connection_refused_is_connection_error(fetcher) -> None:
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(ConnectionFailed):
+        fetcher.fetch(f"http://127.0.0.1:{port}/x.png")
+
+
+def test_data_uri(fetcher) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert fetcher.fetch(uri) == PNG
+    with pytest.raises(InvalidDataUri):
+        fetcher.fetch("data:image/png,rawbytes")
+
+
+def test_local_paths(tmp_path, fast_settings) -> None:
+    p = tmp_path / "a.png"
+    p.write_bytes(PNG)
+    f = Fetcher(fast_settings, base_dir=tmp_path)
+    assert f.fetch(str(p)) == PNG
+    assert f.fetch("a.png") == PNG  # relative to base_dir (the CSV's folder)
+    assert f.fetch(p.as_uri()) == PNG
+    with pytest.raises(NotFound):
+        f.fetch(str(tmp_path / "nope.png"))
+    off = Fetcher(FetchSettings(allow_local_paths=False))
+    with pytest.raises(LocalPathsDisabled):
+        off.fetch(str(p))
+    with pytest.raises(LocalPathsDisabled):
+        off.fetch(p.as_uri())
+
+
+def test_unsupported_scheme(fetcher) -> None:
+    with pytest.raises(UnsupportedSource):
+        fetcher.fetch("ftp://example.invalid/x.png")
+    with pytest.raises(UnsupportedSource):
+        fetcher.fetch("gopher://127.0.0.1/")
+
+
+def test_s3_source_through_moto(s3, bucket, fast_settings) -> None:
+    s3.put_object(Bucket=bucket, Key="imgs/a b.png", Body=PNG)
+    f = Fetcher(fast_settings, s3_client=s3)
+    assert f.fetch(f"s3://{bucket}/imgs/a%20b.png") == PNG
+    with pytest.raises(NotFound):
+        f.fetch(f"s3://{bucket}/imgs/missing.png")
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=b"\0" * (fast_settings.max_bytes + 1))
+    with pytest.raises(TooLarge):
+        f.fetch(f"s3://{bucket}/big.bin")
+
+
+def test_redirect_status_without_location_is_an_error(server, fetcher) -> None:
+    server.routes["/no-location"] = lambda h: h.send_plain(302, b"")
+    with pytest.raises(HttpStatusError) as exc:
+        fetcher.fetch(server.url("/no-location"))
+    assert exc.value.code == "http_302"

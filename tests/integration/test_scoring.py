@@ -1,0 +1,115 @@
+"""score_pairs: order, de-duplication, fault containment, bounded windows."""
+
+from __future__ import annotations
+
+import base64
+import random
+
+from PIL import Image
+
+from similarity import Record, score_pairs
+from similarity.errors import RaggedRow
+from similarity.pipeline.scorer import Scorer
+from support.imageserver import huge_png_header, png_bytes
+from support.shapes import draw
+
+
+def _img(seed: int, colour: str = "red", shape: str = "circle") -> bytes:
+    return png_bytes(draw(colour, shape, random.Random(seed)))
+
+
+def test_every_fault_mode_in_one_run(tiny_model, server, forbidden_server, fetcher) -> None:
+    good = _img(1)
+    jpeg = png_bytes(draw("blue", "square", random.Random(2)), "JPEG", quality=90)
+    cases = [
+        (server.image("/s/good.png", good), None),
+        (server.status("/s/404.png", 404), "http_404"),
+        (server.fail_then_serve("/s/flaky.png", good, 500), None),
+        (server.fail_then_serve("/s/429.png", good, 429, headers={"Retry-After": "0"}), None),
+        (server.drip("/s/drip.png", good, interval=0.5), "timeout"),
+        (server.huge("/s/big.png", 3 * 1024 * 1024), "too_large"),
+        (server.huge("/s/bomb.gz", 30 * 1024 * 1024, gzipped=True), "too_large"),
+        (server.image("/s/wrong-type.png", good, ctype="text/html"), None),
+        (server.redirect("/s/r1", "/s/r2"), None),
+        (server.redirect("/s/to-internal", forbidden_server.image("/s/secret.png", good)), "blocked_address"),
+        (server.image("/s/truncated.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"), "decode_error"),
+        (server.image("/s/huge-header.png", huge_png_header(100_000, 100_000)), "too_many_pixels"),
+        (server.image("/s/not-image", b"<html>nope</html>", "image/png"), "not_an_image"),
+        ("", "missing_url"),
+        ("ftp://example.invalid/a.png", "unsupported_source"),
+        ("data:image/png;base64," + base64.b64encode(good).decode(), None),
+    ]
+    server.image("/s/r2", good)
+    records = [Record(url, "a red circle", row=[i]) for i, (url, _) in enumerate(cases)]
+    records.append(Record(server.url("/s/good.png"), "  ", row=["blank caption"]))
+    records.append(Record("u", "c", row=["ragged"], error=RaggedRow("4 fields")))
+    results = list(score_pairs(records, tiny_model, fetcher, batch_size=4, workers=8))
+    assert [r.record.row for r in results] == [r.row for r in records]  # all rows, in order
+    for (url, expected), res in zip(cases, results):
+        assert res.error_code == expected, (url, res.error_text)
+        if expected is None:
+            assert res.similarity is not None and 0 <= res.similarity <= 1
+        else:
+            assert res.similarity is None and res.cosine is None
+    assert results[-2].error_code == "missing_caption"
+    assert results[-1].error_code == "ragged_row"
+    assert forbidden_server.hits["/s/secret.png"] == 0
+    # the same image scores the same whichever way it arrived
+    same = [results[i].cosine for i in (0, 2, 3, 7, 8, 15)]
+    assert max(same) - min(same) < 1e-6
+
+
+def test_identical_urls_and_captions_processed_once(tiny_model, server, fetcher) -> None:
+    urls = [server.image(f"/dedup/{i}.png", _img(10 + i)) for i in range(5)]
+    records = [Record(urls[i % 5], f"a red circle {i % 3}") for i in range(200)]
+    stats = []
+    results = list(score_pairs(records, tiny_model, fetcher, batch_size=8, window=32, stats_out=stats.append))
+    assert len(results) == 200 and all(r.ok for r in results)
+    for i in range(5):
+        assert server.hits[f"/dedup/{i}.png"] == 1
+    assert stats[0].images_embedded == 5
+    assert stats[0].captions_encoded == 3
+    # results of duplicate rows are identical
+    assert len({(r.record.url, r.record.caption, r.cosine) for r in results}) == 15
+
+
+def test_results_stream_with_bounded_window(tiny_model, server, fetcher) -> None:
+    """The scorer pulls at most two windows ahead of what it has yielded (bounded memory)."""
+    url = server.image("/stream.png", _img(5))
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield Record(url, f"caption {i}")
+
+    scorer = Scorer(tiny_model, fetcher, batch_size=8, window=16)
+    it = scorer.score(source())
+    first = next(it)
+    assert first.ok
+    assert pulled <= 2 * 16
+    rest = list(it)
+    assert len(rest) == 999 and pulled == 1000
+
+
+def test_unexpected_exception_costs_one_row(tiny_model, server, fetcher, monkeypatch) -> None:
+    good = server.image("/ok-bug.png", _img(6))
+    boom = server.image("/bug.png", _img(7))
+    real = fetcher.fetch
+
+    def buggy(url: str) -> bytes:
+        if url.endswith("/bug.png"):
+            raise KeyError("surprise")
+        return real(url)
+
+    monkeypatch.setattr(fetcher, "fetch", buggy)
+    res = list(score_pairs([Record(good, "a"), Record(boom, "b"), Record(good, "c")], tiny_model, fetcher))
+    assert [r.error_code for r in res] == [None, "internal_error", None]
+
+
+def test_grey_and_transparent_images_score(tiny_model, fetcher, server) -> None:
+    rgba = Image.new("RGBA", (50, 50), (255, 0, 0, 128))
+    url = server.image("/rgba.png", png_bytes(rgba))
+    [res] = list(score_pairs([Record(url, "a red square")], tiny_model, fetcher))
+    assert res.ok

@@ -1,0 +1,144 @@
+"""Decoding untrusted bytes and CLIP preprocessing parity with transformers' processor."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from similarity.errors import DecodeError, NotAnImage, RowError, TooManyPixels
+from similarity.model.preprocess import PreprocessConfig, decode, load_pixels, preprocess
+from support.imageserver import huge_png_header, png_bytes
+from support.shapes import draw
+
+CFG = PreprocessConfig()
+
+
+def test_png_declaring_huge_image_is_too_many_pixels() -> None:
+    with pytest.raises(TooManyPixels):
+        decode(huge_png_header(100_000, 100_000), CFG)
+    with pytest.raises(TooManyPixels, match="exceeds the limit"):
+        decode(huge_png_header(5000, 5000), PreprocessConfig(max_pixels=1_000_000))
+
+
+def test_truncated_jpeg_is_decode_error() -> None:
+    data = png_bytes(Image.new("RGB", (300, 200), (1, 2, 3)), "JPEG", quality=90)
+    with pytest.raises(DecodeError):
+        decode(data[: len(data) // 2], CFG)
+
+
+@pytest.mark.parametrize("data", [b"<html>hello</html>", b"", b"%PDF-1.4 ...", b"\x00" * 100])
+def test_non_images(data: bytes) -> None:
+    with pytest.raises(NotAnImage):
+        decode(data, CFG)
+
+
+def test_format_sniffed_not_trusted() -> None:
+    # An EPS/PSD-like format outside the accepted list is refused even if Pillow could read it.
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 10)).save(buf, "PPM")
+    with pytest.raises(NotAnImage):
+        decode(buf.getvalue(), CFG)
+
+
+def test_exif_orientation_applied() -> None:
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    data = png_bytes(img, "JPEG", exif=exif.tobytes())
+    assert decode(data, CFG).size == (20, 40)
+
+
+def test_alpha_composited_on_white() -> None:
+    img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))  # fully transparent red
+    out = decode(png_bytes(img), CFG)
+    assert out.mode == "RGB" and out.getpixel((5, 5)) == (255, 255, 255)
+    p = Image.new("P", (10, 10), 0)
+    p.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    p.info["transparency"] = 0
+    assert decode(png_bytes(p, transparency=0), CFG).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_sixteen_bit_scaled_not_clamped() -> None:
+    arr = np.full((8, 8), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I")
+    out = decode(png_bytes(img), CFG)
+    r, g, b = out.getpixel((0, 0))
+    assert r == g == b and 126 <= r <= 129  # convert() would clamp this to 255
+
+
+def test_cmyk_converted() -> None:
+    img = Image.new("CMYK", (10, 10), (0, 255, 255, 0))  # pure red in CMYK
+    out = decode(png_bytes(img, "JPEG", quality=95), CFG)
+    r, g, b = out.getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    r, g, b = decode(buf.getvalue(), CFG).getpixel((8, 8))
+    assert r > 200 and b < 50
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_only_raise_row_errors(data: bytes) -> None:
+    try:
+        load_pixels(data, CFG)
+    except RowError:
+        pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=1, max_size=400), st.integers(min_value=0, max_value=2000))
+def test_corrupted_png_only_raises_row_errors(noise: bytes, pos: int) -> None:
+    good = bytearray(png_bytes(Image.new("RGB", (30, 30), (9, 99, 199))))
+    pos = pos % len(good)
+    good[pos : pos + len(noise)] = noise
+    try:
+        load_pixels(bytes(good), CFG)
+    except RowError:
+        pass
+
+
+# ------------------------------------------------------------------ parity with the reference
+@pytest.fixture(scope="module")
+def reference_processor():
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil()
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (224, 224), (225, 1000), (97, 61), (1203, 301)])
+def test_preprocess_equals_reference(reference_processor, size) -> None:
+    rng = random.Random(hash(size) & 0xFFFF)
+    img = draw("red", "circle", rng, min_side=10, max_side=20).resize(size)
+    noise = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.blend(img, Image.fromarray(noise), 0.3)
+    ours = preprocess(img, CFG)
+    ref = reference_processor(images=img, return_tensors="np")["pixel_values"][0]
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_preprocess_reads_model_config(tiny_clip_dir) -> None:
+    cfg = PreprocessConfig.from_model_dir(tiny_clip_dir)
+    assert (cfg.shortest_edge, cfg.crop_height, cfg.crop_width) == (64, 64, 64)
+    assert preprocess(Image.new("RGB", (100, 80)), cfg).shape == (3, 64, 64)
+
+
+def test_jpeg_draft_only_for_large_images() -> None:
+    small = png_bytes(Image.new("RGB", (640, 480), (10, 200, 30)), "JPEG")
+    big = png_bytes(Image.new("RGB", (3000, 2000), (10, 200, 30)), "JPEG")
+    assert decode(small, CFG).size == (640, 480)
+    w, h = decode(big, CFG).size
+    assert min(w, h) >= 2 * 224 and w < 3000  # reduced by DCT scaling, still twice the target
+    assert decode(big, PreprocessConfig(draft_factor=0)).size == (3000, 2000)
