@@ -306,7 +306,7 @@ def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str, extra: list[str] 
 
 def agreement_on_test_bed(tmp: Path) -> dict[str, float]:
     """Max |similarity difference| of each backend against torch fp32 on the suite's tiny CLIP
-    (the same images and captions as tests/test_backends.py)."""
+    (the same images and captions as tests/integration/test_backends.py)."""
     from similarity.model import load_model
     from similarity.tools.onnx_export import export_onnx
     from support.parity import parity_inputs, similarities

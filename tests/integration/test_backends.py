@@ -59,7 +59,7 @@ def test_backend_agrees_with_reference(exported, tiny_model, inputs, backend, dt
         pytest.skip("CPU without bf16")
     px, caps = inputs
     ref = similarities(tiny_model, px, caps)
-    model = load_model(exported, backend=backend, device="cpu", dtype=dtype)  # tests/test_gpu.py: CUDA
+    model = load_model(exported, backend=backend, device="cpu", dtype=dtype)  # tests/e2e/test_gpu.py: CUDA
     assert model.info.backend == backend and model.info.dtype == dtype
     diff = np.abs(similarities(model, px, caps) - ref).max()
     assert diff < bound, f"{backend}/{dtype}: max |similarity difference| {diff:.5f}"

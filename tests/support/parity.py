@@ -1,4 +1,4 @@
-"""The fixed images and captions every backend is compared on (tests/test_backends.py and bench/)."""
+"""The fixed images and captions every backend is compared on (tests/integration/test_backends.py and bench/)."""
 
 from __future__ import annotations
 
