@@ -40,5 +40,5 @@ FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS gpu
 COPY --from=wheel /wheels /wheels
 # PyPI's Linux torch wheel bundles CUDA; the ECS GPU-optimised AMI supplies the driver.
 RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch]" && rm -rf /wheels
-ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch
+ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch SIMILARITY_BATCH_SIZE=128 SIMILARITY_WORKERS=32
 ENTRYPOINT ["python", "-m", "handler.gpu_task"]
