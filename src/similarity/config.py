@@ -165,6 +165,17 @@ class ModelSyncSettings(Section):
     source_s3_uri: str = Field("", validation_alias="MODEL_SOURCE_S3_URI")
 
 
+class EngineSettings(Section):
+    """What the engine adapters (Spark, Ray, Snowpark) read on each worker process."""
+
+    #: Where a model from an s3:// prefix or a staged zip is unpacked, once per node (default: a
+    #: ``similarity-models`` directory in the system's temporary directory).
+    model_cache_dir: str | None = Field(None, validation_alias="SIMILARITY_ENGINE_MODEL_CACHE")
+    #: A directory where each model load writes one JSON record (pid, model, seconds): a count of
+    #: loads per worker process that survives the process.
+    load_log_dir: str | None = Field(None, validation_alias="SIMILARITY_ENGINE_LOAD_LOG")
+
+
 class Settings(Section):
     """The library's and the CLI's settings."""
 

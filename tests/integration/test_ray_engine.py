@@ -1,0 +1,114 @@
+"""The Ray adapter on a real local Ray (num_cpus=2), started only through
+``similarity.engines.local.local_ray`` (loopback only, no cloud-metadata probe): the CLI's rows,
+scores and error codes for the same hostile CSV, one model per actor, poison images contained to
+their rows, and every socket of every Ray process on loopback. One ray.init for the module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from similarity.engines.local import local_ray  # first: it sets Ray's environment before ray is imported
+
+pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
+
+from similarity.engines.ray import score_dataset  # noqa: E402
+from similarity.errors import NoUrlColumn  # noqa: E402
+from support.engines import (  # noqa: E402
+    ENGINE_SETTINGS,
+    HEADER,
+    assert_same_scores,
+    cli_scores,
+    descendants,
+    frame_scores,
+    hostile_rows,
+    load_records,
+    off_loopback,
+    pids_mentioning,
+    sockets_of,
+    write_csv,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("ray-engine")
+    return {"dir": d, "loads": d / "loads"}
+
+
+@pytest.fixture(scope="module")
+def ray_info(work):
+    with local_ray(2, env={"SIMILARITY_ENGINE_LOAD_LOG": str(work["loads"])}) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def hostile(work, server, forbidden_server, tiny_clip_dir):
+    h = hostile_rows(server, forbidden_server)
+    path = write_csv(work["dir"] / "hostile.csv", h.rows)
+    return {"hostile": h, "path": path, "cli": cli_scores(path, tiny_clip_dir, work["dir"] / "cli.csv")}
+
+
+def read_hostile(path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import ray.data
+
+    return ray.data.read_csv(
+        str(path),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in HEADER}),
+    )
+
+
+@pytest.fixture(scope="module")
+def scored(ray_info, hostile, tiny_clip_dir):
+    # Half a CPU per actor leaves a CPU for the read and repartition tasks (two whole-CPU actors
+    # on a two-CPU node would starve them).
+    ds = read_hostile(hostile["path"]).repartition(4)
+    out = score_dataset(ds, tiny_clip_dir, concurrency=2, num_cpus=0.5, rows_per_call=8, **ENGINE_SETTINGS)
+    return out.to_pandas()
+
+
+def test_same_rows_scores_and_error_codes_as_cli(scored, hostile) -> None:
+    assert list(scored.columns) == [*HEADER, "similarity", "cosine", "error", "truncated"]
+    assert len(scored) == len(hostile["hostile"].rows)
+    got = frame_scores(scored)
+    assert_same_scores(got, hostile["cli"])
+    assert hostile["hostile"].expected_codes <= {s.code for s in got.values()}
+    by_id = {str(r["id"]): r for r in scored.to_dict("records")}
+    assert all(by_id[row[0]]["note"] == row[3] for row in hostile["hostile"].rows)
+
+
+def test_poison_images_leave_the_other_rows_scored(scored, hostile) -> None:
+    got = frame_scores(scored)
+    poison = {got[i].code for i in hostile["hostile"].poison_ids}
+    assert poison == {"too_many_pixels", "decode_error", "too_large"}
+    good = [got[r[0]] for r in hostile["hostile"].rows if r[3] == "good"]
+    assert all(g.similarity is not None and not g.error for g in good)
+
+
+def test_model_loaded_once_per_actor(scored, work) -> None:
+    recs = load_records(work["loads"])
+    assert len(recs) == 2  # a pool of two actors, each loading in its constructor
+    assert len({r["pid"] for r in recs}) == 2
+
+
+def test_columns_checked_before_running(ray_info, tiny_clip_dir) -> None:
+    import pandas as pd
+    import ray.data
+
+    ds = ray.data.from_pandas(pd.DataFrame({"link": ["x"], "caption": ["c"]}))
+    with pytest.raises(NoUrlColumn, match="'url'"):
+        score_dataset(ds, tiny_clip_dir)
+
+
+def test_every_ray_socket_is_on_loopback(ray_info, scored) -> None:
+    session = ray_info["session_dir"]
+    pids = descendants(os.getpid()) | pids_mentioning(session)
+    socks = sockets_of(pids)
+    assert any(s.listening and s.pid != os.getpid() for s in socks)  # Ray's own listeners are seen
+    assert off_loopback(socks) == []
