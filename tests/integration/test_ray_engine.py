@@ -13,9 +13,9 @@ from similarity.engines.local import local_ray  # first: it sets Ray's environme
 
 pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
 
-from similarity.engines.ray import score_dataset  # noqa: E402
-from similarity.errors import NoUrlColumn  # noqa: E402
-from support.engines import (  # noqa: E402
+from similarity.engines.ray import score_dataset
+from similarity.errors import NoUrlColumn
+from support.engines import (
     ENGINE_SETTINGS,
     HEADER,
     assert_same_scores,

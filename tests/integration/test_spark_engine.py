@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("pyspark", reason="the [spark] extra is not installed")
 
-from similarity.engines.local import local_spark  # noqa: E402
-from similarity.engines.spark import score_dataframe  # noqa: E402
-from similarity.errors import ConfigError, NoCaptionColumn, NoUrlColumn  # noqa: E402
-from support.engines import (  # noqa: E402
+from similarity.engines.local import local_spark
+from similarity.engines.spark import score_dataframe
+from similarity.errors import ConfigError, NoCaptionColumn, NoUrlColumn
+from support.engines import (
     ENGINE_SETTINGS,
     HEADER,
     assert_same_scores,
@@ -140,4 +140,3 @@ def test_every_spark_socket_is_on_loopback(spark, scored) -> None:
     socks = sockets_of(descendants(__import__("os").getpid()))
     assert any(s.listening for s in socks)  # the JVM's and the workers' listeners are seen
     assert off_loopback(socks) == []
-

@@ -281,9 +281,7 @@ def off_loopback(sockets: Iterable[Socket]) -> list[Socket]:
     """Sockets bound to a non-loopback or wildcard address, or connected to a non-loopback peer."""
     bad = []
     for s in sockets:
-        if not is_loopback(s.local[0]):
-            bad.append(s)
-        elif not s.listening and s.remote[1] != 0 and not is_loopback(s.remote[0]):
+        if not is_loopback(s.local[0]) or not s.listening and s.remote[1] != 0 and not is_loopback(s.remote[0]):
             bad.append(s)
     return bad
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..bootstrap import Runtime, build
-from ..config import EngineSettings, Settings, load, validated
+from ..config import EngineSettings, FetchConfig, ModelSettings, ScoreSettings, Settings, load, validated
 from ..errors import ConfigError, FieldTooLarge, NoCaptionColumn, NoUrlColumn, RunError
 from ..io.csvfile import DEFAULT_MAX_FIELD, OUTPUT_COLUMNS
 from ..pipeline import Scorer
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 #: and ``workers`` are arguments of their own; ``excel_safe`` only concerns CSV cells.
 SETTING_FIELDS: dict[str, str] = {
     name: section
-    for section in ("model", "fetch", "score")
-    for name in Settings.model_fields[section].default_factory().model_fields  # type: ignore[misc, union-attr]
+    for section, cls in (("model", ModelSettings), ("fetch", FetchConfig), ("score", ScoreSettings))
+    for name in cls.model_fields
     if name not in ("dir", "batch_size", "workers", "excel_safe")
 }
 
@@ -230,9 +230,7 @@ def with_scores(frame: pd.DataFrame, results: Sequence[ScoreResult]) -> pd.DataF
     )
 
 
-def score_frames(
-    frames: Iterable[pd.DataFrame], spec: JobSpec, scorer: Scorer | None = None
-) -> Iterator[pd.DataFrame]:
+def score_frames(frames: Iterable[pd.DataFrame], spec: JobSpec, scorer: Scorer | None = None) -> Iterator[pd.DataFrame]:
     """Each frame back, in order, scored. All frames stream through one scorer (``scorer``, or a
     new one on this process's runtime), so fetching overlaps inference across frame boundaries."""
     scorer = scorer or new_scorer(runtime_for(spec))

@@ -86,6 +86,18 @@ def local_spark(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def prepare_ray() -> None:
+    """Ray's environment and its node-address constant set for loopback, whenever ray was imported."""
+    os.environ.update(RAY_ENV)
+    from ray._private import ray_constants, services
+
+    # Read once at ray's import: when that came first, the constant still says "find the outward
+    # IP", which ray.init would then do (a UDP connect to 8.8.8.8) and use.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    if vars(services).get("ray_constants") is not ray_constants or ray_constants.ENABLE_RAY_CLUSTER is not False:
+        raise RuntimeError("cannot keep Ray's node address on loopback; not starting it")
+
+
 @contextmanager
 def local_ray(
     num_cpus: int = 2,
@@ -96,14 +108,8 @@ def local_ray(
     """``ray.init`` of a one-node cluster on 127.0.0.1 with the protections above; ``env`` reaches
     every worker. Yields the address info (``node_ip_address``, ``gcs_address``, ``session_dir``).
     Shut down on exit."""
-    os.environ.update(RAY_ENV)
+    prepare_ray()
     import ray
-    from ray._private import ray_constants
-
-    # Imported before this module set the variable: the constant still says "find the outward IP".
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    if ray._private.services.get_node_ip_address() != LOOPBACK:
-        raise RuntimeError("Ray would pick a non-loopback node address; not starting it")
 
     # Short: Ray's AF_UNIX socket paths live under it (108 bytes at most).
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -134,7 +140,7 @@ def local_ray(
         else:
             os.environ["HOME"] = real_home
     try:
-        info = dict(ctx.address_info)
+        info: dict[str, Any] = dict(ctx.address_info)  # type: ignore[attr-defined]
         if info.get("node_ip_address") != LOOPBACK or not str(info.get("gcs_address", "")).startswith(LOOPBACK + ":"):
             raise RuntimeError(f"Ray did not start on {LOOPBACK}: {info}")
         yield info

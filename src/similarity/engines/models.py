@@ -148,7 +148,9 @@ def from_import_directory(name: str, cache_root: Path, directory: Path | None = 
     once per node), or ``""`` when the model's files were imported one by one."""
     base = directory or import_directory()
     if base is None:
-        raise ModelNotFound(f"{IMPORT_PREFIX}{name} names Snowflake's import directory, which this process does not have")
+        raise ModelNotFound(
+            f"{IMPORT_PREFIX}{name} names Snowflake's import directory, which this process does not have"
+        )
     path = base / name if name else base
     if path.is_dir():
         return LocalModel(path)
