@@ -7,7 +7,7 @@ PIP_TORCH_ARGS ?=
 CLIP_MODEL_DIR ?= models/clip-vit-base-patch32
 export CLIP_MODEL_DIR
 
-.PHONY: run test test-fast bench lint clean tiny-clip
+.PHONY: run test test-fast bench lint clean tiny-clip airflow-venv
 
 $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,5 +51,16 @@ lint: $(VENV)/.installed
 tiny-clip: $(VENV)/.installed
 	$(PY) tests/fixtures/make_tiny_clip.py
 
+# The example DAG (examples/airflow/) is tested in a venv of its own: Airflow pins ~140 packages
+# (fastapi among them, which Ray Serve also uses) that the project's own venv should not inherit.
+# tests/e2e/test_airflow_dag.py uses it when it exists and skips, saying so, when it does not.
+AIRFLOW_VENV ?= .venv-airflow
+airflow-venv: $(AIRFLOW_VENV)/.installed
+$(AIRFLOW_VENV)/.installed:
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install -q "apache-airflow==3.3.2" "requests>=2.32"
+	touch $@
+
 clean:
-	rm -rf $(VENV) out build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) out build dist src/*.egg-info .pytest_cache
