@@ -39,9 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from similarity.engines.local import local_ray, local_spark  # noqa: E402  (first: Ray's environment)
-
 from run import caption, cpu_description, log, make_jpeg, make_model  # noqa: E402
+from similarity.engines.local import local_ray, local_spark  # noqa: E402  (first: Ray's environment)
 from support.imageserver import ImageServer  # noqa: E402
 
 ALLOW = "127.0.0.1/32"
@@ -92,16 +91,13 @@ def ray_run(model_dir: Path, csv_path: Path, out: Path, n: int) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    ds = ray.data.read_csv(str(csv_path)).repartition(4)
-    score_dataset(ds, model_dir, concurrency=2, num_cpus=0.5, rows_per_call=64, allowed_networks=ALLOW).write_csv(
+    ds = ray.data.read_csv(str(csv_path)).repartition(8)
+    score_dataset(ds, model_dir, concurrency=2, num_cpus=0.5, rows_per_call=32, allowed_networks=ALLOW).write_csv(
         str(out)
     )
     wall = time.perf_counter() - start
     errors = sum(
-        1
-        for f in out.glob("*.csv")
-        for row in csv.DictReader(f.open(newline=""))
-        if row.get("error") not in ("", None)
+        1 for f in out.glob("*.csv") for row in csv.DictReader(f.open(newline="")) if row.get("error") not in ("", None)
     )
     return {"pairs_per_s": n / wall, "wall_s": wall, "error_rows": errors}
 
@@ -164,8 +160,10 @@ def main() -> None:
                 after = cli_now()
                 r["vs_cli"] = r["pairs_per_s"] / ((before["pairs_per_s"] + after["pairs_per_s"]) / 2)
                 runs.append({"engine": "ray local (2 actors)", **r})
-                log(f"  ray   {r['pairs_per_s']:6.1f} pairs/s ({r['wall_s']:.1f}s, actors' model loads included) "
-                    f"= {r['vs_cli']:.2f}x the CLI")
+                log(
+                    f"  ray   {r['pairs_per_s']:6.1f} pairs/s ({r['wall_s']:.1f}s, actors' model loads included) "
+                    f"= {r['vs_cli']:.2f}x the CLI"
+                )
         results["cli"] = cli_runs
         results["engines"] = runs
         results["load_after"] = os.getloadavg()

@@ -36,7 +36,9 @@ class JobsApi:
     timeout: float = 30.0
 
     @classmethod
-    def from_connection(cls, uri_or_host: str, extra: dict[str, Any] | None = None, password: str | None = None) -> JobsApi:
+    def from_connection(
+        cls, uri_or_host: str, extra: dict[str, Any] | None = None, password: str | None = None
+    ) -> JobsApi:
         extra = extra or {}
         return cls(
             base_url=uri_or_host.rstrip("/"),
@@ -72,7 +74,9 @@ class JobsApi:
     def _call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
         body = json.dumps(payload).encode() if payload is not None else b""
-        r = requests.request(method, url, data=body or None, headers=self._headers(method, url, body), timeout=self.timeout)
+        r = requests.request(
+            method, url, data=body or None, headers=self._headers(method, url, body), timeout=self.timeout
+        )
         try:
             data = r.json()
         except ValueError:

@@ -27,7 +27,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 # Airflow's processes put the DAG folder on sys.path; a bare DagBag or dag.test() may not.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from similarity_jobs import JobFailed, JobsApi  # noqa: E402
+from similarity_jobs import JobFailed, JobsApi
 
 CONN_ID = "similarity_api"
 #: Seconds between status checks (a job of 100k rows takes minutes).
@@ -50,7 +50,9 @@ def _api() -> JobsApi:
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
     params={
-        "input": Param("s3://BUCKET/exports/{ds}.csv", type="string", description="s3:// URI in the deployment's bucket"),
+        "input": Param(
+            "s3://BUCKET/exports/{ds}.csv", type="string", description="s3:// URI in the deployment's bucket"
+        ),
         "output": Param(None, type=["null", "string"], description="default: scored/<name>_scored.csv"),
         "excel_safe": Param(False, type="boolean"),
     },

@@ -291,7 +291,11 @@ def test_dag_loads_in_a_dagbag(airflow_env) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("DAG "))
     info = json.loads(line[4:])
-    assert info == {"tasks": ["report", "submit", "wait"], "mode": "reschedule", "params": ["excel_safe", "input", "output"]}
+    assert info == {
+        "tasks": ["report", "submit", "wait"],
+        "mode": "reschedule",
+        "params": ["excel_safe", "input", "output"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +303,11 @@ def airflow_db(airflow_env, deployment) -> dict[str, str]:
     if not AIRFLOW_PY.exists():
         pytest.skip(f"no Airflow venv at {AIRFLOW_PY}: run `make airflow-venv` (CI does)")
     r = subprocess.run(
-        [str(AIRFLOW_PY.parent / "airflow"), "db", "migrate"], capture_output=True, text=True, env=airflow_env, timeout=300
+        [str(AIRFLOW_PY.parent / "airflow"), "db", "migrate"],
+        capture_output=True,
+        text=True,
+        env=airflow_env,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     conn = {"conn_type": "http", "host": deployment["server"].url, "extra": {"auth": "none"}}

@@ -93,8 +93,10 @@ def test_poison_images_leave_the_other_rows_scored(scored, hostile) -> None:
 
 def test_model_loaded_once_per_actor(scored, work) -> None:
     recs = load_records(work["loads"])
-    assert len(recs) == 2  # a pool of two actors, each loading in its constructor
-    assert len({r["pid"] for r in recs}) == 2
+    # Nine calls of 8 rows or fewer went to a pool of two actors (the second may still have been
+    # starting when the first had done them all): one load per actor, never one per call.
+    assert 1 <= len(recs) <= 2
+    assert len({r["pid"] for r in recs}) == len(recs)
 
 
 def test_columns_checked_before_running(ray_info, tiny_clip_dir) -> None:
@@ -112,3 +114,27 @@ def test_every_ray_socket_is_on_loopback(ray_info, scored) -> None:
     socks = sockets_of(pids)
     assert any(s.listening and s.pid != os.getpid() for s in socks)  # Ray's own listeners are seen
     assert off_loopback(socks) == []
+
+
+def test_ray_script_csv_to_parquet(ray_info, hostile, tiny_clip_dir, work) -> None:
+    """examples/ray_score.py on this module's Ray."""
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import ray_score
+
+    rows = [r for r in hostile["hostile"].rows if r[3] != "bad"]  # good and poison: no slow rows
+    src = write_csv(work["dir"] / "script.csv", rows)
+    out = work["dir"] / "scored"
+    args = ray_score.parse(
+        [str(src), str(out), "--model", str(tiny_clip_dir), "--concurrency", "1", "--num-cpus", "0.5"]
+        + ["--allow-network", "127.0.0.1/32"]
+    )
+    assert ray_score.run(args) == 0
+    got = pd.concat(pd.read_parquet(p) for p in sorted(out.glob("*.parquet")))
+    assert sorted(str(i) for i in got["id"]) == sorted(r[0] for r in rows)
+    good = got[got["note"] == "good"]
+    assert good["error"].isna().all() and good["similarity"].notna().all()

@@ -99,8 +99,9 @@ def test_model_loaded_once_per_python_worker(spark, scored, hostile, work, tiny_
     assert 1 <= len(first) <= 2  # local[2]: at most two Python workers
     assert len({r["pid"] for r in first}) == len(first)  # never twice in one process
     # More tasks than workers, and a second job: the reused workers keep their model.
-    df = spark.read.csv(str(hostile["path"]), header=True, multiLine=True, escape='"').repartition(5)
-    assert score_dataframe(df, tiny_clip_dir, **ENGINE_SETTINGS).count() == len(hostile["hostile"].rows)
+    rows = [r for r in hostile["hostile"].rows if r[3] == "good"]
+    df = spark.createDataFrame(rows, HEADER).repartition(5)
+    assert score_dataframe(df, tiny_clip_dir, **ENGINE_SETTINGS).count() == len(rows)
     assert loads() == first
 
 
@@ -140,3 +141,23 @@ def test_every_spark_socket_is_on_loopback(spark, scored) -> None:
     socks = sockets_of(descendants(__import__("os").getpid()))
     assert any(s.listening for s in socks)  # the JVM's and the workers' listeners are seen
     assert off_loopback(socks) == []
+
+
+def test_spark_submit_script_csv_to_parquet(spark, hostile, tiny_clip_dir, work) -> None:
+    """examples/spark_score.py as spark-submit runs it, on this module's session."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import spark_score
+
+    rows = [r for r in hostile["hostile"].rows if r[3] != "bad"]  # good and poison: no slow rows
+    src = write_csv(work["dir"] / "script.csv", rows)
+    out = work["dir"] / "scored.parquet"
+    args = spark_score.parse(
+        [str(src), str(out), "--model", str(tiny_clip_dir), "--partitions", "2", "--backend", "torch"]
+        + ["--allow-network", "127.0.0.1/32"]
+    )
+    assert spark_score.run(spark, args) == 0
+    got = spark.read.parquet(str(out)).toPandas()
+    assert sorted(got["id"]) == sorted(r[0] for r in rows)
+    assert_same_scores(frame_scores(got), {r[0]: hostile["cli"][r[0]] for r in rows})

@@ -155,8 +155,20 @@ class Scored:
         return self.error.split(":", 1)[0] if self.error else ""
 
 
+_CLI_RUNS: dict[tuple[str, str], dict[str, Scored]] = {}
+
+
 def cli_scores(csv_path: Path, model_dir: Path, out: Path) -> dict[str, Scored]:
-    """The CLI's output for ``csv_path``, by id."""
+    """The CLI's output for ``csv_path``, by id (run once per session for the same bytes and model)."""
+    import hashlib
+
+    key = (hashlib.sha256(csv_path.read_bytes()).hexdigest(), str(model_dir))
+    if key not in _CLI_RUNS:
+        _CLI_RUNS[key] = _run_cli(csv_path, model_dir, out)
+    return _CLI_RUNS[key]
+
+
+def _run_cli(csv_path: Path, model_dir: Path, out: Path) -> dict[str, Scored]:
     assert cli_main(["score", str(csv_path), "-o", str(out), "--model", str(model_dir), *CLI_FLAGS]) == 0
     with out.open(newline="", encoding="utf-8") as fh:
         return {
