@@ -6,6 +6,7 @@ their rows, and every socket of every Ray process on loopback. One ray.init for 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,16 @@ def test_ray_script_csv_to_parquet(ray_info, hostile, tiny_clip_dir, work) -> No
     assert sorted(str(i) for i in got["id"]) == sorted(r[0] for r in rows)
     good = got[got["note"] == "good"]
     assert good["error"].isna().all() and good["similarity"].notna().all()
+
+
+def test_gpu_actors_run_on_cuda_and_cpu_actors_use_their_cpus(tiny_clip_dir) -> None:
+    """What each actor is told (no GPU here to run it): CUDA with a GPU, whose auto dtype is fp16."""
+    from similarity.engines.ray import actor_spec
+    from similarity.model import resolve
+
+    common = {"url_col": "url", "caption_col": "caption", "batch_size": 32, "workers": 16}
+    gpu = actor_spec(tiny_clip_dir, num_gpus=1, num_cpus=2, **common).resolved().model
+    assert (gpu.device, gpu.dtype, gpu.threads) == ("cuda", "auto", 2)
+    assert resolve(gpu.backend, "cuda", Path(gpu.dir), gpu.dtype).dtype == "fp16"
+    cpu = actor_spec(tiny_clip_dir, num_gpus=0, num_cpus=0.5, dtype="fp32", **common).resolved().model
+    assert (cpu.device, cpu.dtype, cpu.threads) == ("auto", "fp32", 1)

@@ -32,6 +32,27 @@ class BatchScorer:
         return next(score_frames([batch], self.spec, scorer=self.scorer))
 
 
+def actor_spec(
+    model_dir: str | os.PathLike[str],
+    *,
+    url_col: str,
+    caption_col: str,
+    num_gpus: float,
+    num_cpus: float,
+    batch_size: int,
+    workers: int,
+    **settings: Any,
+) -> JobSpec:
+    """An actor's settings: CUDA when it has a GPU, ``int(num_cpus)`` inference threads (at least
+    one) unless the settings say otherwise."""
+    if num_gpus:
+        settings.setdefault("device", "cuda")
+    settings.setdefault("threads", max(1, int(num_cpus)))
+    return JobSpec.make(
+        model_dir, url_col=url_col, caption_col=caption_col, batch_size=batch_size, workers=workers, settings=settings
+    )
+
+
 def score_dataset(
     ds: Dataset,
     model_dir: str | os.PathLike[str],
@@ -58,11 +79,15 @@ def score_dataset(
     schema = ds.schema(fetch_if_missing=False)
     if schema is not None:
         check_columns(list(schema.names), url_col, caption_col)
-    if num_gpus:
-        settings.setdefault("device", "cuda")
-    settings.setdefault("threads", max(1, int(num_cpus)))
-    spec = JobSpec.make(
-        model_dir, url_col=url_col, caption_col=caption_col, batch_size=batch_size, workers=workers, settings=settings
+    spec = actor_spec(
+        model_dir,
+        url_col=url_col,
+        caption_col=caption_col,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        batch_size=batch_size,
+        workers=workers,
+        **settings,
     )
     if isinstance(concurrency, tuple):
         compute = ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
