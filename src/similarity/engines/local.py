@@ -57,7 +57,8 @@ def local_spark(
     os.environ.update(SPARK_ENV)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    os.environ.update(env or {})
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # the JVM, started now, passes its environment to the workers
     from pyspark.sql import SparkSession
 
     tmp = tempfile.mkdtemp(prefix="similarity-spark-")
@@ -84,6 +85,11 @@ def local_spark(
     finally:
         spark.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def prepare_ray() -> None:
