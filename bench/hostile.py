@@ -8,6 +8,8 @@
    process whose settings are the functions' (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE=4096``, 16
    workers, batch 32). Printed: that process's peak RSS (VmHWM), with the decode budget the
    settings derive and, interleaved, with the budget out of the way (main's behaviour).
+   The CLI then scores a CSV of the same URLs with this machine's defaults, with and without the
+   budget.
 2. Extreme aspect ratio: a 20000x3 PNG preprocessed at 224 px, ours against CLIPImageProcessor's
    full resize: time, peak RSS and pixel drift.
 
@@ -76,6 +78,27 @@ def child_score(urls_file: str) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def child_cli(csv_path: str) -> None:
+    """The CLI on a CSV of the same URLs, with this machine's defaults (its memory and cores)."""
+    from similarity.cli import main
+    from similarity.model.preprocess import decode_budget, decode_limits
+
+    t = time.perf_counter()
+    rc = main(["score", csv_path, "-o", csv_path + ".out.csv", "--allow-network", "127.0.0.1/32", "--no-progress"])
+    secs = time.perf_counter() - t
+    limits = decode_limits()
+    out = {
+        "peak_mb": peak_mb(),
+        "seconds": secs,
+        "rc": rc,
+        "errors": [],
+        "budget_mp": limits.budget_megapixels,
+        "max_pixels": limits.max_pixels,
+        "budget_peak_mp": decode_budget().peak / 1e6,
+    }
+    print("RESULT " + json.dumps(out))
+
+
 def child_aspect(which: str, width: int, height: int) -> None:
     import numpy as np
     from PIL import Image
@@ -125,6 +148,8 @@ def main() -> None:
     if args.child:
         if args.child[0] == "score":
             child_score(args.child[1])
+        elif args.child[0] == "cli":
+            child_cli(args.child[1])
         else:
             child_aspect(args.child[1], int(args.child[2]), int(args.child[3]))
         return
@@ -185,6 +210,19 @@ def main() -> None:
                     f"{out['peak_mb']:6.0f} MB (model loaded: {out['after_model_load_mb']:.0f} MB), "
                     f"{out['seconds']:.1f}s, budget {out['budget_mp']:.0f} MP (most held {out['budget_peak_mp']:.0f} MP), "
                     f"pixel limit {out['max_pixels']:,}, {len(out['errors'])} row errors"
+                )
+            csv_file = tmp / "big.csv"
+            csv_file.write_text("url,caption\n" + "".join(f"{u},a photo {i}\n" for i, u in enumerate(urls)))
+            cli_env = {"CLIP_MODEL_DIR": str(model_dir), "SIMILARITY_BACKEND": args.backend}
+            results["cli"] = []
+            for name, extra in runs[: 2 if len(runs) > 1 else 1]:
+                out = run_child(["--child", "cli", str(csv_file)], {**cli_env, **extra})
+                out["run"] = name
+                results["cli"].append(out)
+                log(
+                    f"CLI on this machine ({results['machine']['cores']} cores, its memory), {name:9s}: peak RSS "
+                    f"{out['peak_mb']:6.0f} MB, {out['seconds']:.1f}s, budget {out['budget_mp']:.0f} MP "
+                    f"(most held {out['budget_peak_mp']:.0f} MP), exit {out['rc']}"
                 )
         finally:
             srv.stop()

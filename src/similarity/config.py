@@ -19,7 +19,7 @@ from .backends import BackendChoice, DeviceChoice, DtypeChoice
 from .errors import ConfigError
 from .fetch.guard import IPNetwork, parse_networks
 from .fetch.settings import FetchSettings
-from .hardware import memory_limit_bytes
+from .hardware import cpu_count, memory_limit_bytes
 from .model.directory import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ID
 from .model.preprocess import DecodeLimits
 
@@ -85,7 +85,7 @@ class FetchConfig(Section):
     #: Pixels one image may declare (default: 89.5 MP, less where memory is short).
     max_image_pixels: int | None = Field(None, ge=1, validation_alias="SIMILARITY_MAX_IMAGE_PIXELS")
     #: Megapixels all decode threads may hold at once (default: a quarter of the memory at 5 bytes
-    #: a pixel; modes that need conversion count more).
+    #: a pixel, at most two 89.5 MP images per core; modes that need conversion count more).
     decode_budget_mp: float | None = Field(None, gt=0, validation_alias="SIMILARITY_DECODE_BUDGET_MP")
 
     @field_validator("allowed_networks", mode="before")
@@ -104,7 +104,7 @@ class FetchConfig(Section):
 
     def decode_limits(self) -> DecodeLimits:
         memory = self.memory_mb * 1024 * 1024 if self.memory_mb is not None else memory_limit_bytes()
-        return DecodeLimits.for_memory(memory, self.max_image_pixels, self.decode_budget_mp)
+        return DecodeLimits.for_memory(memory, self.max_image_pixels, self.decode_budget_mp, cores=cpu_count())
 
     def fetch_settings(self, allow_local_paths: bool, pool_size: int) -> FetchSettings:
         return FetchSettings(

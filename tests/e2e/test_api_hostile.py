@@ -104,6 +104,19 @@ def test_nesting_under_the_limit_is_validated_not_refused(api) -> None:
     assert status == 200 and out["results"][0]["error_code"] == "local_path_disabled"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"pairs": 1' + "0" * 5000 + "}",
+        "-" + "9" * 4400,
+        '{"pairs": [{"image": "", "caption": "x"}], "n": 1' + "0" * 9000 + "}",
+    ],
+)
+def test_numbers_python_will_not_convert_are_400(api, body) -> None:
+    status, out, _ = call(api, event(body))
+    assert_client_error(status, out, 400)
+
+
 # ------------------------------------------------------------------ 11: lone surrogates
 def test_raw_lone_surrogate_in_the_body_is_400(api) -> None:
     body = '{"pairs": [{"image": "", "caption": "a \ud800 b"}]}'  # a real surrogate, as Lambda hands it over
@@ -220,7 +233,8 @@ _pairs_body = st.builds(lambda ps: {"pairs": ps}, st.lists(_pair, max_size=10))
 
 @st.composite
 def hostile_requests(draw_: st.DrawFn) -> tuple[str, str, str | None, bool]:
-    kind = draw_(st.sampled_from(["pairs", "json", "text", "nesting", "base64", "base64-junk", "route"]))
+    kinds = ["pairs", "json", "text", "nesting", "number", "base64", "base64-junk", "route"]
+    kind = draw_(st.sampled_from(kinds))
     method, path, b64 = "POST", "/score", False
     body: str | None
     if kind == "pairs":
@@ -233,6 +247,12 @@ def hostile_requests(draw_: st.DrawFn) -> tuple[str, str, str | None, bool]:
         depth = draw_(st.integers(min_value=1, max_value=30_000))
         opener = draw_(st.sampled_from(["[", '{"a":', '{"pairs":[', '{"pairs":' + "[" * 5]))
         body = opener * depth + draw_(st.sampled_from(["", "1", "]" * depth]))
+    elif kind == "number":  # literals json.loads cannot turn into Python values
+        digits = "9" * draw_(st.integers(min_value=1, max_value=9000))
+        literal = draw_(st.sampled_from(["", "-", "0.", "1e"])) + digits
+        body = draw_(
+            st.sampled_from(["{}", '{{"pairs": {}}}', '{{"pairs": [{{"image": "", "caption": {}}}]}}'])
+        ).format(literal)
     elif kind == "base64":
         b64 = True
         raw = draw_(st.binary(max_size=200) | _pairs_body.map(lambda b: json.dumps(b).encode()))

@@ -21,7 +21,7 @@ from similarity import Record, score_pairs
 from similarity.bootstrap import build
 from similarity.config import ServiceSettings, Settings, load
 from similarity.errors import ConfigError, TooManyPixels
-from similarity.hardware import memory_limit_bytes
+from similarity.hardware import cpu_count, memory_limit_bytes
 from similarity.model.preprocess import DecodeBudget, DecodeLimits, PreprocessConfig, preprocess, set_decode_limits
 from support.imageserver import banded_png, huge_png_header
 from support.shapes import COLOURS, SHAPES, all_captions, draw
@@ -46,10 +46,22 @@ def test_limits_fit_the_memory(memory_mb) -> None:
     assert lim.max_pixels <= pre.DEFAULT_MAX_PIXELS
 
 
+def test_the_budget_keeps_to_what_the_cores_can_decode() -> None:
+    """A 23 GB machine with 2 cores: a quarter of the memory would let 14 large images decode at
+    once (the CLI peaked at 5.3 GB) where 2 cores decode 2 at a time."""
+    big = DecodeLimits.for_memory(23 * 1024 * MIB, cores=2)
+    assert big.budget_megapixels == pytest.approx(2 * 2 * pre.DEFAULT_MAX_PIXELS / 1e6)
+    assert DecodeLimits.for_memory(23 * 1024 * MIB, cores=64).budget_megapixels == pytest.approx(23 * 1024 * MIB / 20e6)
+    assert DecodeLimits.for_memory(4096 * MIB, cores=2).budget_megapixels == pytest.approx(4096 * MIB / 20e6)
+    assert DecodeLimits.for_memory(23 * 1024 * MIB, budget_megapixels=5000, cores=2).budget_megapixels == 5000
+
+
 def test_the_services_limits_come_from_their_memory(monkeypatch, restore_limits) -> None:
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "4096")  # the API and the chunk workers
     lim = load(ServiceSettings).fetch.decode_limits()
-    assert lim.max_pixels == pre.DEFAULT_MAX_PIXELS and 200 < lim.budget_megapixels < 230
+    by_memory = 4096 * MIB / 4 / pre.BYTES_PER_PIXEL / 1e6  # 215 MP: two 9000x9000 RGB images
+    by_cores = pre.DECODES_PER_CORE * cpu_count() * pre.DEFAULT_MAX_PIXELS / 1e6
+    assert lim.max_pixels == pre.DEFAULT_MAX_PIXELS and lim.budget_megapixels == pytest.approx(min(by_memory, by_cores))
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
     small = load(ServiceSettings)
     lim = small.fetch.decode_limits()

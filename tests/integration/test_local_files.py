@@ -63,11 +63,26 @@ def _socket(tmp: Path) -> Path:
     return p
 
 
+def _pipe_reader() -> int:
+    r, w = os.pipe()
+    _pipe_reader.keep = (r, w)  # type: ignore[attr-defined]  # open for the test's life, never written
+    return r
+
+
 def _sys_file(_tmp: Path) -> Path:
     for candidate in ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/kernel/kexec_loaded", "/sys/power/state"):
         if os.path.isfile(candidate) and os.access(candidate, os.R_OK):
             return Path(candidate)
     pytest.skip("no readable /sys attribute file here")
+
+
+def _existing(path: str) -> Callable[[Path], Path]:
+    def make(_tmp: Path) -> Path:
+        if not os.path.exists(path):
+            pytest.skip(f"{path} does not exist here")
+        return Path(path)
+
+    return make
 
 
 NON_REGULAR: dict[str, Callable[[Path], Path]] = {
@@ -80,6 +95,10 @@ NON_REGULAR: dict[str, Callable[[Path], Path]] = {
     "proc file /proc/self/status": lambda _t: Path("/proc/self/status"),
     "proc file /proc/self/environ": lambda _t: Path("/proc/self/environ"),
     "proc file /proc/version": lambda _t: Path("/proc/version"),
+    "proc file /proc/kcore (reports 128 TB)": _existing("/proc/kcore"),
+    "proc file /proc/self/mem": lambda _t: Path("/proc/self/mem"),
+    "proc fd link to a pipe /proc/self/fd/N": lambda _t: Path(f"/proc/self/fd/{_pipe_reader()}"),
+    "cgroup file": _existing("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
     "sys file": _sys_file,
 }
 
@@ -115,14 +134,30 @@ def test_dev_stdin_of_a_pipe_does_not_hang() -> None:
     assert out.strip() == "not_a_file"
 
 
-def test_cap_is_checked_on_the_bytes_read(tmp_path) -> None:
-    # /proc files report 0 bytes whatever they hold: the size check alone would let them through
+def test_cap_is_checked_on_the_bytes_read(tmp_path, monkeypatch) -> None:
+    # /proc files report 0 bytes whatever they hold: the size check alone let them through
     got = fetch_within(local(max_bytes=64), "/proc/self/maps")
-    assert isinstance(got, TooLarge) and "read" in got.detail
+    assert isinstance(got, RowError) and got.code in ("not_a_file", "too_large")
     big = tmp_path / "big.png"
     big.write_bytes(PNG + b"\0" * 200)
     got = fetch_within(local(max_bytes=len(PNG)), str(big))
     assert isinstance(got, TooLarge)
+    # a file that passes the size check and grows past the cap while it is read
+    p = tmp_path / "grows.png"
+    p.write_bytes(PNG)
+    inode = p.stat().st_ino
+    real_read = os.read
+
+    def read_then_grow(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        if data and os.fstat(fd).st_ino == inode and p.stat().st_size < 10 * len(PNG):
+            with open(p, "ab") as fh:
+                fh.write(b"\0" * len(PNG))
+        return data
+
+    monkeypatch.setattr(sources.os, "read", read_then_grow)
+    got = fetch_within(local(max_bytes=3 * len(PNG)), str(p))
+    assert isinstance(got, TooLarge) and "bytes read" in got.detail
 
 
 def test_file_that_changes_size_while_read_is_refused(tmp_path, monkeypatch) -> None:
@@ -197,3 +232,20 @@ def test_local_fetch_runs_under_the_deadline(tmp_path, monkeypatch) -> None:
     assert isinstance(got, FetchTimeout) and time.monotonic() - start < 3
     os.write(w, b"x")
     os.close(w)
+
+
+def test_pseudo_file_systems_are_told_by_their_mount(tmp_path) -> None:
+    """Files on proc, sysfs, tracefs... are interfaces whatever stat says (S_ISREG, any size):
+    they are found by the device of the mount they live on."""
+    from similarity.fetch.sources import pseudo_filesystem
+
+    dev = os.stat(tmp_path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    fake = tmp_path / "mountinfo"
+    fake.write_text(f"36 25 {major}:{minor} / /mnt rw,relatime shared:1 - tracefs tracefs rw\n")
+    assert pseudo_filesystem(dev, str(fake)) == "tracefs"
+    fake.write_text(f"36 25 {major}:{minor} / /mnt rw,relatime shared:1 - ext4 /dev/sda1 rw\n")
+    assert pseudo_filesystem(dev, str(fake)) is None
+    assert pseudo_filesystem(dev, str(tmp_path / "absent")) is None  # not Linux: the size check remains
+    if os.path.exists("/proc/self/mountinfo"):
+        assert pseudo_filesystem(os.stat("/proc/self/status").st_dev) == "proc"

@@ -82,6 +82,8 @@ def parse_json(raw: Body, max_bytes: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's conversion limit)
+        raise BadRequest(f"body holds a value JSON cannot be read into: {str(exc)[:120]}") from None
     except RecursionError:  # a nesting the scan missed; never a 500
         raise BadRequest("body nests too deeply to parse") from None
 

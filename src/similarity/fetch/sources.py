@@ -119,6 +119,9 @@ def read_regular_file(path: Path, cap: int) -> bytes:
         st = os.stat(path)  # before opening: opening a device can have effects (a tape rewinds)
         if not stat.S_ISREG(st.st_mode):
             raise NotAFile(f"{path} is {_kind(st.st_mode)}, not a regular file")
+        pseudo = pseudo_filesystem(st.st_dev)
+        if pseudo:
+            raise NotAFile(f"{path} is on {pseudo}, a kernel pseudo-file system, not a regular file")
         if st.st_size > cap:
             raise TooLarge(f"file is {st.st_size} bytes, cap {cap}")
         # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it must not wait
@@ -153,6 +156,35 @@ def read_regular_file(path: Path, cap: int) -> bytes:
         # file that changed while it was read is no better.
         raise NotAFile(f"{path} reports {st.st_size} bytes but {total} were read (a /proc or /sys file?)")
     return b"".join(chunks)
+
+
+#: Kernel file systems whose "regular" files are interfaces, not data (/proc/kcore reports 128 TB,
+#: /proc/self/environ 0 bytes, tracefs's trace_pipe blocks on read).
+PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "proc", "sysfs", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2", "configfs", "bpf",
+        "pstore", "efivarfs", "fusectl", "binfmt_misc", "mqueue", "devpts", "autofs", "rpc_pipefs", "nsfs",
+    }
+)  # fmt: skip
+
+
+def pseudo_filesystem(device: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The kernel pseudo-file system the device ``device`` (a ``st_dev``) is, if any (Linux; None
+    elsewhere or when it cannot be told). Read each time: mounts change, and the file is small."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if "-" not in fields:
+                    continue
+                major, _, minor = fields[2].partition(":")
+                if major.isdigit() and minor.isdigit() and os.makedev(int(major), int(minor)) == device:
+                    fstype = fields[fields.index("-") + 1]
+                    if fstype in PSEUDO_FILESYSTEMS:
+                        return fstype
+    except (OSError, AttributeError):  # no /proc (not Linux), or no os.makedev
+        return None
+    return None
 
 
 _READ = 1024 * 1024

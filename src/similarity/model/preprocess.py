@@ -63,6 +63,9 @@ WIDE_WEIGHT = 4  # I, F and anything not listed
 #: pixel limit may hold in its costliest mode.
 BUDGET_SHARE = 0.25
 SINGLE_IMAGE_SHARE = 0.5
+#: Decoding is CPU-bound (Pillow lets go of the GIL): beyond two large images per core in flight,
+#: more only hold memory.
+DECODES_PER_CORE = 2
 #: Images whose full shortest-edge resize would exceed this many times the crop's pixels have
 #: only the cropped part resized (a 16:1 aspect ratio at the usual square crop).
 CROP_ONLY_FACTOR = 16
@@ -118,16 +121,24 @@ class DecodeLimits:
 
     @classmethod
     def for_memory(
-        cls, memory_bytes: int, max_pixels: int | None = None, budget_megapixels: float | None = None
+        cls,
+        memory_bytes: int,
+        max_pixels: int | None = None,
+        budget_megapixels: float | None = None,
+        cores: int | None = None,
     ) -> DecodeLimits:
         """Limits that fit ``memory_bytes``: the decodes in flight hold at most a quarter of it,
         and one image at the pixel limit at most half of it even in its costliest mode (the
-        budget lets such an image run alone). Given values win."""
+        budget lets such an image run alone). With ``cores``, the budget is also kept to what
+        that many cores can decode at once (``DECODES_PER_CORE`` images at the default limit):
+        more in flight would only hold memory. Given values win."""
         if max_pixels is None:
             fits = int(memory_bytes * SINGLE_IMAGE_SHARE / (BYTES_PER_PIXEL * max(ALPHA_WEIGHT, WIDE_WEIGHT)))
             max_pixels = max(1, min(DEFAULT_MAX_PIXELS, fits))
         if budget_megapixels is None:
             budget_megapixels = memory_bytes * BUDGET_SHARE / BYTES_PER_PIXEL / 1e6
+            if cores is not None:
+                budget_megapixels = min(budget_megapixels, DECODES_PER_CORE * max(cores, 1) * DEFAULT_MAX_PIXELS / 1e6)
         return cls(max_pixels=max_pixels, budget_megapixels=budget_megapixels)
 
 
@@ -181,9 +192,9 @@ def set_decode_limits(limits: DecodeLimits) -> None:
 def decode_limits() -> DecodeLimits:
     """The process's limits: as last set, else sized to the memory the process has."""
     if _limits is None:
-        from ..hardware import memory_limit_bytes
+        from ..hardware import cpu_count, memory_limit_bytes
 
-        set_decode_limits(DecodeLimits.for_memory(memory_limit_bytes()))
+        set_decode_limits(DecodeLimits.for_memory(memory_limit_bytes(), cores=cpu_count()))
     assert _limits is not None
     return _limits
 
