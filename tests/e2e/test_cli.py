@@ -57,7 +57,7 @@ def test_scores_examples_with_tiny_model(tmp_path, tiny_clip_dir) -> None:
     s = json.loads(summary.read_text())
     assert s["rows"] == len(src) and s["errors"] == {"not_found": 1, "missing_caption": 1}
     assert s["model"]["id"] == "tiny-clip-shapes"
-    assert "rows: 12" in r.stderr and "pairs/s" in r.stderr
+    assert "rows 12: scored 10, errors 2" in r.stderr and "pairs/s" in r.stderr
 
 
 def test_http_urls_with_allow_network(tmp_path, tiny_clip_dir, server) -> None:
@@ -65,7 +65,7 @@ def test_http_urls_with_allow_network(tmp_path, tiny_clip_dir, server) -> None:
     inp = tmp_path / "in.csv"
     inp.write_text(f"image_url,text,id\n{url},a green square,1\n{url},a red circle,2\n", encoding="utf-8")
     blocked = _run("score", str(inp), "--model", str(tiny_clip_dir))
-    assert blocked.returncode == 0
+    assert blocked.returncode == 4 and "warning: every row failed (blocked_address 2)" in blocked.stderr
     assert all(r["error"].startswith("blocked_address") for r in _rows(tmp_path / "in_scored.csv"))
     ok = _run("score", str(inp), "--model", str(tiny_clip_dir), "--allow-network", "127.0.0.1/32")
     assert ok.returncode == 0, ok.stderr
@@ -79,7 +79,7 @@ def test_http_urls_with_allow_network(tmp_path, tiny_clip_dir, server) -> None:
 def test_no_local_paths_flag(tmp_path, tiny_clip_dir) -> None:
     out = tmp_path / "o.csv"
     r = _run("score", "examples/challenge_set.csv", "-o", str(out), "--model", str(tiny_clip_dir), "--no-local-paths")
-    assert r.returncode == 0
+    assert r.returncode == 4, r.stderr  # every row failed: the output is written, the status says so
     assert all(x["error"].startswith(("local_path_disabled", "missing_caption")) for x in _rows(out))
 
 
@@ -151,8 +151,25 @@ def test_model_info_says_what_auto_runs(tiny_clip_dir) -> None:
     r = _run("model", "info", str(tiny_clip_dir), env={"SIMILARITY_DTYPE": "fp32"})
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["onnx"] == {"fp32": False, "int8": False}
+    assert info["files"] == {"model.safetensors": True, "onnx fp32": False, "onnx int8": False}
     # Exact scores asked for and no ONNX files: torch fp32 (the device stays auto: CUDA when present)
     assert (info["runs_as"]["backend"], info["runs_as"]["dtype"]) == ("torch", "fp32")
+    assert info["backends"]["onnx"] == {"installed": True, "can_run": False, "reads": "onnx/"}
     r = _run("model", "info", str(tiny_clip_dir / "missing"))
     assert r.returncode == 3 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SIMILARITY_BACKEND": "onnx"}, "the onnx backend needs ONNX files"),
+        ({"SIMILARITY_BACKEND": "openvino"}, "the openvino backend needs ONNX files"),
+        ({"SIMILARITY_BACKEND": "onnx", "SIMILARITY_DTYPE": "int8"}, "the onnx backend needs ONNX files"),
+    ],
+)
+def test_model_info_never_reports_what_cannot_run(tiny_clip_dir, env, message) -> None:
+    # Before: `runs_as` said onnx/openvino for a directory without ONNX files, and exit 0.
+    r = _run("model", "info", str(tiny_clip_dir), env=env)
+    assert r.returncode == 3, r.stdout
+    info = json.loads(r.stdout)
+    assert info["runs_as"] is None and message in info["error"] and message in r.stderr
