@@ -14,11 +14,14 @@ any row did), 130 interrupted (committed rows are kept for ``--resume``), 141 th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -482,17 +485,22 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _sigterm_interrupts() -> None:
-    """SIGTERM (a container or job scheduler stopping the run) ends it like Ctrl-C: what was
-    written is committed for ``--resume``."""
-    import signal
-    import threading
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM (a container or job scheduler stopping it) ends it like
+    Ctrl-C: what was written is committed for ``--resume``."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,10 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("SIMILARITY_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
     )
     args = _parser().parse_args(argv)
-    _sigterm_interrupts()
     handler = {c.name: c.run for c in COMMANDS}[args.command]
     try:
-        return handler(args)
+        with _sigterm_interrupts():
+            return handler(args)
     except ModelError as exc:
         from .tools.hub import PROVIDE_HINT
 

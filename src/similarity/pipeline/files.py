@@ -80,7 +80,8 @@ class ErrorFilter:
         ]
         if not codes or bad:
             raise ConfigError(
-                f"{flag}: unknown error code(s) {', '.join(sorted(bad)) or text!r}; use codes from the README's table, "
+                f"{flag}: unknown error code(s) {', '.join(sorted(bad)) or repr(text)}; use codes from the README's "
+                "table, "
                 "comma-separated, e.g. timeout,connection_error,http_5xx"
             )
         return cls(codes)
