@@ -94,6 +94,7 @@ class Partial:
     def check(self, identity: dict[str, Any]) -> None:
         """``ResumeMismatch`` naming what differs between this partial output and ``identity``."""
         stored = self.identity()
+        identity = json.loads(json.dumps({"version": _VERSION, **identity}))  # as stored: tuples are lists
         diffs = [k for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: was {stored.get(k)!r}, now {identity.get(k)!r}" for k in diffs[:4])
