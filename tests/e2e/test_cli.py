@@ -341,7 +341,7 @@ def test_unclosed_quote_is_exit_2_and_writes_nothing(tmp_path, tiny_clip_dir) ->
 
 
 # ------------------------------------------------------------------ issue 17: pipes and paths
-def test_output_to_a_closed_pipe_ends_quietly(tmp_path, tiny_clip_dir) -> None:
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path, tiny_onnx_dir) -> None:
     # `similarity score in.csv -o - | head -2`. Before: a BrokenPipeError traceback.
     inp = _challenge(tmp_path).with_name("many.csv")
     inp.write_text("url,caption\n" + "".join(f"images/red_circle.png,caption {i}\n" for i in range(400)))
@@ -355,7 +355,7 @@ def test_output_to_a_closed_pipe_ends_quietly(tmp_path, tiny_clip_dir) -> None:
             "-o",
             "-",
             "--model",
-            str(tiny_clip_dir),
+            str(tiny_onnx_dir),
             "--batch-size",
             "4",
         ],  # fmt: skip
@@ -372,7 +372,7 @@ def test_output_to_a_closed_pipe_ends_quietly(tmp_path, tiny_clip_dir) -> None:
     assert "Traceback" not in err and "BrokenPipe" not in err
 
 
-def test_relative_image_paths_stdin_versus_file(tmp_path, tiny_clip_dir) -> None:
+def test_relative_image_paths_stdin_versus_file(tmp_path, tiny_onnx_dir) -> None:
     # A file's relative paths are relative to the file's folder; stdin's to the working directory.
     inp = _challenge(tmp_path)
     text = inp.read_text()
@@ -380,14 +380,14 @@ def test_relative_image_paths_stdin_versus_file(tmp_path, tiny_clip_dir) -> None
     elsewhere.mkdir()
     env = {**os.environ, "SIMILARITY_ALLOWED_NETWORKS": ""}
     cmd = [sys.executable, "-m", "similarity", "score"]
-    from_file = subprocess.run([*cmd, str(inp), "-o", "-", "--model", str(tiny_clip_dir)], capture_output=True,
+    from_file = subprocess.run([*cmd, str(inp), "-o", "-", "--model", str(tiny_onnx_dir), "--backend", "onnx"], capture_output=True,
                                text=True, cwd=elsewhere, env=env, timeout=120)  # fmt: skip
     rows = list(csv.DictReader(io.StringIO(from_file.stdout)))
     assert rows[0]["error"] == ""  # images/ found beside the CSV although the cwd is elsewhere
-    stdin_here = subprocess.run([*cmd, "-", "--model", str(tiny_clip_dir)], input=text, capture_output=True,
+    stdin_here = subprocess.run([*cmd, "-", "--model", str(tiny_onnx_dir), "--backend", "onnx"], input=text, capture_output=True,
                                 text=True, cwd=inp.parent, env=env, timeout=120)  # fmt: skip
     assert list(csv.DictReader(io.StringIO(stdin_here.stdout)))[0]["error"] == ""
-    stdin_elsewhere = subprocess.run([*cmd, "-", "--model", str(tiny_clip_dir)], input=text, capture_output=True,
+    stdin_elsewhere = subprocess.run([*cmd, "-", "--model", str(tiny_onnx_dir), "--backend", "onnx"], input=text, capture_output=True,
                                      text=True, cwd=elsewhere, env=env, timeout=120)  # fmt: skip
     assert list(csv.DictReader(io.StringIO(stdin_elsewhere.stdout)))[0]["error"].startswith("not_found")
 
@@ -423,21 +423,21 @@ def test_missing_model_hint_names_the_hf_cli(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("broken", ["config.json", "preprocessor_config.json", "tokenizer.json"])
-def test_corrupt_model_files_are_exit_3(tmp_path, tiny_clip_dir, broken) -> None:
+def test_corrupt_model_files_are_exit_3(tmp_path, tiny_onnx_dir, broken) -> None:
     model = tmp_path / "m"
-    shutil.copytree(tiny_clip_dir, model)
+    shutil.copytree(tiny_onnx_dir, model)
     (model / broken).write_text('{"truncated": ')
-    r = _run("score", str(_challenge(tmp_path)), "--model", str(model), "--backend", "torch")
+    r = _run("score", str(_challenge(tmp_path)), "--model", str(model), "--backend", "onnx")
     assert r.returncode == 3, r.stderr
     assert broken in r.stderr and "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------ issue 17: when every row fails
-def test_every_row_failing_is_exit_4_with_a_warning(tmp_path, tiny_clip_dir, server) -> None:
+def test_every_row_failing_is_exit_4_with_a_warning(tmp_path, tiny_onnx_dir, server) -> None:
     inp = tmp_path / "in.csv"
     dead = "http://127.0.0.1:9/x.png"  # discard port: connection refused
     inp.write_text(f"url,caption\n{dead},a\n{dead},b\n")
-    r = _run("score", str(inp), "--model", str(tiny_clip_dir), "--allow-network", "127.0.0.1/32", "--timeout", "3",
+    r = _run("score", str(inp), "--model", str(tiny_onnx_dir), "--backend", "onnx", "--allow-network", "127.0.0.1/32", "--timeout", "3",
              env={"SIMILARITY_MAX_RETRIES": "0"})  # fmt: skip
     assert r.returncode == 4 and "warning: every row failed (connection_error 2)" in r.stderr, r.stderr
     assert len(_rows(tmp_path / "in_scored.csv")) == 2  # the output is still written
@@ -451,8 +451,8 @@ def test_fail_on_errors(tmp_path, tiny_clip_dir, capsys) -> None:
 
 
 # ------------------------------------------------------------------ issue 17: progress and summary
-def test_progress_shows_percent_and_the_model_line(tmp_path, tiny_clip_dir) -> None:
-    r = _run("score", str(_challenge(tmp_path)), "--model", str(tiny_clip_dir), "--progress")
+def test_progress_shows_percent_and_the_model_line(tmp_path, tiny_onnx_dir) -> None:
+    r = _run("score", str(_challenge(tmp_path)), "--model", str(tiny_onnx_dir), "--backend", "onnx", "--progress")
     assert r.returncode == 0, r.stderr
     assert "loading the model from" in r.stderr.splitlines()[0]
     assert "100%|" in r.stderr and "12 rows" in r.stderr  # bytes read against the size, rows written
