@@ -525,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("botocore", "boto3")):
+            raise
+        from .io.streams import s3_reason
+
+        _err(f"error: S3 failed: {s3_reason(exc)}")  # a dropped connection, an endpoint that does not answer
+        return EXIT_INPUT
     except KeyboardInterrupt:
         _err("interrupted: the output is not complete; the rows committed so far are kept: rerun with --resume")
         return EXIT_INTERRUPTED

@@ -198,3 +198,54 @@ def test_gzip_output_is_a_real_gzip_stream(tiny_model, local_fetcher, tmp_path) 
     score_file(str(tmp_path / "c.csv"), str(tmp_path / "c.csv.gz"), tiny_model, local_fetcher)
     score_file(str(tmp_path / "c.csv"), str(tmp_path / "c_plain.csv"), tiny_model, local_fetcher)
     assert gzip.decompress((tmp_path / "c.csv.gz").read_bytes()) == (tmp_path / "c_plain.csv").read_bytes()
+
+
+# ------------------------------------------------------------------ S3, and what the batch pipeline reads
+def test_s3_input_and_output_in_every_format(tiny_model, s3, bucket, tmp_path, monkeypatch) -> None:
+    from similarity.fetch import Fetcher, FetchSettings
+
+    monkeypatch.chdir(tmp_path)  # where an S3 output's partial directory lives
+    for i, name in enumerate(["red_circle", "blue_square"]):
+        s3.put_object(
+            Bucket=bucket, Key=f"img/{i}.png", Body=(ROOT / "examples" / "images" / f"{name}.png").read_bytes()
+        )
+    rows = [(0, f"s3://{bucket}/img/0.png", "a red circle", "x"), (1, f"s3://{bucket}/img/9.png", "gone", "y")]
+    fetcher = Fetcher(FetchSettings(), s3_client=s3)
+    try:
+        for fmt in ("csv.gz", "jsonl", "parquet"):
+            local = tmp_path / f"in.{fmt}"
+            write_input(local, fmt, rows)
+            s3.put_object(Bucket=bucket, Key=f"in/data.{fmt}", Body=local.read_bytes())
+            score_file(f"s3://{bucket}/in/data.{fmt}", f"s3://{bucket}/out/data.{fmt}", tiny_model, fetcher, s3)
+            (tmp_path / f"got.{fmt}").write_bytes(s3.get_object(Bucket=bucket, Key=f"out/data.{fmt}")["Body"].read())
+            got = read_output(tmp_path / f"got.{fmt}", fmt)
+            assert [(r["error"] or "").split(":")[0] for r in got] == ["", "not_found"], fmt
+            assert got[0]["similarity"] is not None
+    finally:
+        fetcher.close()
+    assert not list(tmp_path.glob(".similarity-partial/*"))
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        ("url,caption\nu,caf\xe9\n".encode("latin-1"), "InputEncodingError", "not valid utf-8 at byte 17"),
+        ("url,caption\nu,ok\n".encode("utf-16-le"), "InputEncodingError", "UTF-16 without a byte-order mark"),
+        (b'url,caption\nu,"open\nv,w\n', "MalformedCsv", "never closed"),
+    ],
+)
+def test_batch_splitter_raises_a_named_run_error_for_bad_s3_files(s3, bucket, body, error, message) -> None:
+    # issue 22 A4/B5: a malformed file dropped into incoming/ must fail its job with the reason; the
+    # job service fails a job on any RunError, so the reader's errors must be RunErrors, named.
+    from similarity import errors
+    from similarity.io.chunking import split_csv
+    from similarity.io.streams import open_input
+
+    s3.put_object(Bucket=bucket, Key="incoming/bad.csv", Body=body)
+    with (
+        pytest.raises(getattr(errors, error), match=message) as caught,
+        open_input(f"s3://{bucket}/incoming/bad.csv", s3) as stream,
+    ):
+        _, chunks = split_csv(stream, 100)
+        list(chunks)
+    assert isinstance(caught.value, errors.RunError)

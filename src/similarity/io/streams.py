@@ -3,8 +3,9 @@
 ``open_source`` gives a peekable binary stream with the source's size and a count of the bytes
 read from it (the CLI's progress: bytes read against the size, local files and S3 alike, gzip
 counted compressed). ``open_input`` keeps the text interface the batch pipeline reads CSV with.
-S3 errors, missing credentials included, become ``InputNotFound`` / ``InputUnreadable`` (exit 2),
-never a botocore traceback.
+S3's answers (no such key, access denied) and missing credentials become ``InputNotFound`` /
+``InputUnreadable`` (``RunError``: the input as given cannot be read). Transport errors (a dropped
+connection) are left as botocore raises them: the batch pipeline retries those.
 """
 
 from __future__ import annotations
@@ -52,33 +53,18 @@ def s3_reason(exc: BaseException) -> str:
     return f"{name}: {exc}"
 
 
-def _botocore_errors() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return (BotoCoreError, ClientError)
-
-
 class _Counting(io.RawIOBase):
     """Counts the bytes read through it; adapts botocore's body to ``io.RawIOBase``."""
 
-    def __init__(self, raw: Any, uri: str, wrap_errors: bool = False) -> None:
+    def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self._uri = uri
-        self._wrap = wrap_errors
         self.count = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf: Any) -> int:
-        try:
-            data = self._raw.read(len(buf))
-        except Exception as exc:
-            if self._wrap and isinstance(exc, (*_botocore_errors(), OSError)):
-                raise InputUnreadable(
-                    f"reading {self._uri} broke off after {self.count} bytes: {s3_reason(exc)}"
-                ) from None
-            raise
+        data = self._raw.read(len(buf))
         n = len(data)
         buf[:n] = data
         self.count += n
@@ -122,10 +108,12 @@ def local_identity(path: Path) -> dict[str, Any]:
 
 def _s3_get(uri: str, s3_client: Any) -> dict[str, Any]:
     bucket, key = split_s3(uri)
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
     try:
         result: dict[str, Any] = s3_client.get_object(Bucket=bucket, Key=key)
         return result
-    except _botocore_errors() as exc:
+    except (ClientError, NoCredentialsError, PartialCredentialsError) as exc:
         reason = s3_reason(exc)
         if reason.startswith(("NoSuchKey", "404")):
             raise InputNotFound(f"input {uri} does not exist") from None
@@ -140,12 +128,12 @@ def open_source(uri: str, s3_client: Any = None, gunzip: bool = False, identify:
     path: Path | None = None
     size: int | None = None
     if uri == "-":
-        counter = _Counting(sys.stdin.buffer, uri)
+        counter = _Counting(sys.stdin.buffer)
     elif is_s3(uri):
         obj = _s3_get(uri, s3_client)
         size = obj.get("ContentLength")
         identity = {"size": size, "etag": obj.get("ETag"), "version": obj.get("VersionId")}
-        counter = _Counting(obj["Body"], uri, wrap_errors=True)
+        counter = _Counting(obj["Body"])
     else:
         path = Path(uri)
         if not path.is_file():
@@ -157,7 +145,7 @@ def open_source(uri: str, s3_client: Any = None, gunzip: bool = False, identify:
         size = os.fstat(fh.fileno()).st_size
         if identify:
             identity = local_identity(path)
-        counter = _Counting(fh, uri)
+        counter = _Counting(fh)
     buffered = io.BufferedReader(counter, 1 << 16)
     stream: BinaryIO = buffered
     if gunzip:
