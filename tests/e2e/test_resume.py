@@ -88,8 +88,14 @@ def _committed(partial: Path) -> int:
     return rows
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C handler:
+    # give the child what a terminal gives a command, whatever ran this suite.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kill_after(cmd: list[str], partial: Path, rows: int, sig: signal.Signals) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while _committed(partial) < rows:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""

@@ -256,6 +256,8 @@ def score_file(
     stream_out = output_uri == "-"
     partial = Partial(partial_dir(output_uri)) if not stream_out else None
     resuming = partial is not None and partial.exists() and on_partial == "resume"
+    if resuming and input_uri == "-":
+        raise ResumeMismatch("stdin cannot be resumed (nothing shows it is the same input): score a file, or --restart")
     if partial is not None and partial.exists() and on_partial == "fail":
         done = partial.last_commit().rows
         raise ResumeMismatch(
