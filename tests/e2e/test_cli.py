@@ -470,3 +470,13 @@ def test_summary_fits_in_100_columns() -> None:
     assert all(len(line) <= 100 for line in lines), lines
     assert lines[0].startswith("rows 123456: scored 100000, errors 23456 (missing_caption 10, s3_error 9")
     assert "more)" in lines[0] and lines[-1] == "-> out/x.csv"
+
+
+def test_stdin_cannot_be_resumed(tmp_path, tiny_clip_dir, monkeypatch, capsys) -> None:
+    from similarity.pipeline.commits import Partial
+
+    out = tmp_path / "o.csv"
+    Partial(tmp_path / "o.csv.partial").start({"input": "-"})  # what a killed run from stdin leaves
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"url,caption\nx.png,a\n")))
+    code = main(["score", "-", "-o", str(out), "--resume", "--model", str(tiny_clip_dir)])
+    assert code == 2 and "stdin cannot be resumed" in capsys.readouterr().err
