@@ -131,9 +131,19 @@ def test_s3_input_and_output(s3, bucket, tiny_clip_dir, moto_endpoint, capsys) -
     body = f"url,caption\ns3://{bucket}/imgs/t.png,a yellow triangle\ns3://{bucket}/imgs/none.png,x\n"
     s3.put_object(Bucket=bucket, Key="in/data.csv", Body=("\ufeff" + body).encode())
     code = main(
-        ["score", f"s3://{bucket}/in/data.csv", "-o", f"s3://{bucket}/out/data.csv", "--model", str(tiny_clip_dir)]
+        [
+            "score",
+            f"s3://{bucket}/in/data.csv",
+            "-o",
+            f"s3://{bucket}/out/data.csv",
+            "--model",
+            str(tiny_clip_dir),
+            "--progress",
+        ]  # fmt: skip
     )
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "100%|" in err and "2 rows" in err  # the S3 object's size is the bar's total
     text = s3.get_object(Bucket=bucket, Key="out/data.csv")["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(text)))
     assert rows[0]["error"] == "" and float(rows[0]["similarity"]) > 0
