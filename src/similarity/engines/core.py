@@ -42,12 +42,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The settings a job may set by keyword, each mapped to its section. ``model_dir``, ``batch_size``
-#: and ``workers`` are arguments of their own; ``excel_safe`` only concerns CSV cells.
+#: and ``workers`` are arguments of their own; the others left out only concern files the CLI writes.
 SETTING_FIELDS: dict[str, str] = {
     name: section
     for section, cls in (("model", ModelSettings), ("fetch", FetchConfig), ("score", ScoreSettings))
     for name in cls.model_fields
-    if name not in ("dir", "batch_size", "workers", "excel_safe")
+    if name not in ("dir", "batch_size", "workers", "excel_safe", "commit_rows", "commit_seconds")
 }
 
 
