@@ -41,6 +41,8 @@ def score() -> Response[str]:
     metrics.add_metric(name="PairsScored", unit=MetricUnit.Count, value=scored.stats.scored)
     for code, n in scored.stats.errors.items():
         metrics.add_metric(name=f"RowError_{code}", unit=MetricUnit.Count, value=n)
+    for name, n in runtime.services().run.cache_metrics().items():  # CacheImageHits, ..., CacheStoreErrors
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=n)
     return _respond(scored.response)
 
 

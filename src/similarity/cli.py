@@ -1,4 +1,4 @@
-"""``similarity`` command line: ``score`` a CSV, ``model fetch|info|export``.
+"""``similarity`` command line: ``score`` a CSV, ``model fetch|info|export``, ``cache stats|clear``.
 
 Exit status: 0 when the file was processed (row errors included), 2 when the input cannot be
 processed (missing file, no URL column, malformed CSV, a bad flag or variable), 3 when the model is
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .cache import cli as cache_cli
 from .config import Settings, load
 from .errors import InputNotFound, ModelError, ModelFetchFailed, RunError
 from .model.directory import DEFAULT_MODEL_ID
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--excel-safe", action="store_true", help="prefix cells starting with = + - @ with '")
     s.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     s.add_argument("--summary-json", help="also write the run summary as JSON to this path")
+    cache_cli.add_score_flags(s)
 
     m = sub.add_parser("model", help="model directory tools")
     msub = m.add_subparsers(dest="model_command", required=True)
@@ -92,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     e = msub.add_parser("export", help="write ONNX files (fp32 and int8) into the model directory")
     e.add_argument("dir", nargs="?", help="model directory (default $CLIP_MODEL_DIR)")
     e.add_argument("--no-int8", action="store_true", help="skip the int8 quantised files")
+    cache_cli.add_command(sub)
     return p
 
 
@@ -121,7 +124,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         },
         FLAGS["fetch"],
     )
-    return settings.with_overrides(
+    settings = settings.with_overrides(
         "score",
         {
             "batch_size": args.batch_size,
@@ -130,6 +133,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         },
         FLAGS["score"],
     )
+    return cache_cli.apply_flags(settings, args)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -141,7 +145,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if not is_s3(args.input) and args.input != "-" and not Path(args.input).is_file():
         raise InputNotFound(f"input file {args.input!r} does not exist")
     base_dir = None if is_s3(args.input) or args.input == "-" else Path(args.input).resolve().parent
-    run = build(settings, local_paths=True, base_dir=base_dir)
+    run = build(settings, local_paths=True, base_dir=base_dir, default_cache=cache_cli.CLI_DEFAULT)
     info = run.load().info
     _err(
         f"model {info.model_id} @ {info.revision} ({info.backend}/{info.device}/{info.dtype}, "
@@ -171,6 +175,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         f"rows: {st.rows}  scored: {st.scored}  errors: {st.rows - st.scored} ({errors})  "
         f"truncated captions: {st.truncated}  {result.pairs_per_second:.1f} pairs/s  -> {output}"
     )
+    if run.cache is not None:
+        _err(cache_cli.summary_line(st.cache, run.cache.store.name))
     if args.summary_json:
         summary: dict[str, Any] = {
             "input": args.input,
@@ -184,6 +190,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             "seconds": round(result.seconds, 3),
             "pairs_per_second": round(result.pairs_per_second, 2),
             "model": info.as_dict(),
+            "cache": {"store": run.cache.store.name, **st.cache} if run.cache is not None else None,
         }
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score":
             return _cmd_score(args)
+        if args.command == "cache":
+            return cache_cli.run_command(args)
         return _cmd_model(args)
     except ModelError as exc:
         from .tools.hub import PROVIDE_HINT

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import UnsupportedSource
+from .conditional import Fetched, Validators
 from .guard import AddressPolicy
 from .http import HttpSource
 from .settings import FetchSettings
@@ -67,3 +68,15 @@ class Fetcher:
         if scheme == "file" or scheme == "" or (len(scheme) == 1 and os.name == "nt"):
             return fetch_local(url, self.settings, self.base_dir)
         raise UnsupportedSource(f"scheme {scheme!r} is not supported")
+
+    def fetch_conditional(self, url: str, validators: Validators | None = None) -> Fetched:
+        """``fetch`` for a cache: http(s) and ``s3://`` return their validators (ETag,
+        Last-Modified) and, given the ones recorded earlier, answer "not modified" without the
+        bytes. Other sources have none and always return the bytes."""
+        url = url.strip()
+        scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            return self._http.fetch_conditional(url, self.settings, validators)
+        if scheme == "s3":
+            return self._s3.fetch_conditional(url, self.settings, validators)
+        return Fetched(self.fetch(url))

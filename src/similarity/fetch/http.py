@@ -38,6 +38,7 @@ from ..errors import (
     TooManyRedirects,
     UnsupportedSource,
 )
+from .conditional import Fetched, Validators
 from .deadline import Deadline, set_current, watch
 from .guard import AddressPolicy
 from .settings import FetchSettings
@@ -126,6 +127,10 @@ class HttpSource:
             return sem
 
     def fetch(self, url: str, settings: FetchSettings) -> bytes:
+        return self.fetch_conditional(url, settings).data or b""
+
+    def fetch_conditional(self, url: str, settings: FetchSettings, validators: Validators | None = None) -> Fetched:
+        """Like ``fetch``; with ``validators`` a 304 answer comes back as ``Fetched(None, ...)``."""
         host = (urlsplit(url).hostname or "").lower()
         slot = self._host_slot(host)
         if not slot.acquire(timeout=settings.deadline):
@@ -133,7 +138,7 @@ class HttpSource:
         deadline = Deadline(settings.deadline)
         set_current(deadline)
         try:
-            return self._follow(url, deadline, settings)
+            return self._follow(url, deadline, settings, validators)
         except RowError:
             raise
         except Exception as exc:  # noqa: BLE001 - nothing but a RowError may leave a row
@@ -145,25 +150,32 @@ class HttpSource:
             set_current(None)
             slot.release()
 
-    def _follow(self, url: str, deadline: Deadline, s: FetchSettings) -> bytes:
+    def _follow(self, url: str, deadline: Deadline, s: FetchSettings, validators: Validators | None) -> Fetched:
+        # The validators go on every hop: they belong to where the redirects end.
+        headers = validators.headers() if validators else None
         for _hop in range(s.max_redirects + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise UnsupportedSource(f"redirect to unsupported URL {url[:100]!r}")
-            resp = self._request_with_retries(url, deadline, s)
+            resp = self._request_with_retries(url, deadline, s, headers)
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
                 continue
             try:
-                if not 200 <= resp.status_code < 300:  # 304, a 3xx without Location, 4xx, 5xx
+                etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+                if resp.status_code == 304 and headers:
+                    return Fetched(None, etag, modified)
+                if not 200 <= resp.status_code < 300:  # an unasked 304, a 3xx without Location, 4xx, 5xx
                     raise HttpStatusError(resp.status_code, f"{resp.reason or ''} from {parts.hostname}".strip())
-                return self._read_body(resp, deadline, s)
+                return Fetched(self._read_body(resp, deadline, s), etag, modified)
             finally:
                 resp.close()
         raise TooManyRedirects(f"more than {s.max_redirects} redirects")
 
-    def _request_with_retries(self, url: str, deadline: Deadline, s: FetchSettings) -> requests.Response:
+    def _request_with_retries(
+        self, url: str, deadline: Deadline, s: FetchSettings, headers: dict[str, str] | None = None
+    ) -> requests.Response:
         host = (urlsplit(url).hostname or "").lower()
         attempt = 0
         while True:
@@ -173,6 +185,7 @@ class HttpSource:
             try:
                 resp = self.session.get(
                     url,
+                    headers=headers,
                     stream=True,
                     allow_redirects=False,
                     timeout=(min(s.connect_timeout, remaining), min(s.read_timeout, remaining)),

@@ -28,6 +28,11 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Pillow's default decompression-bomb threshold; our own check turns it into a row error.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+#: Bump whenever decoding or preprocessing can give other pixels for the same bytes and config: the
+#: embedding cache keys image embeddings by it (similarity.cache.keys), and
+#: tests/unit/test_cache_keys.py holds the golden hash of each version's output on fixed images.
+PREPROCESS_VERSION = 1
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:

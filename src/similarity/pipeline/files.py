@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from ..cache import EmbeddingCache
 from ..fetch import Fetcher
 from ..io.csvfile import DEFAULT_MAX_FIELD, CsvReader, CsvWriter
 from ..io.streams import open_input, open_output
@@ -41,11 +42,12 @@ def score_stream(
     excel_safe: bool = False,
     write_header: bool = True,
     on_row: Callable[[int], None] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> FileResult:
     start = time.perf_counter()
     reader = CsvReader(src, url_column=url_column, caption_column=caption_column, max_field=max_field)
     writer = CsvWriter(dst, reader.header, excel_safe=excel_safe, write_header=write_header)
-    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers)
+    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache)
     for result in scorer.score(reader):
         writer.write(result)
         if on_row is not None:
