@@ -230,3 +230,23 @@ def test_data_uris_and_local_files_are_keyed_by_content(tiny_model, fetcher, tmp
     second, s2 = _score(records, tiny_model, fetcher, cache)
     assert second == first and s2.images_embedded == 0 and s2.cache["image_hits"] == 2
     assert s2.cache["url_hits"] == s2.cache["url_misses"] == 0  # no URL records for these
+
+
+@pytest.mark.slow
+def test_another_backend_never_uses_the_entries(tiny_model, tiny_clip_dir, fetcher, images, tmp_path) -> None:
+    import shutil
+
+    from similarity.tools.onnx_export import export_onnx
+
+    d = tmp_path / "tiny-clip"
+    shutil.copytree(tiny_clip_dir, d)
+    torch_model = load_model(d, backend="torch", device="cpu", dtype="fp32")
+    records = [Record(u, c) for u, c in _images(images, 4)]
+    cache = _cache(tmp_path)
+    _score(records, torch_model, fetcher, cache)
+    export_onnx(d, int8=False)
+    onnx_model = load_model(d, backend="onnx", dtype="fp32")
+    images.reset_log()
+    _, s = _score(records, onnx_model, fetcher, cache)
+    assert s.images_embedded == 4 and s.captions_encoded == 4 and s.cache["image_hits"] == 0
+    assert images.statuses() == [200] * 4

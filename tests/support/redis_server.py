@@ -11,7 +11,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BINARY = shutil.which("redis-server")
 SKIP_REASON = "redis-server is not installed (apt-get install -y redis-server; .ci/run does)"
@@ -114,13 +116,14 @@ class RedisServer:
                 self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def client(self):  # type: ignore[no-untyped-def]  # a plain client for the tests' own checks
+    def client(self) -> Any:
+        """A plain client for the tests' own checks."""
         import redis
 
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
 
 
-def running(**kwargs: str):  # type: ignore[no-untyped-def]
+def running(**kwargs: str) -> Iterator[RedisServer]:
     """For fixtures: ``yield from running()`` gives a started server and stops it afterwards."""
     import pytest
 
