@@ -125,7 +125,8 @@ def run_cache_bench(model_dir: Path, configs: list[tuple[str, str]], rows: int =
 
     tmp = Path(tmp or tempfile.mkdtemp(prefix="cache-bench-"))
     cpu = cpu_description()
-    where = f"{cpu.get('model_name')}, {cpu['cores']} cores"
+    amx = " with AMX" if any(f.startswith("amx") for f in cpu.get("simd", [])) else ""
+    where = f"{cpu.get('model_name')}{amx}, {cpu['cores']} cores"
     server = ImageServer("127.0.0.1").start()
     images = ConditionalImages(server)
     t = time.perf_counter()
