@@ -40,8 +40,8 @@ def test_round_trip_and_missing_keys(tmp_path) -> None:
     st = s.stats()
     assert st.entries == {"images": 1, "captions": 1, "urls": 0}
     assert st.bytes == _size("i:a", b"333") + _size("c:b", b"22")
-    mode = stat.S_IMODE(os.stat(tmp_path / "c.db").st_mode)
-    assert mode & 0o077 == 0  # embeddings say what a user's images were: owner only
+    for name in ("c.db", "c.db-wal", "c.db-shm"):  # embeddings say what a user's images were: owner only
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) & 0o077 == 0, name
 
 
 def test_least_recently_used_entries_go_first_and_the_total_stays_bounded(tmp_path) -> None:
