@@ -14,6 +14,7 @@ from .cache import EmbeddingCache, open_cache
 from .config import Settings
 from .fetch import AddressPolicy, Fetcher
 from .model import ClipModel, load_model
+from .model.preprocess import set_decode_limits
 from .pipeline import FileResult, score_csv, score_pairs
 from .types import Record, ScoreResult
 
@@ -129,6 +130,7 @@ def build(
     ``default_cache``: the embedding cache when ``SIMILARITY_CACHE`` is unset (the CLI: ``local``;
     the services: ``off``)."""
     provider = S3Provider(s3)
+    set_decode_limits(settings.fetch.decode_limits())  # per process: every decode thread shares it
     fetch = settings.fetch.fetch_settings(allow_local_paths=local_paths, pool_size=settings.score.workers)
     fetcher = Fetcher(fetch, AddressPolicy(settings.fetch.networks()), s3_client=provider, base_dir=base_dir)
     cache = open_cache(settings.cache, default=default_cache)

@@ -62,7 +62,7 @@ def test_second_run_is_byte_identical_and_only_revalidates(tmp_path, tiny_clip_d
     assert first.returncode == 0, first.stderr
     assert (home / "text-image-similarity" / "embeddings.sqlite3").is_file()
     assert images.statuses() == [200] * 8
-    assert "cache (sqlite:" in first.stderr and "images 0 hits / 8 misses" in first.stderr
+    assert "cache sqlite:" in first.stderr and "cache hits/misses: images 0/8, URLs 0/8" in first.stderr
     images.reset_log()
 
     second = _run(
@@ -86,7 +86,7 @@ def test_second_run_is_byte_identical_and_only_revalidates(tmp_path, tiny_clip_d
         0,
     )  # the 404 row's caption too: encoded before its image failed
     assert summary["captions_encoded"] == 0 and summary["images_fetched"] == 0
-    assert "URLs 8 / 0 (304: 8" in second.stderr
+    assert "images 8/0, URLs 8/0 (304: 8, within TTL: 0), captions 10/0" in second.stderr
     images.reset_log()
 
     third = _run("score", str(inp), "-o", str(tmp_path / "3.csv"), *common, "--cache-ttl", "3600", cache_home=home)
@@ -108,7 +108,7 @@ def test_no_cache_neither_reads_nor_writes(tmp_path, tiny_clip_dir, csv_in) -> N
     home = tmp_path / "home-cache"
     r = _run("score", str(inp), "--model", str(tiny_clip_dir), "--backend", "torch", "--no-cache", cache_home=home)
     assert r.returncode == 0, r.stderr
-    assert not home.exists() and "cache (" not in r.stderr
+    assert not home.exists() and "cache hits/misses" not in r.stderr
     assert images.statuses() == [200] * 8 and not any(s.if_none_match or s.if_modified_since for s in images.log)
 
 
@@ -118,7 +118,7 @@ def test_an_unreachable_redis_only_warns(tmp_path, tiny_clip_dir, csv_in) -> Non
     r = _run("score", str(inp), "--model", str(tiny_clip_dir), "--backend", "torch", cache_home=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "embedding cache unavailable" in r.stderr and "store errors" in r.stderr and "Traceback" not in r.stderr
-    assert "rows: 10  scored: 9" in r.stderr
+    assert "rows 10: scored 9" in r.stderr
 
 
 def test_a_bad_cache_setting_is_named(tmp_path, tiny_clip_dir, csv_in) -> None:

@@ -74,15 +74,20 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary_line(counts: dict[str, int], store: str) -> str:
+def summary_lines(counts: dict[str, int], store: str) -> list[str]:
+    """The run summary's cache lines (each within 100 columns but the store's path)."""
     c = {k: counts.get(k, 0) for k in COUNTS}
-    line = (
-        f"cache ({store}): images {c['image_hits']} hits / {c['image_misses']} misses, "
-        f"URLs {c['url_hits']} / {c['url_misses']} (304: {c['url_not_modified']}, within TTL: {c['url_trusted']}), "
-        f"captions {c['caption_hits']} / {c['caption_misses']}"
-    )
+    lines = [
+        f"cache {store}",
+        f"cache hits/misses: images {c['image_hits']}/{c['image_misses']}, URLs {c['url_hits']}/{c['url_misses']} "
+        f"(304: {c['url_not_modified']}, within TTL: {c['url_trusted']}), captions "
+        f"{c['caption_hits']}/{c['caption_misses']}",
+    ]
+    issues = []
     if c["corrupt"]:
-        line += f"; {c['corrupt']} corrupt entries ignored"
+        issues.append(f"{c['corrupt']} corrupt entries ignored")
     if c["store_errors"]:
-        line += f"; {c['store_errors']} store errors (those rows were scored without the cache)"
-    return line
+        issues.append(f"{c['store_errors']} store errors (scored without the cache meanwhile)")
+    if issues:
+        lines.append("cache: " + "; ".join(issues))
+    return lines
