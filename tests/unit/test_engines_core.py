@@ -117,11 +117,31 @@ def test_settings_are_resolved_on_the_driver(tiny_clip_dir, monkeypatch) -> None
         ({"allowed_networks": "10.0.0.0/99"}, "keyword allowed_networks"),
         ({"timeout": 3}, "unknown setting timeout"),
         ({"excel_safe": True}, "unknown setting excel_safe"),
+        ({"cache": "memcached://x"}, "keyword cache: Value error, must be off, local"),
+        ({"batch_size_": 1}, "unknown setting batch_size_"),
     ],
 )
 def test_bad_settings_name_the_keyword(kwargs, message) -> None:
     with pytest.raises(ConfigError, match=message):
         JobSpec.make("m", settings=kwargs)
+
+
+def test_embedding_cache_is_used_when_asked_for(spec, tiny_clip_dir, tmp_path, frames) -> None:
+    """``cache=`` (or SIMILARITY_CACHE on the driver) gives every worker the library's cache."""
+    cached = JobSpec.make(
+        tiny_clip_dir, settings={"backend": "torch", "cache": f"sqlite:///{tmp_path}/c.db"}, base=core.Settings()
+    )
+    cache = ModelCache()
+    try:
+        runtime = cache.get(cached)
+        assert runtime.cache is not None and core.ModelCache().get(spec).cache is None
+        first, again = new_scorer(runtime), new_scorer(runtime)
+        a = pd.concat(score_frames(iter(frames), cached, scorer=first))
+        b = pd.concat(score_frames(iter(frames), cached, scorer=again))
+        assert first.stats.images_embedded == 2 and again.stats.images_embedded == 0  # the second run hits
+        assert a["similarity"].equals(b["similarity"])
+    finally:
+        cache.clear()
 
 
 def test_columns_are_checked() -> None:

@@ -41,13 +41,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The settings a job may set by keyword, each mapped to its section. ``model_dir``, ``batch_size``
-#: and ``workers`` are arguments of their own; the others left out only concern files the CLI writes.
-SETTING_FIELDS: dict[str, str] = {
-    name: section
-    for section, cls in (("model", ModelSettings), ("fetch", FetchConfig), ("score", ScoreSettings))
-    for name in cls.model_fields
-    if name not in ("dir", "batch_size", "workers", "excel_safe", "commit_rows", "commit_seconds")
+#: The settings a job may set by keyword, each mapped to its (section, field). ``model_dir``,
+#: ``batch_size`` and ``workers`` are arguments of their own; those left out only concern files the
+#: CLI writes. The embedding cache goes by the CLI's names (``cache``, ``cache_ttl``); its other
+#: fields come from the driver's ``SIMILARITY_CACHE_*`` variables.
+SETTING_FIELDS: dict[str, tuple[str, str]] = {
+    **{
+        name: (section, name)
+        for section, cls in (("model", ModelSettings), ("fetch", FetchConfig), ("score", ScoreSettings))
+        for name in cls.model_fields
+        if name not in ("dir", "batch_size", "workers", "excel_safe", "commit_rows", "commit_seconds")
+    },
+    "cache": ("cache", "store"),
+    "cache_ttl": ("cache", "ttl"),
 }
 
 
@@ -106,12 +112,20 @@ class JobSpec:
             "model": {"dir": source},
             "fetch": {},
             "score": {"batch_size": batch_size, "workers": workers},
+            "cache": {},
         }
+        keyword: dict[str, dict[str, str]] = {s: {} for s in by_section}
         for name, value in given.items():
-            by_section[SETTING_FIELDS[name]][name] = value
+            section, field = SETTING_FIELDS[name]
+            by_section[section][field] = value
+            keyword[section][field] = f"keyword {name}"
         resolved = base or load(Settings)
         for section, values in by_section.items():
-            resolved = resolved.with_overrides(section, values, {k: f"keyword {k}" for k in values})
+            resolved = resolved.with_overrides(
+                section,
+                values,
+                {k: keyword[section].get(k, "model_dir" if k == "dir" else f"keyword {k}") for k in values},
+            )
         return cls(resolved.model_dump(mode="json"), url_col, caption_col)
 
     @property
@@ -185,7 +199,9 @@ def runtime_for(spec: JobSpec) -> Runtime:
 
 
 def new_scorer(runtime: Runtime) -> Scorer:
-    return Scorer(runtime.model, runtime.fetcher, batch_size=runtime.batch_size, workers=runtime.workers)
+    return Scorer(
+        runtime.model, runtime.fetcher, batch_size=runtime.batch_size, workers=runtime.workers, cache=runtime.cache
+    )
 
 
 def cell_text(value: Any) -> str | None:
