@@ -84,17 +84,6 @@ def preload() -> None:
         logger.warning("model not loaded at init", exc_info=True)
 
 
-def reset_clients() -> None:
-    """Tests only: make new AWS clients (from the environment's credentials, e.g. another role's)
-    and the job service and API over them, keeping the loaded model."""
-    with _lock:
-        if _services is not None:
-            with _services.clients._lock:
-                _services.clients._made.clear()
-            for name in ("jobs", "api"):
-                _services.__dict__.pop(name, None)
-
-
 def reset() -> None:
     """Tests only: forget everything so the next call reads the environment again."""
     global _services
