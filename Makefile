@@ -7,7 +7,7 @@ PIP_TORCH_ARGS ?=
 CLIP_MODEL_DIR ?= models/clip-vit-base-patch32
 export CLIP_MODEL_DIR
 
-.PHONY: run test test-fast bench lint clean tiny-clip
+.PHONY: run test test-fast bench lint clean tiny-clip local-job
 
 $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(VENV)/.installed
 	fi
 	$(PY) -m similarity score examples/challenge_set.csv -o out/challenge_set_scored.csv --model "$(CLIP_MODEL_DIR)"
 	@echo "--- out/challenge_set_scored.csv"; cat out/challenge_set_scored.csv
+
+# The S3 batch pipeline end to end on this machine: moto's S3/SQS on 127.0.0.1, examples/ dropped
+# under incoming/, the real splitter, workers and merge in process; prints the status and output.
+local-job: $(VENV)/.installed
+	$(PY) -m handler.local_job
 
 # Lint first (ruff, mypy, cfn-lint), then every test tier: unit, integration, e2e, infrastructure.
 test: lint

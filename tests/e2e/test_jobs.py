@@ -406,9 +406,10 @@ def test_objects_outside_prefix_are_ignored(env) -> None:
     assert out == {"jobs": []}
 
 
-def test_large_file_routes_to_gpu_and_gpu_task_matches_lambda(
-    env, monkeypatch, server, forbidden_server, tmp_path, tiny_clip_dir
-) -> None:
+@pytest.fixture
+def gpu(env, monkeypatch):
+    """ECS on moto: a cluster with a registered GPU instance and the task definition; the
+    splitter sends files over 50 rows there."""
     from similarity.aws import make_client
 
     ecs, ec2 = make_client("ecs"), make_client("ec2")
@@ -444,6 +445,13 @@ def test_large_file_routes_to_gpu_and_gpu_task_matches_lambda(
     monkeypatch.setenv("ECS_SECURITY_GROUPS", sg)
     monkeypatch.setenv("GPU_MIN_ROWS", "50")
     runtime.reset()
+    return {"ecs": ecs, "cluster": cluster, "td": td}
+
+
+def test_large_file_routes_to_gpu_and_gpu_task_matches_lambda(
+    env, gpu, server, forbidden_server, tmp_path, tiny_clip_dir
+) -> None:
+    ecs, cluster, td = gpu["ecs"], gpu["cluster"], gpu["td"]
     body = make_csv(server, forbidden_server, rows=90)
     [job] = drop(env, "incoming/huge.csv", body)["jobs"]
     assert job["state"] == "gpu" and job["path"] == "gpu"
@@ -755,3 +763,69 @@ def test_sample_events_chain() -> None:
     assert status["pathParameters"]["id"] == job_id and status["rawPath"] == f"/jobs/{job_id}"
     stopped = json.loads((EVENTS / "ecs_task_stopped.json").read_text())["detail"]
     assert stopped["startedBy"] == f"job-{job_id}"[:36]
+
+
+def test_local_job_runs_the_whole_pipeline_in_one_command(tmp_path) -> None:
+    """`make local-job` (python -m handler.local_job): its own moto server, the examples dropped,
+    split, workers and merge, then the status and the output."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["CLIP_MODEL_DIR"] = str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-clip")
+    r = subprocess.run(
+        [sys.executable, "-m", "handler.local_job"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert '"state": "done"' in out and '"rows": {\n    "done": 12,\n    "total": 12' in out
+    scored = out.split("--- s3://local-123456789012-data/scored/challenge_set_scored.csv\n", 1)[1]
+    rows = list(csv.reader(io.StringIO(scored, newline="")))
+    assert rows[0] == ["url", "caption", "similarity", "cosine", "error", "truncated"] and len(rows) == 13
+    assert rows[1][0] == "s3://local-123456789012-data/examples/images/red_circle.png" and rows[1][2]
+
+
+def test_crashed_gpu_task_fails_the_job_and_the_status_api_shows_it(env, gpu, server, forbidden_server) -> None:
+    """Item 6: the GPU task dies (here: OOM-killed, exit 137). The ECS task state change (the real
+    event shape, events/ecs_task_stopped.json) fails the job with the reason; GET /jobs/{id} says so."""
+    import handler.api as api
+    import handler.task_stopped as task_stopped
+
+    [job] = drop(env, "incoming/crash.csv", make_csv(server, forbidden_server, rows=90))["jobs"]
+    assert job["state"] == "gpu"
+    [task] = gpu["ecs"].describe_tasks(
+        cluster=gpu["cluster"], tasks=gpu["ecs"].list_tasks(cluster=gpu["cluster"])["taskArns"]
+    )["tasks"]
+    event = json.loads((EVENTS / "ecs_task_stopped.json").read_text())
+    detail = event["detail"]
+    detail.update(
+        taskArn=task["taskArn"], clusterArn=task["clusterArn"], startedBy=task["startedBy"], overrides=task["overrides"]
+    )
+    out = task_stopped.lambda_handler(event, LocalContext())
+    assert out["state"] == "failed"
+    status, st = _api_call(api, "api_jobs_status.json", job_id=job["job_id"])
+    assert status == 200 and st["state"] == "failed"
+    assert (
+        st["reason"].startswith("gpu_task_failed:")
+        and "exit 137" in st["reason"]
+        and "OutOfMemoryError" in st["reason"]
+    )
+    again = task_stopped.lambda_handler(event, LocalContext())  # EventBridge delivers at least once
+    assert again["reason"] == out["reason"]
+
+
+def test_gpu_task_that_finished_is_left_alone_by_its_stopped_event(env, gpu, server, forbidden_server) -> None:
+    import handler.task_stopped as task_stopped
+    from handler.gpu_task import main as gpu_main
+
+    [job] = drop(env, "incoming/fine.csv", make_csv(server, forbidden_server, rows=90))["jobs"]
+    [task] = gpu["ecs"].describe_tasks(
+        cluster=gpu["cluster"], tasks=gpu["ecs"].list_tasks(cluster=gpu["cluster"])["taskArns"]
+    )["tasks"]
+    assert gpu_main(task["overrides"]["containerOverrides"][0]["command"]) == 0
+    event = json.loads((EVENTS / "ecs_task_stopped.json").read_text())
+    event["detail"].update(taskArn=task["taskArn"], startedBy=task["startedBy"], overrides=task["overrides"])
+    for c in event["detail"]["containers"]:
+        c.update(exitCode=0, reason=None)
+    assert task_stopped.lambda_handler(event, LocalContext())["state"] == "done"
