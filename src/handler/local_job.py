@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or os.environ.get("CLIP_MODEL_DIR", "")
     if not model or not (Path(model) / "config.json").is_file():
         fallback = ROOT / "tests" / "fixtures" / "tiny-clip"
-        print(f"model directory {model or '(unset)'!r} not found: using the tiny test model {fallback}", file=sys.stderr)
+        print(
+            f"model directory {model or '(unset)'!r} not found: using the tiny test model {fallback}", file=sys.stderr
+        )
         model = str(fallback)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

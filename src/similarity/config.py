@@ -144,6 +144,10 @@ class JobSettings(Section):
     start_attempts: int = Field(3, ge=1, le=100, validation_alias="JOB_START_ATTEMPTS")
     #: Part size of the streamed multipart upload of merged outputs (memory held per upload).
     merge_part_mb: int = Field(8, ge=5, le=5120, validation_alias="MERGE_PART_MB")
+    #: Most rows a job may have on the Lambda path (no GPU path configured): a bigger file fails at
+    #: the split with the reason, instead of a merge that cannot finish in the worker's timeout
+    #: (bench/jobs.py measures what fits).
+    lambda_max_rows: int = Field(2_000_000, ge=1, validation_alias="LAMBDA_MAX_ROWS")
     #: Cost estimate (USD): Lambda x86 price per GB-second and the worker's memory.
     lambda_gb_second_usd: float = Field(0.0000166667, ge=0, validation_alias="LAMBDA_GB_SECOND_USD")
     worker_memory_mb: int = Field(

@@ -341,6 +341,14 @@ def test_unexpected_error_while_splitting_fails_the_job_on_the_last_attempt() ->
     assert m.state == JobState.FAILED and "RuntimeError: the reader broke" in m.reason
 
 
+def test_a_file_too_large_for_the_lambda_path_fails_at_the_split() -> None:
+    w = World(lambda_max_rows=20)
+    m = w.drop(make_csv(25))
+    assert m.state == JobState.FAILED and m.reason.startswith("too_large_for_lambda: more than LAMBDA_MAX_ROWS (20)")
+    assert w.queue.sent == []
+    assert World(lambda_max_rows=20, gpu=True).drop(make_csv(25)).state == JobState.GPU  # the GPU path takes it
+
+
 def test_input_errors_fail_at_once() -> None:
     w = World()
     m = w.drop("link,caption\nx,y\n")

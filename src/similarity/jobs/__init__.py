@@ -11,7 +11,7 @@ from ..config import JobSettings
 from .models import ChunkMarker, ChunkMessage, JobPath, JobState, Location, Manifest
 from .objects import Blob, ObjectChanged, ObjectInfo, ObjectMissing, ObjectStore, PreconditionFailed, S3ObjectStore
 from .ports import ChunkQueue, ChunkScorer, EcsGpuLauncher, GpuLauncher, SqsChunkQueue, pipeline_scorer
-from .service import ChunkDeadline, JobService, MergeBusy
+from .service import ChunkDeadline, JobService, JobTooLarge, MergeBusy
 from .store import JobStore
 
 
@@ -36,6 +36,7 @@ __all__ = [
     "JobService",
     "JobState",
     "JobStore",
+    "JobTooLarge",
     "Location",
     "Manifest",
     "MergeBusy",

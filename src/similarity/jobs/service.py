@@ -51,6 +51,12 @@ STATUS_MARKERS = 500
 FINAL_WRITE_TRIES = 3
 
 
+class JobTooLarge(RunError):
+    """More rows than the Lambda path merges within the worker's timeout, and no GPU path."""
+
+    code = "too_large_for_lambda"
+
+
 class ChunkDeadline(Exception):
     """Not enough time left in this invocation to finish the chunk: hand it back to the queue."""
 
@@ -171,6 +177,11 @@ class JobService:
                     count += 1
                     if s.gpu_enabled and rows > s.gpu_min_rows:
                         break  # too big for the Lambda fleet: the GPU task scores the whole file
+                    if not s.gpu_enabled and rows > s.lambda_max_rows:
+                        raise JobTooLarge(
+                            f"more than LAMBDA_MAX_ROWS ({s.lambda_max_rows}) rows: the merge would not finish "
+                            "within the worker's timeout; split the file, or deploy the GPU path (GpuImageUri)"
+                        )
                     pending.append(pool.submit(self.store.put_chunk, m, chunk.index, chunk.text))
                     if len(pending) >= 64:
                         for f in pending:

@@ -31,7 +31,7 @@ from .objects import Blob, ObjectInfo, ObjectMissing, ObjectStore
 JSON = "application/json"
 CSV = "text/csv; charset=utf-8"
 #: Parts read ahead of the one being written during the merge (each part is one chunk's output).
-PREFETCH = 4
+PREFETCH = 8
 
 
 class JobStore:
