@@ -142,6 +142,10 @@ class JobSettings(Section):
     #: Starts of one job (the S3 event and Lambda's retries of it) before an error fails the job:
     #: 1 + the S3 event function's MaximumRetryAttempts.
     start_attempts: int = Field(3, ge=1, le=100, validation_alias="JOB_START_ATTEMPTS")
+    #: A job still 'splitting' this long after its last write has no start running any more (each
+    #: was killed: out of time or memory): its status fails it. More than the splitter's 900 s
+    #: timeout plus Lambda's waits between retries.
+    start_timeout_seconds: int = Field(1200, ge=60, validation_alias="JOB_START_TIMEOUT_SECONDS")
     #: Part size of the streamed multipart upload of merged outputs (memory held per upload).
     merge_part_mb: int = Field(8, ge=5, le=5120, validation_alias="MERGE_PART_MB")
     #: Most rows a job may have on the Lambda path (no GPU path configured): a bigger file fails at

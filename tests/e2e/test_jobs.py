@@ -829,3 +829,19 @@ def test_gpu_task_that_finished_is_left_alone_by_its_stopped_event(env, gpu, ser
     for c in event["detail"]["containers"]:
         c.update(exitCode=0, reason=None)
     assert task_stopped.lambda_handler(event, LocalContext())["state"] == "done"
+
+
+def test_splitter_reads_the_version_the_event_names(env, server, forbidden_server, tmp_path, tiny_clip_dir) -> None:
+    """Item 4: the file is overwritten before the splitter runs; the job still scores the version
+    its event names (the versioned bucket keeps it), never a mix or the newer upload."""
+    first = make_csv(server, forbidden_server, rows=30)
+    env["s3"].put_object(Bucket=env["bucket"], Key="incoming/moving.csv", Body=first.encode())
+    head = env["s3"].head_object(Bucket=env["bucket"], Key="incoming/moving.csv")
+    event = s3_event_for(env["bucket"], "incoming/moving.csv", head)
+    env["s3"].put_object(
+        Bucket=env["bucket"], Key="incoming/moving.csv", Body=make_csv(server, forbidden_server, rows=90).encode()
+    )
+    [job] = env["s3_event"].lambda_handler(event, LocalContext(timeout_s=900))["jobs"]
+    assert job["rows"] == 30
+    drain(env)
+    assert output_rows(env, "scored/moving_scored.csv") == cli_rows(tmp_path, tiny_clip_dir, first)

@@ -52,7 +52,7 @@ class World:
         self.settings = JobSettings(bucket=B, chunk_queue_url="q", chunk_rows=chunk_rows, **extra, **settings)
         self.jobs = JobService(
             self.settings,
-            JobStore(self.objects),
+            JobStore(self.objects, clock=self.clock),
             self.queue,
             self.launcher,
             clock=self.clock,
@@ -347,6 +347,35 @@ def test_a_file_too_large_for_the_lambda_path_fails_at_the_split() -> None:
     assert m.state == JobState.FAILED and m.reason.startswith("too_large_for_lambda: more than LAMBDA_MAX_ROWS (20)")
     assert w.queue.sent == []
     assert World(lambda_max_rows=20, gpu=True).drop(make_csv(25)).state == JobState.GPU  # the GPU path takes it
+
+
+def test_starts_killed_on_every_attempt_leave_a_failed_job() -> None:
+    """Attempts that never return (Lambda's timeout or out of memory kills them: no exception to
+    catch) leave 'splitting'. The status fails such a job once no start can still be running, and
+    a start after every attempt was used fails it at once."""
+    w = World()
+    v = w.objects._write(B, KEY, make_csv().encode())
+    w.objects.fail("open", KEY, times=99, exc=KeyboardInterrupt())  # stands in for the kill
+
+    def killed_start() -> None:
+        with pytest.raises(KeyboardInterrupt):
+            w.start(KEY, v.version_id, v.etag)
+
+    killed_start()
+    [job_id] = {k.split("/")[1] for k in w.objects.keys(B, "jobs/")}
+    w.clock.advance(600)
+    assert w.jobs.status(B, job_id)["state"] == "splitting"  # Lambda's retry may still come
+    w.clock.advance(w.settings.start_timeout_seconds)
+    st = w.jobs.status(B, job_id)
+    assert st["state"] == "failed" and "stopped without an error" in st["reason"]
+    w2 = World()
+    v2 = w2.objects._write(B, KEY, make_csv().encode())
+    w2.objects.fail("open", KEY, times=99, exc=KeyboardInterrupt())
+    for _ in range(w2.settings.start_attempts):
+        with pytest.raises(KeyboardInterrupt):
+            w2.start(KEY, v2.version_id, v2.etag)
+    m = w2.start(KEY)  # e.g. POST /jobs after three killed invocations
+    assert m.state == JobState.FAILED and "3 attempts" in m.reason
 
 
 def test_input_errors_fail_at_once() -> None:

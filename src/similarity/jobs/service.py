@@ -128,6 +128,9 @@ class JobService:
         if existing is not None and existing.state != JobState.SPLITTING and not resend:
             return existing  # the same object delivered again: the job is already under way
         attempt = self.store.claim_attempt(bucket, job_id, self.settings.start_attempts)
+        if attempt > self.settings.start_attempts and existing is not None:
+            # every attempt started and none finished or raised: each was killed (out of time or memory)
+            return self.fail(existing, _killed(self.settings.start_attempts))
         if existing is not None and resend:
             m = existing
         else:
@@ -376,6 +379,8 @@ class JobService:
         m = self.store.load(bucket, job_id)
         if m is None:
             return None
+        if m.state == JobState.SPLITTING and self.clock() - m.updated_at > self.settings.start_timeout_seconds:
+            m = self.fail(m, _killed(None))  # no start is running: it would have written since
         end = m.finished_at or self.clock()
         errors_complete = True
         if m.state == JobState.DONE:
@@ -412,6 +417,14 @@ class JobService:
             "compute_seconds": round(seconds, 3),
             "estimated_cost_usd": round(cost, 6),
         }
+
+
+def _killed(attempts: int | None) -> str:
+    what = f"{attempts} attempts" if attempts else "the last attempt"
+    return (
+        f"start_failed: {what} to split the file stopped without an error (out of time or memory): "
+        "split the file, or deploy the GPU path for it"
+    )
 
 
 def _sum_errors(markers: list[ChunkMarker]) -> dict[str, int]:

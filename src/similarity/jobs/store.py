@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -35,9 +35,12 @@ PREFETCH = 8
 
 
 class JobStore:
-    def __init__(self, objects: ObjectStore, jobs_prefix: str = "jobs/") -> None:
+    def __init__(
+        self, objects: ObjectStore, jobs_prefix: str = "jobs/", clock: Callable[[], float] = time.time
+    ) -> None:
         self.objects = objects
         self.jobs_prefix = jobs_prefix
+        self.clock = clock
 
     # -- keys
     def prefix(self, job_id: str) -> str:
@@ -81,7 +84,7 @@ class JobStore:
         return Manifest.model_validate(data) if data else None
 
     def save(self, m: Manifest) -> Manifest:
-        m.updated_at = time.time()
+        m.updated_at = self.clock()
         self.put_json(m.source.bucket, self.manifest_key(m.job_id), m.model_dump(mode="json"))
         return m
 
@@ -97,7 +100,7 @@ class JobStore:
         return self.objects.get(m.source.bucket, self.fanout_key(m.job_id)) is not None
 
     def mark_fanned_out(self, m: Manifest) -> None:
-        self.put_json(m.source.bucket, self.fanout_key(m.job_id), {"messages": m.chunk_count, "at": time.time()})
+        self.put_json(m.source.bucket, self.fanout_key(m.job_id), {"messages": m.chunk_count, "at": self.clock()})
 
     # -- chunks, parts, markers
     def put_chunk(self, m: Manifest, index: int, text: str) -> None:
@@ -171,7 +174,7 @@ class JobStore:
         return self.get_json(m.source.bucket, self.merged_key(m.job_id))
 
     def mark_merged(self, m: Manifest, etag: str) -> None:
-        self.put_json(m.source.bucket, self.merged_key(m.job_id), {"etag": etag, "at": time.time()})
+        self.put_json(m.source.bucket, self.merged_key(m.job_id), {"etag": etag, "at": self.clock()})
 
     # -- source and output objects
     def head_source(self, bucket: str, key: str) -> ObjectInfo:
