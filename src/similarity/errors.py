@@ -74,6 +74,14 @@ class NotFound(RowError):
     meaning = "local file or S3 object does not exist"
 
 
+class NotAFile(RowError):
+    """A local path that names something other than a regular file, or a file whose size does not
+    match what it holds (a /proc or /sys pseudo-file)."""
+
+    code = "not_a_file"
+    meaning = "a local path that is not a regular file (directory, device, FIFO, socket, /proc or /sys file)"
+
+
 class BlockedAddress(RowError):
     """The address guard refused the destination (private, loopback, metadata, ...)."""
 
@@ -149,6 +157,14 @@ class InvalidDataUri(RowError):
     meaning = "a data: URI that is not base64 image data"
 
 
+class InvalidCaption(RowError):
+    """A caption that is not valid Unicode text (a lone surrogate, e.g. from a ``\\ud800`` escape in
+    JSON or undecodable CSV bytes): no tokenizer can encode it."""
+
+    code = "invalid_caption"
+    meaning = "the caption is not valid Unicode text (it holds a lone surrogate)"
+
+
 class InferenceError(RowError):
     """The model failed on this row's input; should not happen, reported rather than crashing."""
 
@@ -180,6 +196,18 @@ class InputNotFound(RunError):
     code = "input_not_found"
 
 
+class InputUnreadable(RunError):
+    """The input exists (or may) but cannot be read: no credentials, access denied, a read that broke."""
+
+    code = "input_unreadable"
+
+
+class OutputUnwritable(RunError):
+    """The output cannot be written there (no credentials, no bucket, no permission, a directory)."""
+
+    code = "output_unwritable"
+
+
 class NoUrlColumn(RunError):
     code = "no_url_column"
 
@@ -188,8 +216,26 @@ class NoCaptionColumn(RunError):
     code = "no_caption_column"
 
 
-class MalformedCsv(RunError):
+class MalformedInput(RunError):
+    """The file cannot be read as rows of its format (the message names the line or byte)."""
+
+    code = "malformed_input"
+
+
+class MalformedCsv(MalformedInput):
     code = "malformed_csv"
+
+
+class InputEncodingError(MalformedInput):
+    """The bytes are not text in the expected encoding; the message gives the byte offset and the fix."""
+
+    code = "bad_encoding"
+
+
+class ResumeMismatch(RunError):
+    """``--resume`` found a partial output of a different input, options or model."""
+
+    code = "resume_mismatch"
 
 
 class ModelError(RunError):
