@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Iterable
 from typing import TextIO
 
 from similarity.errors import RunError
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model %s on %s/%s", model.info.model_id, model.info.backend, model.info.device)
     start = time.perf_counter()
 
-    def score(src: TextIO, dst: TextIO) -> FileResult:
+    def score(src: Iterable[str], dst: TextIO) -> FileResult:
         return score_stream(
             src, dst, model, run.fetcher, batch_size=run.batch_size, workers=run.workers, excel_safe=job.excel_safe
         )

@@ -135,7 +135,7 @@ class FakeObjectStore:
 
     def open(self, bucket: str, key: str, version_id: str | None = None) -> BinaryIO:
         self._check("open", key)
-        return io.BytesIO(self._version(bucket, key, version_id).data)
+        return io.BufferedReader(io.BytesIO(self._version(bucket, key, version_id).data))  # with peek, as S3's
 
     @contextlib.contextmanager
     def writer(self, bucket: str, key: str, content_type: str) -> Iterator[BinaryIO]:

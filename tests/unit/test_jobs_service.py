@@ -311,19 +311,29 @@ def test_failed_merge_aborts_its_upload() -> None:
 
 # ------------------------------------------------------------------------------ A4: inputs that raise
 @pytest.mark.parametrize(
-    "body",
+    ("body", "says"),
     [
-        "id,url,caption\n1,https://x/a.png,caf\xe9 cr\xe8me\n".encode("latin-1"),  # Latin-1 caption
-        b"url,caption\n" + b"https://x/a.png,ok\n" * 3000 + b"https://x/b.png,\xff\xfe\n",  # deep in the file
-        "url,caption\nhttps://x/a.png,hi\n".encode("utf-16"),  # UTF-16 (BOM FF FE)
+        ("id,url,caption\n1,https://x/a.png,caf\xe9 cr\xe8me\n".encode("latin-1"), "not valid utf-8 at byte 36 "),
+        (b"url,caption\n" + b"https://x/a.png,ok\n" * 3000 + b"https://x/b.png,\xff\xfe\n", "at byte 57028 (line 3002"),
+        ("url,caption\nhttps://x/a.png,hi\n".encode("utf-16-le"), "UTF-16 without a byte-order mark"),
     ],
+    ids=["latin-1", "deep-in-the-file", "utf-16-without-bom"],
 )
-def test_undecodable_file_fails_the_job_at_once_with_the_reason(body: bytes) -> None:
+def test_undecodable_file_fails_the_job_at_once_with_the_reason(body: bytes, says: str) -> None:
     w = World()
     m = w.drop(body)
-    assert m.state == JobState.FAILED and "malformed_csv" in m.reason and "UTF-8" in m.reason
+    assert m.state == JobState.FAILED and m.reason.startswith("bad_encoding: ") and says in m.reason, m.reason
     assert w.queue.sent == []
     assert w.jobs.status(B, m.job_id)["state"] == "failed"
+
+
+def test_utf16_with_its_byte_order_mark_is_read_as_the_cli_reads_it() -> None:
+    w = World()
+    text = make_csv(5)
+    m = w.drop(text.encode("utf-16"))
+    assert m.state == JobState.RUNNING and m.row_count == 5
+    w.drain()
+    assert w.output() == whole_file(text)
 
 
 def test_unexpected_error_while_splitting_fails_the_job_on_the_last_attempt() -> None:

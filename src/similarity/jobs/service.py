@@ -27,7 +27,7 @@ import io
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TextIO
 
@@ -35,6 +35,7 @@ from ..config import JobSettings
 from ..errors import InputNotFound, MalformedCsv, RunError
 from ..io.chunking import merge_parts, split_csv
 from ..io.csvfile import header_line
+from ..io.text import TextLines
 from ..pipeline import FileResult
 from .models import ChunkMarker, ChunkMessage, JobPath, JobState, Location, Manifest
 from .objects import ObjectChanged, ObjectMissing, PreconditionFailed
@@ -169,8 +170,10 @@ class JobService:
 
     def _split_and_send(self, m: Manifest) -> Manifest:
         s = self.settings
-        with io.TextIOWrapper(self.store.open_source(m.source), encoding="utf-8-sig", newline="") as stream:
-            header, chunks = split_csv(stream, s.chunk_rows)
+        with self.store.open_source(m.source) as raw:
+            # Decoded as the CLI decodes (UTF-8, or UTF-16 with its byte-order mark): a bad byte is
+            # an InputEncodingError naming its offset, which fails the job with that reason.
+            header, chunks = split_csv(TextLines(raw), s.chunk_rows)
             m.header = header
             rows = count = 0
             with ThreadPoolExecutor(8) as pool:
@@ -250,16 +253,13 @@ class JobService:
         return self.fail(m, f"gpu_task_failed: {reason}")
 
     # ------------------------------------------------------------------ the whole file (the GPU task)
-    def score_whole(self, m: Manifest, score: Callable[[TextIO, TextIO], FileResult]) -> FileResult:
+    def score_whole(self, m: Manifest, score: Callable[[Iterable[str], TextIO], FileResult]) -> FileResult:
         """Score the job's source version into its output in one stream (no chunks): ``score``
-        reads CSV text and writes the scored CSV, header included. The output appears only whole."""
-        with (
-            io.TextIOWrapper(self.store.open_source(m.source), encoding="utf-8-sig", newline="") as src,
-            self.store.output_writer(m.output) as raw,
-        ):
+        reads CSV lines and writes the scored CSV, header included. The output appears only whole."""
+        with self.store.open_source(m.source) as src, self.store.output_writer(m.output) as raw:
             dst = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=True)
             try:
-                return score(src, dst)
+                return score(TextLines(src), dst)
             except UnicodeDecodeError as exc:
                 raise MalformedCsv(f"the file is not UTF-8 text ({exc})") from None
             finally:
