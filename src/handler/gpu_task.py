@@ -58,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def score(src: Iterable[str], dst: TextIO) -> FileResult:
         return score_stream(
-            src, dst, model, run.fetcher, batch_size=run.batch_size, workers=run.workers, excel_safe=job.excel_safe
+            src,
+            dst,
+            model,
+            run.fetcher,
+            batch_size=run.batch_size,
+            workers=run.workers,
+            excel_safe=job.excel_safe,
+            cache=run.cache,
         )
 
     try:

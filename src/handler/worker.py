@@ -52,8 +52,12 @@ def _process(record: SQSRecord, lambda_context: Any, context: dict[str, Any]) ->
     def time_left() -> float:
         return lambda_context.get_remaining_time_in_millis() / 1000 if lambda_context else float("inf")
 
-    scorer = pipeline_scorer(run.model, fetcher, batch_size=run.batch_size, workers=run.workers)
-    complete = s.jobs.process_chunk(msg, scorer, record.message_id, time_left)
+    scorer = pipeline_scorer(run.model, fetcher, batch_size=run.batch_size, workers=run.workers, cache=run.cache)
+    try:
+        complete = s.jobs.process_chunk(msg, scorer, record.message_id, time_left)
+    finally:
+        for name, n in run.cache_metrics().items():  # CacheImageHits, ..., CacheStoreErrors
+            metrics.add_metric(name=name, unit=MetricUnit.Count, value=n)
     metrics.add_metric(name="ChunksScored", unit=MetricUnit.Count, value=1)
     if complete:
         logger.info("job complete", extra={"job_id": msg.job_id})

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
+from ..cache import EmbeddingCache
 from ..config import JobSettings
 from ..fetch import Fetcher
 from ..model import ClipModel
@@ -35,8 +36,15 @@ class ChunkScorer(Protocol):
         """Score the CSV ``src`` into ``dst`` (headerless), calling ``on_row`` after each row."""
 
 
-def pipeline_scorer(model: ClipModel, fetcher: Fetcher, batch_size: int = 32, workers: int = 16) -> ChunkScorer:
-    """The library's scorer, as the worker and the GPU task run it."""
+def pipeline_scorer(
+    model: ClipModel,
+    fetcher: Fetcher,
+    batch_size: int = 32,
+    workers: int = 16,
+    cache: EmbeddingCache | None = None,
+) -> ChunkScorer:
+    """The library's scorer, as the worker runs it. ``cache``: the embedding cache (shared by the
+    workers through Redis in the deployment)."""
 
     def score(src: TextIO, dst: TextIO, *, excel_safe: bool, on_row: Callable[[int], None]) -> FileResult:
         return score_stream(
@@ -49,6 +57,7 @@ def pipeline_scorer(model: ClipModel, fetcher: Fetcher, batch_size: int = 32, wo
             excel_safe=excel_safe,
             write_header=False,
             on_row=on_row,
+            cache=cache,
         )
 
     return score
