@@ -18,7 +18,7 @@ CLIP_MODEL_DIR ?= models/clip-vit-base-patch32
 EXPORT_ROOT ?= build/models
 export CLIP_MODEL_DIR
 
-.PHONY: run test test-fast bench lint clean tiny-clip sizes airflow-venv
+.PHONY: run test test-fast bench lint clean tiny-clip sizes airflow-venv local-job
 
 $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ run: $(RUN_VENV)/.installed
 	fi; \
 	$(RUN_VENV)/bin/python -m similarity score examples/challenge_set.csv -o out/challenge_set_scored.csv --model "$$model"
 	@echo "--- out/challenge_set_scored.csv"; cat out/challenge_set_scored.csv
+
+# The S3 batch pipeline end to end on this machine: moto's S3/SQS on 127.0.0.1, examples/ dropped
+# under incoming/, the real splitter, workers and merge in process; prints the status and output.
+local-job: $(VENV)/.installed
+	$(PY) -m handler.local_job
 
 # Lint first (ruff, mypy, cfn-lint), then every test tier: unit, integration, e2e, infrastructure.
 test: lint

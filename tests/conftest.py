@@ -115,3 +115,16 @@ def bucket(s3) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def moto_admin(moto_endpoint: str) -> Iterator[dict[str, str]]:
+    """An IAM user allowed everything on moto's server, and the rules of AWS that moto lacks
+    (tests/support/moto_iam.py). Enforcement itself is switched on by the tests that need it, and
+    off after them: moto's auth switch is process-wide."""
+    from support import moto_iam
+
+    undo = moto_iam.install()
+    admin = moto_iam.bootstrap_admin(moto_endpoint)
+    yield admin
+    undo()

@@ -192,6 +192,23 @@ class JobSettings(Section):
     ecs_container_name: str = Field("scorer", validation_alias="ECS_CONTAINER_NAME")
     #: Seconds of margin before the Lambda deadline when a chunk is handed back.
     worker_reserve_seconds: float = Field(20.0, ge=0, validation_alias="WORKER_RESERVE_SECONDS")
+    #: Seconds until a chunk handed back at the deadline is received again (not the queue's 30 min).
+    handback_seconds: int = Field(5, ge=0, le=43200, validation_alias="WORKER_HANDBACK_SECONDS")
+    #: Seconds until a chunk whose attempt failed is received again (each receive counts towards the DLQ).
+    retry_seconds: int = Field(60, ge=0, le=43200, validation_alias="WORKER_RETRY_SECONDS")
+    #: Starts of one job (the S3 event and Lambda's retries of it) before an error fails the job:
+    #: 1 + the S3 event function's MaximumRetryAttempts.
+    start_attempts: int = Field(3, ge=1, le=100, validation_alias="JOB_START_ATTEMPTS")
+    #: A job still 'splitting' this long after its last write has no start running any more (each
+    #: was killed: out of time or memory): its status fails it. More than the splitter's 900 s
+    #: timeout plus Lambda's waits between retries.
+    start_timeout_seconds: int = Field(1200, ge=60, validation_alias="JOB_START_TIMEOUT_SECONDS")
+    #: Part size of the streamed multipart upload of merged outputs (memory held per upload).
+    merge_part_mb: int = Field(8, ge=5, le=5120, validation_alias="MERGE_PART_MB")
+    #: Most rows a job may have on the Lambda path (no GPU path configured): a bigger file fails at
+    #: the split with the reason, instead of a merge that cannot finish in the worker's timeout
+    #: (bench/jobs.py measures what fits).
+    lambda_max_rows: int = Field(2_000_000, ge=1, validation_alias="LAMBDA_MAX_ROWS")
     #: Cost estimate (USD): Lambda x86 price per GB-second and the worker's memory.
     lambda_gb_second_usd: float = Field(0.0000166667, ge=0, validation_alias="LAMBDA_GB_SECOND_USD")
     worker_memory_mb: int = Field(

@@ -41,14 +41,24 @@ def test_the_cache_is_optional_and_off_by_default(tpl) -> None:
     assert tpl["Outputs"]["EmbeddingCacheEndpoint"]["Condition"] == "CacheEnabled"
 
 
-def test_elasticache_serverless_in_the_functions_subnets(tpl) -> None:
+SCORERS = ("ApiFunction", "WorkerFunction")  # the functions that score pairs, in the VPC
+
+
+@pytest.mark.parametrize("extra", [{}, {"SubnetC": "subnet-cccc3333"}], ids=["two-subnets", "three-subnets"])
+def test_elasticache_serverless_in_the_functions_subnets(tpl, extra) -> None:
+    from support.aws_template import Stack
+
     cache = tpl["Resources"]["EmbeddingCache"]
     assert cache["Type"] == "AWS::ElastiCache::ServerlessCache"
     props = cache["Properties"]
     assert props["Engine"] == {"Ref": "EmbeddingCacheEngine"}
-    assert props["SubnetIds"] == {"Ref": "SubnetIds"} == tpl["Globals"]["Function"]["VpcConfig"]["SubnetIds"]
     assert props["SecurityGroupIds"] == [{"Ref": "EmbeddingCacheSecurityGroup"}]
     assert props["CacheUsageLimits"]["DataStorage"] == {"Maximum": {"Ref": "EmbeddingCacheMaxGB"}, "Unit": "GB"}
+    s = Stack.of(ROOT / "template.yaml", "simtest", {"EmbeddingCacheEngine": "valkey", **extra})
+    subnets = sorted(s.resolve(s.resources["EmbeddingCache"]["Properties"]["SubnetIds"]))
+    assert len(subnets) == 2 + bool(extra)
+    for name in SCORERS:
+        assert sorted(s.resolve(s.resources[name]["Properties"]["VpcConfig"]["SubnetIds"])) == subnets, name
 
 
 def test_only_the_functions_security_group_reaches_it(tpl) -> None:
@@ -58,20 +68,22 @@ def test_only_the_functions_security_group_reaches_it(tpl) -> None:
     assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 6379, 6380)
     assert rule["SourceSecurityGroupId"] == {"Ref": "FunctionSecurityGroup"}
     assert "CidrIp" not in rule and "CidrIpv6" not in rule
-    # ... and that group is the one every function and the GPU task run in
-    assert tpl["Globals"]["Function"]["VpcConfig"]["SecurityGroupIds"] == [{"Ref": "FunctionSecurityGroup"}]
+    # ... and that group is the one every function in the VPC and the GPU task run in
     fns = {k: v for k, v in tpl["Resources"].items() if v["Type"] == "AWS::Serverless::Function"}
-    assert all("VpcConfig" not in f["Properties"] for f in fns.values())  # none leaves the group
+    for name, fn in fns.items():
+        if "VpcConfig" in fn["Properties"]:
+            assert fn["Properties"]["VpcConfig"]["SecurityGroupIds"] == [{"Ref": "FunctionSecurityGroup"}], name
+    assert set(SCORERS) <= {n for n, f in fns.items() if "VpcConfig" in f["Properties"]}
     launch = tpl["Resources"]["GpuLaunchTemplate"]["Properties"]["LaunchTemplateData"]
     assert launch["SecurityGroupIds"] == [{"Ref": "FunctionSecurityGroup"}]
 
 
 def test_every_scorer_gets_the_cache_through_similarity_cache(tpl) -> None:
-    env = tpl["Globals"]["Function"]["Environment"]["Variables"]
-    assert env["SIMILARITY_CACHE"] == CACHE_URL
-    for name in ("ApiFunction", "WorkerFunction"):  # no function overrides it
-        fn_env = tpl["Resources"][name]["Properties"].get("Environment", {}).get("Variables", {})
-        assert "SIMILARITY_CACHE" not in fn_env, name
+    assert "SIMILARITY_CACHE" not in tpl["Globals"]["Function"]["Environment"]["Variables"]
+    fns = {k: v for k, v in tpl["Resources"].items() if v["Type"] == "AWS::Serverless::Function"}
+    for name, fn in fns.items():  # the scorers have it; the functions outside the VPC do not
+        fn_env = fn["Properties"].get("Environment", {}).get("Variables", {})
+        assert (fn_env.get("SIMILARITY_CACHE") == CACHE_URL) == (name in SCORERS), name
     [container] = tpl["Resources"]["GpuTaskDefinition"]["Properties"]["ContainerDefinitions"]
     gpu_env = {e["Name"]: e["Value"] for e in container["Environment"]}
     assert gpu_env["SIMILARITY_CACHE"] == CACHE_URL
@@ -97,7 +109,8 @@ def test_sam_transform_with_the_cache_on_lints_clean(tpl, tmp_path) -> None:
 
     params = {
         "VpcId": "vpc-0123456789abcdef0",
-        "SubnetIds": "subnet-aaaa1111,subnet-bbbb2222",
+        "SubnetA": "subnet-aaaa1111",
+        "SubnetB": "subnet-bbbb2222",
         "GpuImageUri": "x/y:gpu",
         "EmbeddingCacheEngine": "valkey",
     }

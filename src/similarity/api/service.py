@@ -16,7 +16,7 @@ from typing import Any
 
 from ..bootstrap import Runtime
 from ..config import ServiceSettings
-from ..errors import SimilarityError
+from ..errors import InputNotFound, SimilarityError
 from ..io.streams import split_s3
 from ..jobs import JobService, Location
 from ..model import ClipModel
@@ -156,10 +156,6 @@ class ApiService:
                 f"output must not be under {s.jobs.input_prefix} or {s.jobs.jobs_prefix}",
                 fields=[{"field": "output", "message": "reserved prefix"}],
             )
-        from botocore.exceptions import ClientError
-
-        from ..fetch.sources import S3_MISSING
-
         try:
             m = jobs.start(
                 bucket,
@@ -167,10 +163,8 @@ class ApiService:
                 output=Location(bucket=out_bucket, key=out_key) if out_key else None,
                 excel_safe=req.excel_safe,
             )
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in S3_MISSING:
-                raise NotFound(f"{req.input} does not exist") from None
-            raise
+        except InputNotFound:
+            raise NotFound(f"{req.input} does not exist") from None
         return ApiResponse(202, jobs.status(bucket, m.job_id) or {})
 
     def job_status(self, job_id: str) -> ApiResponse:

@@ -1,13 +1,18 @@
-"""What the job service needs from the outside besides S3 (``JobStore``): a queue for chunk
-messages and a launcher for the GPU task. AWS adapters here; in-memory fakes in the tests."""
+"""What the job service needs from the outside besides object storage (``objects``): a queue for
+chunk messages, a launcher for the GPU task, and a scorer for one chunk. AWS adapters here;
+in-memory fakes in the tests (``tests/unit/fakes.py``)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TextIO
 
+from ..cache import EmbeddingCache
 from ..config import JobSettings
+from ..fetch import Fetcher
+from ..model import ClipModel
+from ..pipeline import FileResult, score_stream
 from .models import ChunkMessage, Manifest
 
 
@@ -15,10 +20,47 @@ class ChunkQueue(Protocol):
     def send(self, messages: Sequence[ChunkMessage]) -> None:
         """Send every message or raise."""
 
+    def hand_back(self, receipt: str, delay_seconds: int) -> None:
+        """Make a received message visible again after ``delay_seconds`` (instead of the queue's
+        whole visibility timeout)."""
+
 
 class GpuLauncher(Protocol):
     def launch(self, m: Manifest) -> str:
-        """Start the GPU task for the job; return its id (ARN) or raise."""
+        """Start the GPU task for the job (at most one per job, however often it is called);
+        return its id (ARN) or raise."""
+
+
+class ChunkScorer(Protocol):
+    def __call__(self, src: TextIO, dst: TextIO, *, excel_safe: bool, on_row: Callable[[int], None]) -> FileResult:
+        """Score the CSV ``src`` into ``dst`` (headerless), calling ``on_row`` after each row."""
+
+
+def pipeline_scorer(
+    model: ClipModel,
+    fetcher: Fetcher,
+    batch_size: int = 32,
+    workers: int = 16,
+    cache: EmbeddingCache | None = None,
+) -> ChunkScorer:
+    """The library's scorer, as the worker runs it. ``cache``: the embedding cache (shared by the
+    workers through Redis in the deployment)."""
+
+    def score(src: TextIO, dst: TextIO, *, excel_safe: bool, on_row: Callable[[int], None]) -> FileResult:
+        return score_stream(
+            src,
+            dst,
+            model,
+            fetcher,
+            batch_size=batch_size,
+            workers=workers,
+            excel_safe=excel_safe,
+            write_header=False,
+            on_row=on_row,
+            cache=cache,
+        )
+
+    return score
 
 
 class SqsChunkQueue:
@@ -39,6 +81,11 @@ class SqsChunkQueue:
                 time.sleep(0.2)
             if batch:
                 raise RuntimeError(f"could not enqueue {len(batch)} chunk messages")
+
+    def hand_back(self, receipt: str, delay_seconds: int) -> None:
+        self.sqs.change_message_visibility(
+            QueueUrl=self.queue_url, ReceiptHandle=receipt, VisibilityTimeout=max(0, min(delay_seconds, 43200))
+        )
 
 
 class EcsGpuLauncher:
@@ -65,6 +112,8 @@ class EcsGpuLauncher:
             "taskDefinition": s.ecs_task_definition,
             "count": 1,
             "startedBy": f"job-{m.job_id}"[:36],
+            # ECS starts one task per token: a start retried after its answer was lost starts none.
+            "clientToken": m.job_id,
             "overrides": {"containerOverrides": [{"name": s.ecs_container_name, "command": command}]},
             "networkConfiguration": {
                 "awsvpcConfiguration": {

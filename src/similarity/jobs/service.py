@@ -2,41 +2,74 @@
 
 Delivery is at least once everywhere, so every step is idempotent: the job id derives from the
 source object's key and version/etag, a chunk re-delivered overwrites the same part with the same
-bytes, and the merge writes the same output whoever runs it. The service talks to S3 only through
-``JobStore`` and to SQS and ECS only through the ``ChunkQueue`` and ``GpuLauncher`` ports.
+bytes, and the merge writes the same output whoever runs it. The service talks to storage only
+through ``JobStore`` and to SQS and ECS only through the ``ChunkQueue`` and ``GpuLauncher`` ports.
+
+No job may stay in progress for good, so each step either finishes or leaves something that will
+retry it:
+
+* **Start.** A job counts as fanned out only once every chunk message is sent (``fanout.json``); a
+  re-delivered start (Lambda's retry, a duplicate event, ``POST /jobs``) sends them all again.
+  Bad input fails the job at once; any other error is raised for a retry, and the start that
+  reaches ``JOB_START_ATTEMPTS`` fails the job with the error as its reason.
+* **Merge.** The lock names its owner and expires when the owner's invocation ends; it is released
+  when the attempt fails, so a message redriven from the dead-letter queue (a new message id) finds
+  it free. While the job is not done, the message that should merge it is never acknowledged
+  (``MergeBusy`` hands it back until the lock's holder finishes or its lock expires).
+* **Finish.** ``merged.json`` records the complete output before the manifest says done, so a retry
+  after a failed manifest write only writes the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import tempfile
+import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TextIO
 
-from ..cache import EmbeddingCache
 from ..config import JobSettings
-from ..errors import RunError
-from ..fetch import Fetcher
+from ..errors import InputNotFound, MalformedCsv, RunError
 from ..io.chunking import merge_parts, split_csv
 from ..io.csvfile import header_line
-from ..io.streams import open_input
-from ..model import ClipModel
-from ..pipeline import FileResult, score_stream
+from ..io.text import TextLines
+from ..pipeline import FileResult
 from .models import ChunkMarker, ChunkMessage, JobPath, JobState, Location, Manifest
-from .ports import ChunkQueue, GpuLauncher
+from .objects import ObjectChanged, ObjectMissing, PreconditionFailed
+from .ports import ChunkQueue, ChunkScorer, GpuLauncher
 from .store import JobStore
 
+log = logging.getLogger(__name__)
+
+#: A lock written by a version without ``expires`` is stale after this long.
 MERGE_LOCK_STALE_S = 900
 #: A running job's status reads at most this many chunk markers for its error counts.
 STATUS_MARKERS = 500
+#: Tries of the write that marks a job done before the attempt gives up (and is retried).
+FINAL_WRITE_TRIES = 3
+
+
+class JobTooLarge(RunError):
+    """More rows than the Lambda path merges within the worker's timeout, and no GPU path."""
+
+    code = "too_large_for_lambda"
 
 
 class ChunkDeadline(Exception):
     """Not enough time left in this invocation to finish the chunk: hand it back to the queue."""
+
+
+class MergeBusy(Exception):
+    """Every chunk is done but another attempt holds the merge lock: this message must come back
+    (not be acknowledged) in ``retry_after`` seconds, when that attempt is over one way or another."""
+
+    def __init__(self, owner: str, retry_after: float) -> None:
+        super().__init__(f"merge lock held by {owner} for {retry_after:.0f}s more")
+        self.owner = owner
+        self.retry_after = retry_after
 
 
 class JobService:
@@ -46,11 +79,15 @@ class JobService:
         store: JobStore,
         queue: ChunkQueue | None = None,
         launcher: GpuLauncher | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.store = store
         self.queue = queue
         self.launcher = launcher
+        self.clock = clock
+        self.sleep = sleep
 
     def load(self, bucket: str, job_id: str) -> Manifest | None:
         return self.store.load(bucket, job_id)
@@ -76,34 +113,67 @@ class JobService:
         output: Location | None = None,
         excel_safe: bool = False,
     ) -> Manifest:
+        """Create the job for this object version, or carry on with it: a job not yet fanned out is
+        split (or its messages sent) again; any other job is returned as it is. Raises
+        ``InputNotFound`` for a missing object."""
         if version_id is None and etag is None:
-            version_id, etag = self.store.head_source(bucket, key)
+            try:
+                info = self.store.head_source(bucket, key)
+            except ObjectMissing:
+                raise InputNotFound(f"s3://{bucket}/{key} does not exist") from None
+            version_id, etag = info.version_id, info.etag or None
         src = Location(bucket=bucket, key=key, version_id=version_id, etag=etag)
         job_id = self.job_id_for(src)
         existing = self.store.load(bucket, job_id)
-        if existing is not None and existing.state != JobState.SPLITTING:
+        resend = existing is not None and existing.state == JobState.RUNNING and not self.store.fanned_out(existing)
+        if existing is not None and existing.state != JobState.SPLITTING and not resend:
             return existing  # the same object delivered again: the job is already under way
-        now = time.time()
-        m = Manifest(
-            job_id=job_id,
-            state=JobState.SPLITTING,
-            source=src,
-            output=output or Location(bucket=bucket, key=self.default_output(key)),
-            created_at=now,
-            updated_at=now,
-            chunk_rows=self.settings.chunk_rows,
-            excel_safe=excel_safe,
-        )
-        self.store.save(m)
+        attempt = self.store.claim_attempt(bucket, job_id, self.settings.start_attempts)
+        if attempt > self.settings.start_attempts and existing is not None:
+            # every attempt started and none finished or raised: each was killed (out of time or memory)
+            return self.fail(existing, _killed(self.settings.start_attempts))
+        if existing is not None and resend:
+            m = existing
+        else:
+            now = self.clock()
+            m = Manifest(
+                job_id=job_id,
+                state=JobState.SPLITTING,
+                source=src,
+                output=output or Location(bucket=bucket, key=self.default_output(key)),
+                created_at=existing.created_at if existing is not None else now,
+                updated_at=now,
+                chunk_rows=self.settings.chunk_rows,
+                excel_safe=excel_safe,
+            )
         try:
+            if resend:
+                log.warning("job %s: resending its %d chunk messages (attempt %d)", job_id, m.chunk_count, attempt)
+                self._fan_out(m)
+                return m
+            self.store.save(m)
             return self._split_and_send(m)
         except RunError as exc:  # bad input: the job fails with its reason, nothing is retried
             return self.fail(m, str(exc))
+        except UnicodeDecodeError as exc:
+            return self.fail(m, str(MalformedCsv(f"the file is not UTF-8 text ({exc})")))
+        except ObjectMissing as exc:  # the version the event names is gone
+            return self.fail(m, str(InputNotFound(f"{exc} does not exist")))
+        except ObjectChanged as exc:
+            return self.fail(m, f"input_changed: {exc}")
+        except Exception as exc:
+            if attempt < self.settings.start_attempts:
+                raise  # retried: Lambda's retries of the S3 event, or the caller of POST /jobs
+            reason = f"start_failed: {type(exc).__name__}: {exc} (attempt {attempt} of {self.settings.start_attempts})"
+            log.exception("job %s failed", job_id)
+            return self.fail(m, reason)
 
     def _split_and_send(self, m: Manifest) -> Manifest:
         s = self.settings
-        with open_input(m.source.uri, self.store.s3) as stream:
-            header, chunks = split_csv(stream, s.chunk_rows)
+        with self.store.open_source(m.source) as raw:
+            # Decoded as the CLI decodes (UTF-8, or UTF-16 with its byte-order mark): a bad byte is
+            # an InputEncodingError naming its offset, which fails the job with that reason.
+            header, chunks = split_csv(TextLines(raw), s.chunk_rows)
             m.header = header
             rows = count = 0
             with ThreadPoolExecutor(8) as pool:
@@ -113,6 +183,11 @@ class JobService:
                     count += 1
                     if s.gpu_enabled and rows > s.gpu_min_rows:
                         break  # too big for the Lambda fleet: the GPU task scores the whole file
+                    if not s.gpu_enabled and rows > s.lambda_max_rows:
+                        raise JobTooLarge(
+                            f"more than LAMBDA_MAX_ROWS ({s.lambda_max_rows}) rows: the merge would not finish "
+                            "within the worker's timeout; split the file, or deploy the GPU path (GpuImageUri)"
+                        )
                     pending.append(pool.submit(self.store.put_chunk, m, chunk.index, chunk.text))
                     if len(pending) >= 64:
                         for f in pending:
@@ -125,14 +200,16 @@ class JobService:
         m.chunk_count, m.row_count = count, rows
         if count == 0:  # a header and no rows: the output is the header alone
             self.store.put_output(m, header_line(header, m.excel_safe))
-            m.state, m.finished_at = JobState.DONE, time.time()
+            m.state, m.finished_at = JobState.DONE, self.clock()
             return self.store.save(m)
+        # Saved before any message exists, so no worker can race this write; the job is not
+        # fanned out until _fan_out has sent every message.
         m.state = JobState.RUNNING
-        self.store.save(m)  # chunk_count is known before any worker can finish
-        self._send(m)
+        self.store.save(m)
+        self._fan_out(m)
         return m
 
-    def _send(self, m: Manifest) -> None:
+    def _fan_out(self, m: Manifest) -> None:
         if self.queue is None:
             raise RuntimeError("no chunk queue configured (CHUNK_QUEUE_URL)")
         self.queue.send(
@@ -141,6 +218,7 @@ class JobService:
                 for i in range(m.chunk_count)
             ]
         )
+        self.store.mark_fanned_out(m)
 
     def _start_gpu(self, m: Manifest) -> Manifest:
         if self.launcher is None:
@@ -151,35 +229,54 @@ class JobService:
 
     # ------------------------------------------------------------------ end states
     def fail(self, m: Manifest, reason: str) -> Manifest:
-        m.state, m.reason, m.finished_at = JobState.FAILED, reason, time.time()
+        current = self.store.load(m.source.bucket, m.job_id)
+        if current is not None and current.state in (JobState.DONE, JobState.FAILED):
+            return current  # finished meanwhile (or already failed with the first reason)
+        m.state, m.reason, m.finished_at = JobState.FAILED, reason, self.clock()
         return self.store.save(m)
 
     def complete_whole(self, m: Manifest, result: FileResult) -> Manifest:
         """The GPU task scored the whole file in one go."""
         st = result.stats
         m.row_count, m.scored, m.errors, m.compute_seconds = st.rows, st.scored, dict(st.errors), result.seconds
-        m.state, m.finished_at = JobState.DONE, time.time()
+        m.state, m.finished_at = JobState.DONE, self.clock()
         return self.store.save(m)
+
+    def task_stopped(self, bucket: str, job_id: str, task_arn: str, reason: str) -> Manifest | None:
+        """The job's GPU task stopped (ECS task state change). A job still in state ``gpu`` then
+        never will be finished by it: it fails with the task's reason. None for an unknown job."""
+        m = self.store.load(bucket, job_id)
+        if m is None:
+            return None
+        if m.state != JobState.GPU or (m.ecs_task_arn and task_arn and m.ecs_task_arn != task_arn):
+            return m  # finished (or failed) by the task itself, or another task's event
+        return self.fail(m, f"gpu_task_failed: {reason}")
+
+    # ------------------------------------------------------------------ the whole file (the GPU task)
+    def score_whole(self, m: Manifest, score: Callable[[Iterable[str], TextIO], FileResult]) -> FileResult:
+        """Score the job's source version into its output in one stream (no chunks): ``score``
+        reads CSV lines and writes the scored CSV, header included. The output appears only whole."""
+        with self.store.open_source(m.source) as src, self.store.output_writer(m.output) as raw:
+            dst = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=True)
+            try:
+                return score(TextLines(src), dst)
+            except UnicodeDecodeError as exc:
+                raise MalformedCsv(f"the file is not UTF-8 text ({exc})") from None
+            finally:
+                dst.flush()
+                dst.detach()
 
     # ------------------------------------------------------------------ one chunk (the worker)
     def process_chunk(
-        self,
-        msg: ChunkMessage,
-        model: ClipModel,
-        fetcher: Fetcher,
-        message_id: str,
-        time_left: Callable[[], float],
-        batch_size: int = 32,
-        workers: int = 16,
-        cache: EmbeddingCache | None = None,
+        self, msg: ChunkMessage, scorer: ChunkScorer, message_id: str, time_left: Callable[[], float]
     ) -> bool:
-        """Score one chunk unless it is already final, then try the merge. Returns True when the
-        job's output is complete. ``cache``: the embedding cache (shared by the workers through
-        Redis in the deployment)."""
+        """Score one chunk unless it is already final, then try the merge. True when the job is
+        finished (done, or failed: nothing more to do for this message); False when other chunks
+        are still to come. Raises ``ChunkDeadline`` or ``MergeBusy`` when the message must come back."""
         m = self.store.load(msg.bucket, msg.job_id)
         if m is None:
             raise RunError(f"job {msg.job_id} has no manifest")
-        if m.state == JobState.DONE:
+        if m.state in (JobState.DONE, JobState.FAILED):
             return True
         if not 0 <= msg.chunk < m.chunk_count:
             raise RunError(f"chunk {msg.chunk} out of range for job {msg.job_id} ({m.chunk_count} chunks)")
@@ -193,18 +290,7 @@ class JobService:
             check(0)
             src = self.store.read_chunk(m, msg.chunk)
             out = io.StringIO(newline="")
-            result = score_stream(
-                io.StringIO(src, newline=""),
-                out,
-                model,
-                fetcher,
-                batch_size=batch_size,
-                workers=workers,
-                excel_safe=m.excel_safe,
-                write_header=False,
-                on_row=check,
-                cache=cache,
-            )
+            result = scorer(io.StringIO(src, newline=""), out, excel_safe=m.excel_safe, on_row=check)
             # The part is written whole, after every row is scored; then the marker that makes it final.
             self.store.put_part(m, msg.chunk, out.getvalue())
             st = result.stats
@@ -213,44 +299,89 @@ class JobService:
                 msg.chunk,
                 ChunkMarker(rows=st.rows, scored=st.scored, errors=dict(st.errors), seconds=result.seconds),
             )
-        return self.try_merge(m, owner=message_id)
+        return self.try_merge(m, owner=message_id, time_left=time_left)
+
+    def hand_back(self, receipt: str, delay_seconds: float) -> None:
+        if self.queue is None:
+            raise RuntimeError("no chunk queue configured (CHUNK_QUEUE_URL)")
+        self.queue.hand_back(receipt, int(delay_seconds + 0.999))
 
     # ------------------------------------------------------------------ merge
-    def take_lock(self, m: Manifest, owner: str) -> bool:
-        body: dict[str, Any] = {"owner": owner, "at": time.time()}
-        if self.store.create_lock(m, body):
-            return True
-        held = self.store.read_lock(m)
-        if held.get("owner") == owner or time.time() - float(held.get("at", 0)) > MERGE_LOCK_STALE_S:
-            self.store.replace_lock(m, body)  # our own retry, or a merger that died: take over
-            return True
-        return False
+    def take_lock(self, m: Manifest, owner: str, ttl: float) -> str:
+        """Take the merge lock for ``ttl`` seconds (the rest of the caller's invocation): return the
+        lock's ETag (to release it), or raise ``MergeBusy``. A lock that expired, was released, or
+        is the caller's own (a retry of the same message) is taken over, atomically (If-Match)."""
+        now = self.clock()
+        body: dict[str, Any] = {"owner": owner, "at": now, "expires": now + max(ttl, 1.0)}
+        for _ in range(5):
+            etag = self.store.create_lock(m, body)
+            if etag is not None:
+                return etag
+            held = self.store.read_lock(m)
+            if held is None:
+                continue  # released by deletion, or its creator's write not visible yet
+            data, held_etag = held
+            expires = float(data.get("expires", float(data.get("at", 0)) + MERGE_LOCK_STALE_S))
+            if data.get("owner") == owner or data.get("released") or expires <= now:
+                try:
+                    return self.store.replace_lock(m, body, if_match=held_etag)
+                except PreconditionFailed:
+                    continue  # someone else took it over first: look again
+            raise MergeBusy(str(data.get("owner")), max(expires - now, 1.0))
+        raise MergeBusy("unknown", 5.0)
 
-    def try_merge(self, m: Manifest, owner: str) -> bool:
+    def release_lock(self, m: Manifest, owner: str, etag: str) -> None:
+        """Best effort: a lock not released expires with its owner's invocation anyway."""
+        try:
+            self.store.replace_lock(m, {"owner": owner, "released": self.clock()}, if_match=etag)
+        except Exception:  # taken over (it had expired) or storage down: it expires
+            log.warning("job %s: merge lock not released", m.job_id, exc_info=True)
+
+    def try_merge(self, m: Manifest, owner: str, time_left: Callable[[], float] = lambda: 300.0) -> bool:
         keys = self.store.done_keys(m)
         if len(keys) < m.chunk_count:
-            return False
-        if not self.take_lock(m, owner):
-            return False  # another worker finished last at the same moment and is merging
-        m.state = JobState.MERGING
-        self.store.save(m)
-        with tempfile.TemporaryFile() as tmp:
-            merge_parts(m.header, self.store.parts(m), tmp, excel_safe=m.excel_safe)
-            tmp.seek(0)
-            self.store.write_output(m, tmp)
-        markers = self.store.read_markers(m, keys)
-        m.errors, m.scored = _sum_errors(markers), sum(d.scored for d in markers)
-        m.compute_seconds = sum(d.seconds for d in markers)
-        m.state, m.finished_at = JobState.DONE, time.time()
-        self.store.save(m)
-        return True
+            return False  # not the last chunk: whoever finishes the last one merges
+        etag = self.take_lock(m, owner, ttl=time_left())
+        try:
+            current = self.store.load(m.source.bucket, m.job_id)
+            if current is not None and current.state in (JobState.DONE, JobState.FAILED):
+                return True  # merged by the lock's previous holder
+            m.state = JobState.MERGING
+            self.store.save(m)
+            merged, out = self.store.merged(m), self.store.head_output(m)
+            if not (merged and out and out.etag == merged.get("etag")):
+                with self.store.output_writer(m.output) as dst:
+                    merge_parts(m.header, (io.BytesIO(p) for p in self.store.parts(m)), dst, excel_safe=m.excel_safe)
+                written = self.store.head_output(m)
+                self.store.mark_merged(m, written.etag if written else "")
+            markers = self.store.read_markers(m, keys)
+            m.errors, m.scored = _sum_errors(markers), sum(d.scored for d in markers)
+            m.compute_seconds = sum(d.seconds for d in markers)
+            m.state, m.finished_at = JobState.DONE, self.clock()
+            self._final_save(m)
+            return True
+        finally:
+            self.release_lock(m, owner, etag)
+
+    def _final_save(self, m: Manifest) -> None:
+        for attempt in range(FINAL_WRITE_TRIES):
+            try:
+                self.store.save(m)
+                return
+            except Exception:
+                if attempt == FINAL_WRITE_TRIES - 1:
+                    raise  # the message comes back; merged.json spares the retry the merge
+                log.warning("job %s: writing the done manifest failed; trying again", m.job_id, exc_info=True)
+                self.sleep(0.5 * 2**attempt)
 
     # ------------------------------------------------------------------ status
     def status(self, bucket: str, job_id: str) -> dict[str, Any] | None:
         m = self.store.load(bucket, job_id)
         if m is None:
             return None
-        end = m.finished_at or time.time()
+        if m.state == JobState.SPLITTING and self.clock() - m.updated_at > self.settings.start_timeout_seconds:
+            m = self.fail(m, _killed(None))  # no start is running: it would have written since
+        end = m.finished_at or self.clock()
         errors_complete = True
         if m.state == JobState.DONE:
             chunks_done, rows_done, errors, seconds = m.chunk_count, m.row_count, dict(m.errors), m.compute_seconds
@@ -286,6 +417,14 @@ class JobService:
             "compute_seconds": round(seconds, 3),
             "estimated_cost_usd": round(cost, 6),
         }
+
+
+def _killed(attempts: int | None) -> str:
+    what = f"{attempts} attempts" if attempts else "the last attempt"
+    return (
+        f"start_failed: {what} to split the file stopped without an error (out of time or memory): "
+        "split the file, or deploy the GPU path for it"
+    )
 
 
 def _sum_errors(markers: list[ChunkMarker]) -> dict[str, int]:

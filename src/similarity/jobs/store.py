@@ -1,33 +1,46 @@
-"""The only code that knows the S3 key layout of a job. Everything a job owns lives under
+"""The only code that knows the key layout of a job. Everything a job owns lives under
 ``<JOBS_PREFIX><job_id>/``:
 
     manifest.json            state, source (key, version, etag), counts, header, timings
+    starts/attempt-N         one per start of the job (S3 event, its retries, POST /jobs): the count
+                             bounds the retries of a start that keeps failing
+    fanout.json              written once every chunk message is sent: until then the job is not
+                             fanned out, and a re-delivered start sends them all again
     chunks/chunk-00000.csv   input records, each chunk a complete CSV with the header
     parts/part-00000.csv     scored rows of that chunk, headerless (written whole, or not at all)
     done/part-00000.json     the chunk's counts and seconds; its presence means the part is final
-    merge.lock               who is merging (created with If-None-Match, so one worker merges)
+    merge.lock               who is merging and until when (created with If-None-Match, taken over
+                             with If-Match, so one worker merges at a time)
+    merged.json              the ETag of the complete output, written before the manifest says done
+
+It talks to storage only through the ``ObjectStore`` port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from botocore.exceptions import ClientError
+from .models import ChunkMarker, Location, Manifest
+from .objects import Blob, ObjectInfo, ObjectMissing, ObjectStore
 
-from ..fetch.sources import S3_MISSING
-from .models import ChunkMarker, Manifest
-
-PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+JSON = "application/json"
+CSV = "text/csv; charset=utf-8"
+#: Parts read ahead of the one being written during the merge (each part is one chunk's output).
+PREFETCH = 8
 
 
 class JobStore:
-    def __init__(self, s3: Any, jobs_prefix: str = "jobs/") -> None:
-        self.s3 = s3
+    def __init__(
+        self, objects: ObjectStore, jobs_prefix: str = "jobs/", clock: Callable[[], float] = time.time
+    ) -> None:
+        self.objects = objects
         self.jobs_prefix = jobs_prefix
+        self.clock = clock
 
     # -- keys
     def prefix(self, job_id: str) -> str:
@@ -48,20 +61,22 @@ class JobStore:
     def lock_key(self, job_id: str) -> str:
         return f"{self.prefix(job_id)}merge.lock"
 
+    def fanout_key(self, job_id: str) -> str:
+        return f"{self.prefix(job_id)}fanout.json"
+
+    def merged_key(self, job_id: str) -> str:
+        return f"{self.prefix(job_id)}merged.json"
+
+    def attempt_key(self, job_id: str, n: int) -> str:
+        return f"{self.prefix(job_id)}starts/attempt-{n}"
+
     # -- small JSON objects
     def get_json(self, bucket: str, key: str) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in S3_MISSING:
-                return None
-            raise
-        return data if isinstance(data, dict) else None
+        blob = self.objects.get(bucket, key)
+        return _json(blob) if blob is not None else None
 
-    def put_json(self, bucket: str, key: str, data: dict[str, Any], **extra: Any) -> None:
-        self.s3.put_object(
-            Bucket=bucket, Key=key, Body=json.dumps(data).encode(), ContentType="application/json", **extra
-        )
+    def put_json(self, bucket: str, key: str, data: dict[str, Any]) -> str:
+        return self.objects.put(bucket, key, json.dumps(data).encode(), JSON)
 
     # -- manifest
     def load(self, bucket: str, job_id: str) -> Manifest | None:
@@ -69,34 +84,59 @@ class JobStore:
         return Manifest.model_validate(data) if data else None
 
     def save(self, m: Manifest) -> Manifest:
-        m.updated_at = time.time()
+        m.updated_at = self.clock()
         self.put_json(m.source.bucket, self.manifest_key(m.job_id), m.model_dump(mode="json"))
         return m
 
+    # -- starts and fan-out
+    def claim_attempt(self, bucket: str, job_id: str, limit: int) -> int:
+        """Number this start of the job: 1 for the first, and so on (at most ``limit + 1``)."""
+        for n in range(1, limit + 1):
+            if self.objects.put_if_absent(bucket, self.attempt_key(job_id, n), b"", JSON) is not None:
+                return n
+        return limit + 1
+
+    def fanned_out(self, m: Manifest) -> bool:
+        return self.objects.get(m.source.bucket, self.fanout_key(m.job_id)) is not None
+
+    def mark_fanned_out(self, m: Manifest) -> None:
+        self.put_json(m.source.bucket, self.fanout_key(m.job_id), {"messages": m.chunk_count, "at": self.clock()})
+
     # -- chunks, parts, markers
     def put_chunk(self, m: Manifest, index: int, text: str) -> None:
-        self.s3.put_object(
-            Bucket=m.source.bucket,
-            Key=self.chunk_key(m.job_id, index),
-            Body=text.encode("utf-8"),
-            ContentType="text/csv",
-        )
+        self.objects.put(m.source.bucket, self.chunk_key(m.job_id, index), text.encode("utf-8"), CSV)
 
     def read_chunk(self, m: Manifest, index: int) -> str:
-        body: bytes = self.s3.get_object(Bucket=m.source.bucket, Key=self.chunk_key(m.job_id, index))["Body"].read()
-        return body.decode("utf-8")
+        blob = self.objects.get(m.source.bucket, self.chunk_key(m.job_id, index))
+        if blob is None:
+            raise ObjectMissing(self.chunk_key(m.job_id, index))
+        return blob.data.decode("utf-8")
 
     def put_part(self, m: Manifest, index: int, text: str) -> None:
-        self.s3.put_object(
-            Bucket=m.source.bucket,
-            Key=self.part_key(m.job_id, index),
-            Body=text.encode("utf-8"),
-            ContentType="text/csv",
-        )
+        self.objects.put(m.source.bucket, self.part_key(m.job_id, index), text.encode("utf-8"), CSV)
 
-    def parts(self, m: Manifest) -> Iterator[BinaryIO]:
-        for i in range(m.chunk_count):
-            yield self.s3.get_object(Bucket=m.source.bucket, Key=self.part_key(m.job_id, i))["Body"]
+    def parts(self, m: Manifest) -> Iterator[bytes]:
+        """Every part in order, ``PREFETCH`` read ahead: the merge waits on S3's latency once, not
+        once per part, and holds at most that many parts."""
+
+        def read(i: int) -> bytes:
+            blob = self.objects.get(m.source.bucket, self.part_key(m.job_id, i))
+            if blob is None:
+                raise ObjectMissing(f"{self.part_key(m.job_id, i)} (its marker exists)")
+            return blob.data
+
+        with ThreadPoolExecutor(PREFETCH) as pool:
+            ahead: list[Future[bytes]] = []
+            try:
+                for i in range(m.chunk_count):
+                    ahead.append(pool.submit(read, i))
+                    if len(ahead) > PREFETCH:
+                        yield ahead.pop(0).result()
+                while ahead:
+                    yield ahead.pop(0).result()
+            finally:
+                for f in ahead:
+                    f.cancel()
 
     def marker(self, m: Manifest, index: int) -> ChunkMarker | None:
         data = self.get_json(m.source.bucket, self.done_key(m.job_id, index))
@@ -107,11 +147,7 @@ class JobStore:
 
     def done_keys(self, m: Manifest) -> list[str]:
         """Keys of the chunks that are final: a listing, no object reads (cheap on every chunk)."""
-        keys: list[str] = []
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=m.source.bucket, Prefix=f"{self.prefix(m.job_id)}done/"):
-            keys += [o["Key"] for o in page.get("Contents", [])]
-        return sorted(keys)
+        return self.objects.list(m.source.bucket, f"{self.prefix(m.job_id)}done/")
 
     def read_markers(self, m: Manifest, keys: list[str]) -> list[ChunkMarker]:
         with ThreadPoolExecutor(16) as pool:  # thousands of small GETs: in parallel
@@ -119,31 +155,52 @@ class JobStore:
             return [ChunkMarker.model_validate(d) for d in found if d]
 
     # -- merge lock
-    def create_lock(self, m: Manifest, body: dict[str, Any]) -> bool:
-        """Create the lock if there is none; False when another exists."""
-        try:
-            self.put_json(m.source.bucket, self.lock_key(m.job_id), body, IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] not in PRECONDITION_FAILED:
-                raise
-        return False
+    def create_lock(self, m: Manifest, body: dict[str, Any]) -> str | None:
+        """Create the lock if there is none: its ETag, or None when one exists."""
+        return self.objects.put_if_absent(m.source.bucket, self.lock_key(m.job_id), json.dumps(body).encode(), JSON)
 
-    def read_lock(self, m: Manifest) -> dict[str, Any]:
-        return self.get_json(m.source.bucket, self.lock_key(m.job_id)) or {}
+    def read_lock(self, m: Manifest) -> tuple[dict[str, Any], str] | None:
+        blob = self.objects.get(m.source.bucket, self.lock_key(m.job_id))
+        return (_json(blob) or {}, blob.etag) if blob is not None else None
 
-    def replace_lock(self, m: Manifest, body: dict[str, Any]) -> None:
-        self.put_json(m.source.bucket, self.lock_key(m.job_id), body)
-
-    # -- source and output objects
-    def head_source(self, bucket: str, key: str) -> tuple[str | None, str | None]:
-        head = self.s3.head_object(Bucket=bucket, Key=key)  # raises for a missing object
-        return head.get("VersionId"), head.get("ETag", "").strip('"') or None
-
-    def write_output(self, m: Manifest, data: BinaryIO) -> None:
-        self.s3.upload_fileobj(
-            data, m.output.bucket, m.output.key, ExtraArgs={"ContentType": "text/csv; charset=utf-8"}
+    def replace_lock(self, m: Manifest, body: dict[str, Any], if_match: str) -> str:
+        """Overwrite the lock we read (ETag ``if_match``); ``PreconditionFailed`` if it changed."""
+        return self.objects.put(
+            m.source.bucket, self.lock_key(m.job_id), json.dumps(body).encode(), JSON, if_match=if_match
         )
 
-    def put_output(self, m: Manifest, body: bytes) -> None:
-        self.s3.put_object(Bucket=m.output.bucket, Key=m.output.key, Body=body, ContentType="text/csv; charset=utf-8")
+    # -- merged output
+    def merged(self, m: Manifest) -> dict[str, Any] | None:
+        return self.get_json(m.source.bucket, self.merged_key(m.job_id))
+
+    def mark_merged(self, m: Manifest, etag: str) -> None:
+        self.put_json(m.source.bucket, self.merged_key(m.job_id), {"etag": etag, "at": self.clock()})
+
+    # -- source and output objects
+    def head_source(self, bucket: str, key: str) -> ObjectInfo:
+        """Raises ``ObjectMissing``."""
+        return self.objects.head(bucket, key)
+
+    def open_source(self, src: Location) -> BinaryIO:
+        """The source as the job saw it: the version the event named, even if overwritten since."""
+        return self.objects.open(src.bucket, src.key, src.version_id)
+
+    def head_output(self, m: Manifest) -> ObjectInfo | None:
+        try:
+            return self.objects.head(m.output.bucket, m.output.key)
+        except ObjectMissing:
+            return None
+
+    def output_writer(self, out: Location) -> contextlib.AbstractContextManager[BinaryIO]:
+        return self.objects.writer(out.bucket, out.key, CSV)
+
+    def put_output(self, m: Manifest, body: bytes) -> str:
+        return self.objects.put(m.output.bucket, m.output.key, body, CSV)
+
+
+def _json(blob: Blob) -> dict[str, Any] | None:
+    try:
+        data = json.loads(blob.data) if blob.data else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,437 @@
+"""JobService's protocol with in-memory ports (tests/unit/fakes.py): no job stays in progress for
+good, whatever step fails, and every retry ends in the output a single run would write.
+
+Classes of stuck job (issue 22 A1-A4), each tested over its variants:
+  A1 fan-out failing midway (every batch position, the fan-out marker, all attempts failing)
+  A2 the merge dead-lettered, then redriven (released lock, lock of a killed attempt, old locks)
+  A3 reads cut off and writes lost during the merge (parts, markers, the final manifest write)
+  A4 a file that raises on every attempt (Latin-1 bytes, any unexpected error)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+from fakes import Clock, FakeLauncher, FakeObjectStore, FakeQueue, FakeScorer, Injected, whole_file
+
+from similarity.config import JobSettings
+from similarity.jobs import (
+    ChunkDeadline,
+    ChunkMessage,
+    JobService,
+    JobState,
+    JobStore,
+    Manifest,
+    MergeBusy,
+)
+from similarity.jobs.service import FINAL_WRITE_TRIES
+
+B = "bucket"
+KEY = "incoming/x.csv"
+OUT = "scored/x_scored.csv"
+
+
+def make_csv(rows: int = 25) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["id", "url", "caption"])
+    for i in range(rows):
+        w.writerow([i, f"https://img.example/{i % 7}.png", f"caption {i}" if i % 9 else f'a "quoted"\nnewline {i}'])
+    return buf.getvalue()
+
+
+class World:
+    def __init__(self, chunk_rows: int = 2, gpu: bool = False, **settings) -> None:
+        self.objects = FakeObjectStore()
+        self.queue = FakeQueue()
+        self.launcher = FakeLauncher()
+        self.clock = Clock()
+        extra = {"ecs_cluster": "gpu", "ecs_task_definition": "td", "gpu_min_rows": 10} if gpu else {}
+        self.settings = JobSettings(bucket=B, chunk_queue_url="q", chunk_rows=chunk_rows, **extra, **settings)
+        self.jobs = JobService(
+            self.settings,
+            JobStore(self.objects, clock=self.clock),
+            self.queue,
+            self.launcher,
+            clock=self.clock,
+            sleep=lambda _s: None,
+        )
+        self.scorer = FakeScorer()
+        self.ids = 0
+
+    def drop(self, body: str | bytes, key: str = KEY) -> Manifest:
+        data = body.encode() if isinstance(body, str) else body
+        v = self.objects._write(B, key, data)
+        return self.start(key, v.version_id, v.etag)
+
+    def start(self, key: str = KEY, version_id: str | None = None, etag: str | None = None) -> Manifest:
+        return self.jobs.start(B, key, version_id=version_id, etag=etag)
+
+    def work(self, msg: ChunkMessage, message_id: str | None = None, time_left: float = 300.0) -> bool:
+        self.ids += 1
+        return self.jobs.process_chunk(msg, self.scorer, message_id or f"msg-{self.ids}", lambda: time_left)
+
+    def drain(self) -> None:
+        """Every message sent so far, once each (duplicates included), as SQS would deliver them."""
+        for msg in list(self.queue.sent):
+            self.work(msg)
+
+    def state(self, job_id: str) -> JobState:
+        m = self.jobs.load(B, job_id)
+        assert m is not None
+        return m.state
+
+    def output(self) -> str:
+        return self.objects.text(B, OUT)
+
+
+# ------------------------------------------------------------------------------ the happy path
+def test_merge_equals_one_run_over_the_file() -> None:
+    w = World()
+    body = make_csv()
+    m = w.drop(body)
+    assert m.state == JobState.RUNNING and m.chunk_count == 13 and len(w.queue.sent) == 13
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE
+    assert w.output() == whole_file(body)
+    assert w.objects.uploads_open == 0 and w.objects.uploads_aborted == 0
+
+
+# ------------------------------------------------------------------------------ A1: fan-out midway
+@pytest.mark.parametrize("failing_batch", [0, 1])
+def test_fan_out_failing_midway_is_sent_again_by_the_retry(failing_batch: int) -> None:
+    """The second SendMessageBatch (or the first) fails on every botocore attempt: the job is not
+    fanned out, and Lambda's retry of the S3 event sends every message again."""
+    w = World()
+    body = make_csv()
+    w.queue.fail_at_batch, w.queue.fail_times = failing_batch, 1
+    with pytest.raises(Injected):
+        w.drop(body)
+    [job_id] = {k.split("/")[1] for k in w.objects.keys(B, "jobs/")}
+    assert len(w.queue.sent) == 10 * failing_batch  # only what went out before the failure
+    m = w.jobs.load(B, job_id)
+    assert m.state == JobState.RUNNING and not w.jobs.store.fanned_out(m)
+    w.drain()  # the workers score what they got; nobody can merge: chunks are missing
+    assert w.state(job_id) == JobState.RUNNING
+    again = w.start(KEY, m.source.version_id, m.source.etag)  # Lambda's retry of the same event
+    assert again.job_id == job_id and w.jobs.store.fanned_out(again)
+    assert {msg.chunk for msg in w.queue.sent} == set(range(13))
+    w.drain()
+    assert w.state(job_id) == JobState.DONE and w.output() == whole_file(body)
+
+
+def test_post_jobs_on_a_job_not_fanned_out_sends_again() -> None:
+    """POST /jobs on the same object (no version given: the latest is looked up) finds the job
+    that is not fanned out and sends its messages, instead of returning it stuck."""
+    w = World()
+    body = make_csv()
+    w.queue.fail_at_batch, w.queue.fail_times = 1, 1
+    with pytest.raises(Injected):
+        w.drop(body)
+    m = w.start(KEY)  # as ApiService.start_job calls it
+    assert w.jobs.store.fanned_out(m) and {msg.chunk for msg in w.queue.sent} == set(range(13))
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE
+
+
+def test_fan_out_marker_lost_means_every_message_again() -> None:
+    w = World()
+    body = make_csv()
+    w.objects.fail("put", "fanout.json")
+    with pytest.raises(Injected):
+        w.drop(body)
+    assert len(w.queue.sent) == 13
+    m = w.start(KEY)
+    assert len(w.queue.sent) == 26 and w.jobs.store.fanned_out(m)  # duplicates: workers are idempotent
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE and w.output() == whole_file(body)
+    assert w.scorer.calls == 13  # each chunk scored once: the second delivery finds its marker
+
+
+def test_fan_out_failing_on_every_attempt_fails_the_job_with_the_reason() -> None:
+    w = World()
+    w.queue.fail_at_batch, w.queue.fail_times = 0, 99
+    for _ in range(w.settings.start_attempts - 1):
+        with pytest.raises(Injected):
+            w.drop(make_csv()) if not w.objects.keys(B, "jobs/") else w.start(KEY)
+    m = w.start(KEY)
+    assert m.state == JobState.FAILED
+    assert "start_failed" in m.reason and "SendMessageBatch" in m.reason and "attempt 3 of 3" in m.reason
+    assert w.jobs.status(B, m.job_id)["reason"] == m.reason
+    assert w.start(KEY).state == JobState.FAILED  # a later delivery returns the failed job
+
+
+def test_split_failing_midway_starts_over() -> None:
+    w = World()
+    body = make_csv()
+    w.objects.fail("put", "chunk-00004")
+    with pytest.raises(Injected):
+        w.drop(body)
+    m = w.start(KEY)
+    assert m.state == JobState.RUNNING and len(w.queue.sent) == 13
+    w.drain()
+    assert w.output() == whole_file(body)
+
+
+# ------------------------------------------------------------------------------ A2: merge and redrive
+def _last_chunk_fails_merge(w: World, body: str, failures: int) -> Manifest:
+    """Every chunk but the last scored; the last one's merge fails ``failures`` times."""
+    m = w.drop(body)
+    for msg in w.queue.sent[:-1]:
+        assert w.work(msg) is False
+    w.objects.fail("get", "parts/part-00006", times=failures)
+    return m
+
+
+def test_redriven_message_completes_the_job_right_away() -> None:
+    """The merge fails on all three receives; the message goes to the DLQ. The README's redrive
+    sends it back with a new message id: the job completes on that first delivery."""
+    w = World()
+    body = make_csv()
+    m = _last_chunk_fails_merge(w, body, failures=3)
+    last = w.queue.sent[-1]
+    for _receive in range(3):  # the same message id on each receive
+        with pytest.raises(Injected):
+            w.work(last, message_id="dead-message")
+        assert w.state(m.job_id) == JobState.MERGING
+    assert w.objects.uploads_aborted == 3 and not w.objects.keys(B, OUT)  # nothing half-written
+    assert w.work(last, message_id="redriven-new-id") is True
+    assert w.state(m.job_id) == JobState.DONE and w.output() == whole_file(body)
+
+
+def test_lock_of_a_killed_attempt_blocks_only_until_its_deadline() -> None:
+    """An attempt killed mid-merge (Lambda timeout: no cleanup) leaves its lock. Another message
+    is not acknowledged (MergeBusy) until the lock expires with the dead attempt's deadline; then
+    it takes the lock over and merges."""
+    w = World()
+    body = make_csv()
+    m = w.drop(body)
+    for msg in w.queue.sent[:-1]:
+        w.work(msg)
+    w.jobs.take_lock(m, owner="killed-attempt", ttl=120)  # the killed invocation had 120 s left
+    last = w.queue.sent[-1]
+    with pytest.raises(MergeBusy) as busy:
+        w.work(last, message_id="other")
+    assert 119 <= busy.value.retry_after <= 120  # the worker hands the message back for that long
+    assert w.state(m.job_id) != JobState.DONE
+    w.clock.advance(121)
+    assert w.work(last, message_id="other") is True
+    assert w.state(m.job_id) == JobState.DONE and w.output() == whole_file(body)
+
+
+def test_lock_from_before_expiry_times_is_stale_after_fifteen_minutes() -> None:
+    w = World()
+    m = w.drop(make_csv(5))
+    for msg in w.queue.sent[:-1]:
+        w.work(msg)
+    w.objects.put(B, w.jobs.store.lock_key(m.job_id), b'{"owner": "old", "at": %d}' % w.clock(), "application/json")
+    with pytest.raises(MergeBusy):
+        w.work(w.queue.sent[-1])
+    w.clock.advance(901)
+    assert w.work(w.queue.sent[-1]) is True
+
+
+def test_lock_holder_retrying_takes_its_own_lock_again() -> None:
+    w = World()
+    m = w.drop(make_csv(5))
+    for msg in w.queue.sent[:-1]:
+        w.work(msg)
+    w.jobs.take_lock(m, owner="same-message", ttl=300)
+    assert w.work(w.queue.sent[-1], message_id="same-message") is True
+
+
+def test_concurrent_takeover_of_an_expired_lock_lets_one_through() -> None:
+    w = World()
+    m = w.drop(make_csv(5))
+    w.jobs.take_lock(m, owner="dead", ttl=10)
+    w.clock.advance(11)
+    w.jobs.take_lock(m, owner="first", ttl=300)
+    with pytest.raises(MergeBusy) as busy:
+        w.jobs.take_lock(m, owner="second", ttl=300)
+    assert busy.value.owner == "first"
+
+
+def test_message_of_a_finished_job_is_acknowledged() -> None:
+    w = World()
+    m = w.drop(make_csv(5))
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE
+    assert all(w.work(msg) is True for msg in w.queue.sent)
+
+
+# ------------------------------------------------------------------------------ A3: cut-off reads, lost writes
+@pytest.mark.parametrize("what", ["parts/part-00000", "parts/part-00012", "done/part-00003"])
+def test_a_read_failing_during_the_merge_costs_one_attempt(what: str) -> None:
+    w = World()
+    body = make_csv()
+    m = w.drop(body)
+    w.objects.fail("get", lambda k, what=what: what in k and w.objects.keys(B, "jobs/" + m.job_id + "/done/")[12:])
+    with pytest.raises(Injected):
+        w.drain()
+    assert w.state(m.job_id) == JobState.MERGING
+    if "parts/" in what:  # a part cut off: no output at all (the upload is aborted)
+        assert not w.objects.keys(B, OUT)
+    assert w.work(w.queue.sent[-1]) is True
+    assert w.output() == whole_file(body)
+
+
+@pytest.mark.parametrize("lost_answer", [False, True])
+def test_final_manifest_write_failing_leaves_a_retry_that_only_writes_the_manifest(lost_answer: bool) -> None:
+    """The output is complete but the write that marks the job done fails (every try of this
+    attempt). The retry finds merged.json with the output's ETag and writes the manifest only."""
+    w = World()
+    body = make_csv()
+    m = w.drop(body)
+    output_there = lambda k: k.endswith("manifest.json") and bool(w.objects.keys(B, OUT))  # noqa: E731
+    w.objects.fail("put", output_there, times=FINAL_WRITE_TRIES, after=lost_answer)
+    with pytest.raises(Injected):
+        w.drain()
+    assert w.output() == whole_file(body)
+    if not lost_answer:
+        assert w.state(m.job_id) == JobState.MERGING
+    writes = w.objects.calls["writer"]
+    assert w.work(w.queue.sent[-1], message_id="retry") is True
+    assert w.state(m.job_id) == JobState.DONE
+    assert w.objects.calls["writer"] == writes  # the output was not written again
+    st = w.jobs.status(B, m.job_id)
+    assert st["rows"] == {"done": 25, "total": 25} and st["chunks"] == {"done": 13, "total": 13}
+
+
+def test_failed_merge_aborts_its_upload() -> None:
+    w = World()
+    m = w.drop(make_csv())
+    w.objects.fail("get", "parts/part-00010")
+    with pytest.raises(Injected):
+        w.drain()
+    assert w.objects.uploads_aborted == 1 and w.objects.uploads_open == 0
+    assert not w.objects.keys(B, OUT) and w.state(m.job_id) == JobState.MERGING
+
+
+# ------------------------------------------------------------------------------ A4: inputs that raise
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ("id,url,caption\n1,https://x/a.png,caf\xe9 cr\xe8me\n".encode("latin-1"), "not valid utf-8 at byte 36 "),
+        (b"url,caption\n" + b"https://x/a.png,ok\n" * 3000 + b"https://x/b.png,\xff\xfe\n", "at byte 57028 (line 3002"),
+        ("url,caption\nhttps://x/a.png,hi\n".encode("utf-16-le"), "UTF-16 without a byte-order mark"),
+    ],
+    ids=["latin-1", "deep-in-the-file", "utf-16-without-bom"],
+)
+def test_undecodable_file_fails_the_job_at_once_with_the_reason(body: bytes, says: str) -> None:
+    w = World()
+    m = w.drop(body)
+    assert m.state == JobState.FAILED and m.reason.startswith("bad_encoding: ") and says in m.reason, m.reason
+    assert w.queue.sent == []
+    assert w.jobs.status(B, m.job_id)["state"] == "failed"
+
+
+def test_utf16_with_its_byte_order_mark_is_read_as_the_cli_reads_it() -> None:
+    w = World()
+    text = make_csv(5)
+    m = w.drop(text.encode("utf-16"))
+    assert m.state == JobState.RUNNING and m.row_count == 5
+    w.drain()
+    assert w.output() == whole_file(text)
+
+
+def test_unexpected_error_while_splitting_fails_the_job_on_the_last_attempt() -> None:
+    """Anything that raises on every attempt (here the source read) ends failed with the reason,
+    on the attempt Lambda gives last, instead of staying 'splitting'."""
+    w = World()
+    v = w.objects._write(B, KEY, make_csv().encode())
+    w.objects.fail("open", KEY, times=99, exc=RuntimeError("the reader broke"))
+    for _ in range(w.settings.start_attempts - 1):
+        with pytest.raises(RuntimeError):
+            w.start(KEY, v.version_id, v.etag)
+        [job_id] = {k.split("/")[1] for k in w.objects.keys(B, "jobs/")}
+        assert w.state(job_id) == JobState.SPLITTING
+    m = w.start(KEY, v.version_id, v.etag)
+    assert m.state == JobState.FAILED and "RuntimeError: the reader broke" in m.reason
+
+
+def test_a_file_too_large_for_the_lambda_path_fails_at_the_split() -> None:
+    w = World(lambda_max_rows=20)
+    m = w.drop(make_csv(25))
+    assert m.state == JobState.FAILED and m.reason.startswith("too_large_for_lambda: more than LAMBDA_MAX_ROWS (20)")
+    assert w.queue.sent == []
+    assert World(lambda_max_rows=20, gpu=True).drop(make_csv(25)).state == JobState.GPU  # the GPU path takes it
+
+
+def test_starts_killed_on_every_attempt_leave_a_failed_job() -> None:
+    """Attempts that never return (Lambda's timeout or out of memory kills them: no exception to
+    catch) leave 'splitting'. The status fails such a job once no start can still be running, and
+    a start after every attempt was used fails it at once."""
+    w = World()
+    v = w.objects._write(B, KEY, make_csv().encode())
+    w.objects.fail("open", KEY, times=99, exc=KeyboardInterrupt())  # stands in for the kill
+
+    def killed_start() -> None:
+        with pytest.raises(KeyboardInterrupt):
+            w.start(KEY, v.version_id, v.etag)
+
+    killed_start()
+    [job_id] = {k.split("/")[1] for k in w.objects.keys(B, "jobs/")}
+    w.clock.advance(600)
+    assert w.jobs.status(B, job_id)["state"] == "splitting"  # Lambda's retry may still come
+    w.clock.advance(w.settings.start_timeout_seconds)
+    st = w.jobs.status(B, job_id)
+    assert st["state"] == "failed" and "stopped without an error" in st["reason"]
+    w2 = World()
+    v2 = w2.objects._write(B, KEY, make_csv().encode())
+    w2.objects.fail("open", KEY, times=99, exc=KeyboardInterrupt())
+    for _ in range(w2.settings.start_attempts):
+        with pytest.raises(KeyboardInterrupt):
+            w2.start(KEY, v2.version_id, v2.etag)
+    m = w2.start(KEY)  # e.g. POST /jobs after three killed invocations
+    assert m.state == JobState.FAILED and "3 attempts" in m.reason
+
+
+def test_input_errors_fail_at_once() -> None:
+    w = World()
+    m = w.drop("link,caption\nx,y\n")
+    assert m.state == JobState.FAILED and "no_url_column" in m.reason
+
+
+# ------------------------------------------------------------------------------ versions, deadlines, GPU
+def test_the_version_the_event_names_is_read_even_if_overwritten() -> None:
+    w = World()
+    first = make_csv(5)
+    v1 = w.objects._write(B, KEY, first.encode())
+    w.objects._write(B, KEY, make_csv(40).encode())  # overwritten before the splitter ran
+    m = w.start(KEY, v1.version_id, v1.etag)
+    assert m.row_count == 5
+    w.drain()
+    assert w.output() == whole_file(first)
+
+
+def test_chunk_near_the_deadline_is_handed_back_unwritten() -> None:
+    w = World(worker_reserve_seconds=20)
+    m = w.drop(make_csv(5))
+    with pytest.raises(ChunkDeadline):
+        w.work(w.queue.sent[0], time_left=10)
+    assert not w.objects.keys(B, f"jobs/{m.job_id}/parts/")
+    w.jobs.hand_back("receipt-1", w.settings.handback_seconds)
+    assert w.queue.handed_back == [("receipt-1", 5)]
+
+
+def test_gpu_path_starts_one_task_and_a_stopped_task_fails_the_job() -> None:
+    w = World(gpu=True)
+    w.objects.fail("put", lambda k: k.endswith("manifest.json") and bool(w.launcher.launched))
+    with pytest.raises(Injected):
+        w.drop(make_csv(30))
+    m = w.start(KEY)  # the retry launches again: the launcher starts no second task for the job
+    assert m.state == JobState.GPU and w.launcher.launched == [m.job_id] and w.queue.sent == []
+    stopped = w.jobs.task_stopped(B, m.job_id, m.ecs_task_arn or "", "task stopped; container scorer exit 137")
+    assert stopped.state == JobState.FAILED and "exit 137" in stopped.reason
+    assert w.jobs.status(B, m.job_id)["reason"].startswith("gpu_task_failed")
+
+
+def test_stopped_task_leaves_a_finished_job_alone() -> None:
+    w = World(gpu=True)
+    m = w.drop(make_csv(30))
+    w.jobs.fail(m, "malformed_csv: line 3")  # the task failed the job itself, with its reason
+    after = w.jobs.task_stopped(B, m.job_id, m.ecs_task_arn or "", "exit 2")
+    assert after.reason == "malformed_csv: line 3"
+    assert w.jobs.task_stopped(B, "0" * 20, "", "exit 1") is None
