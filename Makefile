@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PIP_TORCH_ARGS) -r requirements/torch-cpu.txt
-	$(PIP) install -q -e ".[torch,onnx,openvino,export,hub,lambda,dev]"
+	$(PIP) install -q -e ".[torch,onnx,openvino,export,hub,lambda,serve,dev]"
 	touch $@
 
 # The main job: score the shipped examples. Fetches the model on first use when there is network.

@@ -1,4 +1,4 @@
-"""``similarity`` command line: ``score`` a CSV, ``model fetch|info|export``.
+"""``similarity`` command line: ``score`` a CSV, ``model fetch|info|export``, ``serve`` the HTTP API.
 
 Exit status: 0 when the file was processed (row errors included), 2 when the input cannot be
 processed (missing file, no URL column, malformed CSV, a bad flag or variable), 3 when the model is
@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     e = msub.add_parser("export", help="write ONNX files (fp32 and int8) into the model directory")
     e.add_argument("dir", nargs="?", help="model directory (default $CLIP_MODEL_DIR)")
     e.add_argument("--no-int8", action="store_true", help="skip the int8 quantised files")
+
+    from .server.cli import add_parser as add_serve
+
+    add_serve(sub)
     return p
 
 
@@ -242,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score":
             return _cmd_score(args)
+        if args.command == "serve":
+            from .server.cli import run as serve
+
+            return serve(args)
         return _cmd_model(args)
     except ModelError as exc:
         from .tools.hub import PROVIDE_HINT

@@ -1,9 +1,19 @@
 """The HTTP API (``POST /score``, ``POST /jobs``, ``GET /jobs/{id}``, ``/healthz``, ``/readyz``),
 independent of the framework that serves it."""
 
-from .errors import BadRequest, HttpError, NotFound, PayloadTooLarge, Unavailable, error_body
+from .errors import (
+    BadRequest,
+    HttpError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    Unavailable,
+    error_body,
+)
 from .models import JobRequest, Pair, ScoreRequest
-from .service import ApiResponse, ApiService, Scored
+from .service import ApiResponse, ApiService, Readiness, Scored, ScoreRows
 
 __all__ = [
     "ApiResponse",
@@ -12,10 +22,15 @@ __all__ = [
     "HttpError",
     "JobRequest",
     "NotFound",
+    "Overloaded",
     "Pair",
     "PayloadTooLarge",
+    "Readiness",
+    "RequestTimeout",
     "ScoreRequest",
+    "ScoreRows",
     "Scored",
+    "Unauthorized",
     "Unavailable",
     "error_body",
 ]
