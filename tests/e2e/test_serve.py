@@ -365,6 +365,26 @@ def test_overloaded_server_sheds_with_503(server) -> None:
             assert first.result().status_code == 200
 
 
+def test_probes_answer_while_every_request_slot_is_taken(server) -> None:
+    env = tiny_env(SERVER_MAX_CONCURRENCY="1", SERVER_REQUEST_TIMEOUT="20")
+    slow = slow_image(server, "/serve/slot.png", img(10), delay=3.0)
+    with Served(env=env) as srv:
+        srv.wait_ready()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(
+                requests.post, srv.url + "/score", json={"pairs": [{"image": slow, "caption": "x"}]}, timeout=30
+            )
+            time.sleep(0.5)
+            waiting = pool.submit(
+                requests.post, srv.url + "/score", json={"pairs": [{"image": "", "caption": "x"}]}, timeout=30
+            )
+            start = time.monotonic()
+            r = requests.get(srv.url + "/readyz", timeout=30)
+            assert r.status_code == 200 and time.monotonic() - start < 1.5  # not behind the requests
+            assert not waiting.done()  # the one request slot is taken: it waits for it
+            assert first.result().status_code == 200 and waiting.result().status_code == 200
+
+
 def test_graceful_shutdown_under_load_loses_no_request(server) -> None:
     """SIGTERM with requests in flight and new connections arriving: every request the server
     took in is answered in full. New connections after the signal are refused, or reset when the

@@ -127,13 +127,19 @@ def test_a_request_with_nothing_to_embed_needs_no_inference(tiny_model, data_fet
     batcher.close(timeout=1)
 
 
-def test_full_batch_runs_without_waiting(make_batcher, data_fetcher) -> None:
-    batcher, rec = make_batcher(batch_size=4, max_wait=30.0)
+def test_full_batch_runs_without_waiting(tiny_model, data_fetcher) -> None:
+    rec = Recorder()
+    batcher = MicroBatcher(tiny_model, batch_size=4, max_wait=30.0, observer=rec)
+    futures = [batcher.submit([r], data_fetcher) for r in mixed_records(4)]
+    end = time.monotonic() + 30
+    while batcher.queue_depth < 8 and time.monotonic() < end:  # 4 images fetched, 4 captions queued
+        time.sleep(0.01)
     start = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda r: batcher.score([r], data_fetcher, timeout=60), mixed_records(4)))
-    assert time.monotonic() - start < 20  # well before the 30 s wait: four inputs fill the batch
-    assert 4 in rec.sizes("text")
+    batcher.start()
+    assert all(f.result(25)[0].error is None for f in futures)
+    assert time.monotonic() - start < 20  # well before the 30 s wait: four inputs fill a batch
+    assert rec.sizes("image") == [4] and rec.sizes("text") == [4]
+    batcher.close(timeout=5)
 
 
 def test_a_lone_row_waits_at_most_max_wait(make_batcher, data_fetcher) -> None:

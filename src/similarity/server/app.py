@@ -138,6 +138,7 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
     s = services.settings
     api = services.api
     limiter = anyio.CapacityLimiter(s.server.max_concurrency)
+    probes = anyio.CapacityLimiter(4)  # /readyz never waits behind client load for a thread
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -179,8 +180,8 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
             return _json(500, ApiResponse(500, error_body("internal_error", "internal error")).json())
         return _json(r.status, r.json())
 
-    async def run(fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+    async def run(fn: Callable[..., T], *args: Any, pool: anyio.CapacityLimiter = limiter) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=pool)
 
     errors = {
         400: {
@@ -262,7 +263,7 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
     )
     async def readyz() -> Response:
         async def call() -> ApiResponse:
-            return await run(api.readyz)
+            return await run(api.readyz, pool=probes)
 
         return await answer(call)
 
