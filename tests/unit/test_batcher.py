@@ -237,3 +237,22 @@ def test_canary_times_out_when_nothing_scores(tiny_model, data_fetcher) -> None:
     with pytest.raises(RuntimeError, match="not scored within"):
         canary.record()
     stuck.close(timeout=1)
+
+
+def test_fetches_run_in_the_requests_log_context(make_batcher, data_fetcher) -> None:
+    from similarity.server.logs import REQUEST_ID
+
+    seen: list[str | None] = []
+    batcher, rec = make_batcher()
+    rec.fetched = lambda seconds, code: seen.append(REQUEST_ID.get())  # runs on the fetch thread
+
+    def request(rid: str) -> None:
+        REQUEST_ID.set(rid)
+        batcher.score([Record(data_uri(1), "a red circle"), Record(data_uri(2), "x")], data_fetcher, timeout=30)
+
+    threads = [threading.Thread(target=request, args=(f"req-{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == ["req-0", "req-0", "req-1", "req-1", "req-2", "req-2"]
