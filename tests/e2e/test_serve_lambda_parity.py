@@ -163,6 +163,9 @@ def test_job_bodies_answer_the_same(stack, lam) -> None:
         ("GET", "/jobs/" + "0" * 20, None),
         ("GET", "/healthz", None),
         ("GET", "/nope", None),
+        ("GET", "/score", None),
+        ("DELETE", "/jobs/abc", None),
+        ("POST", "/score/", "{}"),
     ]
     started = None
     for method, path, body in cases:

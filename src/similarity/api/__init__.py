@@ -1,9 +1,11 @@
 """The HTTP API (``POST /score``, ``POST /jobs``, ``GET /jobs/{id}``, ``/healthz``, ``/readyz``),
 independent of the framework that serves it."""
 
+from .body import MAX_DEPTH, decode_body, parse_json, validate
 from .errors import (
     BadRequest,
     HttpError,
+    MethodNotAllowed,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -13,24 +15,45 @@ from .errors import (
     error_body,
 )
 from .models import JobRequest, Pair, ScoreRequest
-from .service import ApiResponse, ApiService, Readiness, Scored, ScoreRows
+from .routes import ROUTES, Route, match
+from .service import (
+    INTERNAL_ERROR,
+    ApiResponse,
+    ApiService,
+    Handled,
+    Readiness,
+    Scored,
+    ScoreRows,
+    error_response,
+)
 
 __all__ = [
+    "INTERNAL_ERROR",
+    "MAX_DEPTH",
+    "ROUTES",
     "ApiResponse",
     "ApiService",
     "BadRequest",
+    "Handled",
     "HttpError",
     "JobRequest",
+    "MethodNotAllowed",
     "NotFound",
     "Overloaded",
     "Pair",
     "PayloadTooLarge",
     "Readiness",
     "RequestTimeout",
+    "Route",
     "ScoreRequest",
     "ScoreRows",
     "Scored",
     "Unauthorized",
     "Unavailable",
+    "decode_body",
     "error_body",
+    "error_response",
+    "match",
+    "parse_json",
+    "validate",
 ]

@@ -13,24 +13,40 @@ schemas go into the OpenAPI document from ``similarity.api.models``.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
-from ..api import ApiResponse, HttpError, PayloadTooLarge, RequestTimeout, Unauthorized, error_body
+from ..api import (
+    INTERNAL_ERROR,
+    ROUTES,
+    ApiResponse,
+    HttpError,
+    PayloadTooLarge,
+    RequestTimeout,
+    Route,
+    Unauthorized,
+    error_body,
+    error_response,
+    match,
+)
 from ..api import models as m
+from ..api.routes import RouteName
 from .logs import REQUEST_ID, request_id
 from .services import ServerServices
 
@@ -38,22 +54,15 @@ log = logging.getLogger("similarity.server")
 access = logging.getLogger("similarity.server.access")
 
 JSON = "application/json"
-Handler = Callable[[], Awaitable[ApiResponse]]
-T = TypeVar("T")
 
 
-def _json(status: int, body: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
-
-
-def _error(exc: HttpError) -> Response:
-    headers = {}
-    if exc.status == 401:
+def _respond(r: ApiResponse) -> Response:
+    headers = dict(r.headers)
+    if r.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if exc.status == 503:
+    if r.status == 503:
         headers["Retry-After"] = "1"
-    r = ApiResponse(exc.status, error_body(exc.code, exc.message, exc.fields))
-    return _json(r.status, r.json(), headers)
+    return Response(content=r.json(), status_code=r.status, media_type=JSON, headers=headers)
 
 
 class RequestContext:
@@ -156,6 +165,7 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # /score/ is no route, as in the Lambda (not a redirect)
     app.add_middleware(RequestContext, services=services)
 
     def authorize(request: Request) -> None:
@@ -168,132 +178,134 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
     def time_left(request: Request) -> float:
         return s.server.request_timeout - (time.monotonic() - float(request.state.started))
 
-    async def answer(call: Handler) -> Response:
+    async def handle(route: Route, request: Request) -> Response:
+        """What the server adds (auth, the body read under its limit and deadline), then the
+        Lambda's own path: ``ApiService.handle`` routes, validates, scores and maps every error."""
         try:
-            r = await call()
+            if DOCS[route.name].auth:
+                authorize(request)
+            raw = await read_body(request, s.api.max_body_bytes, time_left(request)) if route.method == "POST" else None
         except HttpError as exc:
-            if exc.status >= 500:
-                log.warning("request refused", extra={"code": exc.code, "reason": exc.message})
-            return _error(exc)
-        except Exception:
-            log.exception("unhandled error")
-            return _json(500, ApiResponse(500, error_body("internal_error", "internal error")).json())
-        return _json(r.status, r.json())
+            return _respond(error_response(exc))
+        pool = probes if route.name == "readyz" else limiter  # probes never wait behind client load
+        call = functools.partial(api.handle, route.method, request.url.path, raw, time_left=time_left(request))
+        handled = await anyio.to_thread.run_sync(call, limiter=pool)
+        if handled.stats is not None:
+            services.metrics.scored(handled.stats)
+        return _respond(handled.response)
 
-    async def run(fn: Callable[..., T], *args: Any, pool: anyio.CapacityLimiter = limiter) -> T:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=pool)
-
-    errors = {
-        400: {
-            "model": m.ErrorResponse,
-            "description": "malformed JSON, a field that failed validation, or a malformed job id",
-        },
-        401: {"model": m.ErrorResponse, "description": "bearer token missing or wrong (when the server requires one)"},
-        404: {"model": m.ErrorResponse, "description": "not found, or batch jobs are not configured here"},
-        408: {"model": m.ErrorResponse, "description": "the body did not arrive within the request's deadline"},
-        413: {"model": m.ErrorResponse, "description": "body over MAX_BODY_BYTES, or more than MAX_PAIRS pairs"},
-        503: {"model": m.ErrorResponse, "description": "model not loaded yet, server at capacity, or shutting down"},
-    }
-
-    def pick(*codes: int) -> dict[int | str, dict[str, Any]]:
-        return {c: errors[c] for c in codes}
-
-    @app.post(
-        "/score",
-        operation_id="score",
-        summary="Score (image, caption) pairs",
-        response_model=m.ScoreResponse,
-        responses=pick(400, 401, 408, 413, 503),
-        openapi_extra={"requestBody": _body("ScoreRequest")},
-    )
-    async def score(request: Request) -> Response:
-        async def call() -> ApiResponse:
-            authorize(request)
-            raw = await read_body(request, s.api.max_body_bytes, time_left(request))
-            scored = await run(api.score, raw, time_left(request))
-            services.metrics.scored(scored.stats)
-            return scored.response
-
-        return await answer(call)
-
-    @app.post(
-        "/jobs",
-        operation_id="startJob",
-        summary="Start a batch job on a CSV in the bucket",
-        status_code=202,
-        response_model=m.JobStatus,
-        responses=pick(400, 401, 404, 408, 413),
-        openapi_extra={"requestBody": _body("JobRequest")},
-    )
-    async def start_job(request: Request) -> Response:
-        async def call() -> ApiResponse:
-            authorize(request)
-            raw = await read_body(request, s.api.max_body_bytes, time_left(request))
-            return await run(api.start_job, raw)
-
-        return await answer(call)
-
-    @app.get(
-        "/jobs/{job_id}",
-        operation_id="jobStatus",
-        summary="A batch job's status",
-        response_model=m.JobStatus,
-        responses=pick(400, 401, 404),
-    )
-    async def job_status(request: Request, job_id: str) -> Response:
-        async def call() -> ApiResponse:
-            authorize(request)
-            return await run(api.job_status, job_id)
-
-        return await answer(call)
-
-    @app.get("/healthz", operation_id="healthz", summary="Liveness (no model needed)", response_model=m.Health)
-    async def healthz() -> Response:
-        async def call() -> ApiResponse:
-            return api.healthz()
-
-        return await answer(call)
-
-    @app.get(
-        "/readyz",
-        operation_id="readyz",
-        summary="Readiness: the model is loaded and its canary scores what it scored at load",
-        response_model=m.Ready,
-        responses={503: {"model": m.NotReady, "description": "model not loaded, or the canary failed or drifted"}},
-    )
-    async def readyz() -> Response:
-        async def call() -> ApiResponse:
-            return await run(api.readyz, pool=probes)
-
-        return await answer(call)
+    for route in ROUTES:  # exactly the Lambda's routes
+        doc = DOCS[route.name]
+        app.add_api_route(
+            route.template,
+            _endpoint(handle, route),
+            methods=[route.method],
+            operation_id=doc.operation_id,
+            summary=doc.summary,
+            status_code=doc.status,
+            response_model=doc.model,
+            responses={**{c: ERRORS[c] for c in doc.errors}, **doc.extra_responses},
+            openapi_extra=doc.openapi_extra(route),
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         body, ctype = services.metrics.render()
         return Response(content=body, media_type=ctype)
 
-    # -- the error envelope for what the router itself answers
+    # -- what the router answers itself (unknown path, wrong method): the Lambda's answer to it
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            body = error_body("not_found", f"no route {request.method} {request.url.path[:200]}")
-        elif exc.status_code == 405:
-            body = error_body("method_not_allowed", f"{request.method} is not allowed on {request.url.path[:200]}")
-        else:
-            body = error_body("http_error", str(exc.detail))
-        return _json(exc.status_code, ApiResponse(exc.status_code, body).json(), dict(exc.headers or {}))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:  # path parameters only
-        return _json(400, ApiResponse(400, error_body("bad_request", "request failed validation")).json())
+    async def _router(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (404, 405):
+            try:
+                match(request.method, request.url.path)
+            except HttpError as routing:  # NotFound, or MethodNotAllowed with Allow
+                return _respond(error_response(routing))
+        return _respond(ApiResponse(exc.status_code, error_body("http_error", str(exc.detail)[:200])))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return _json(500, ApiResponse(500, error_body("internal_error", "internal error")).json())
+        return _respond(INTERNAL_ERROR)
 
     app.openapi = lambda: openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _endpoint(handle: Callable[[Route, Request], Awaitable[Response]], route: Route) -> Callable[..., Any]:
+    async def endpoint(request: Request) -> Response:
+        return await handle(route, request)
+
+    endpoint.__name__ = route.name
+    return endpoint
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": m.ErrorResponse,
+        "description": "malformed JSON, a field that failed validation, or a malformed job id",
+    },
+    401: {"model": m.ErrorResponse, "description": "bearer token missing or wrong (when the server requires one)"},
+    404: {"model": m.ErrorResponse, "description": "not found, or batch jobs are not configured here"},
+    408: {"model": m.ErrorResponse, "description": "the body did not arrive within the request's deadline"},
+    413: {"model": m.ErrorResponse, "description": "body over MAX_BODY_BYTES, or more than MAX_PAIRS pairs"},
+    503: {"model": m.ErrorResponse, "description": "model not loaded yet, server at capacity, or shutting down"},
+}
+
+
+@dataclass(frozen=True)
+class RouteDoc:
+    operation_id: str
+    summary: str
+    model: type[BaseModel]
+    errors: tuple[int, ...] = ()
+    status: int = 200
+    auth: bool = False
+    body: str | None = None  # the request body's schema (read raw, so FastAPI does not see it)
+    extra_responses: dict[int | str, dict[str, Any]] = field(default_factory=dict)
+
+    def openapi_extra(self, route: Route) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.body:
+            extra["requestBody"] = _body(self.body)
+        params = re.findall(r"\{(\w+)\}", route.template)
+        if params:
+            extra["parameters"] = [
+                {"name": p, "in": "path", "required": True, "schema": {"type": "string", "examples": ["0" * 20]}}
+                for p in params
+            ]
+        return extra
+
+
+DOCS: dict[RouteName, RouteDoc] = {
+    "score": RouteDoc(
+        "score",
+        "Score (image, caption) pairs",
+        m.ScoreResponse,
+        (400, 401, 408, 413, 503),
+        auth=True,
+        body="ScoreRequest",
+    ),
+    "start_job": RouteDoc(
+        "startJob",
+        "Start a batch job on a CSV in the bucket",
+        m.JobStatus,
+        (400, 401, 404, 408, 413),
+        status=202,
+        auth=True,
+        body="JobRequest",
+    ),
+    "job_status": RouteDoc("jobStatus", "A batch job's status", m.JobStatus, (400, 401, 404), auth=True),
+    "healthz": RouteDoc("healthz", "Liveness (no model needed)", m.Health),
+    "readyz": RouteDoc(
+        "readyz",
+        "Readiness: the model is loaded and its canary scores what it scored at load",
+        m.Ready,
+        extra_responses={
+            503: {"model": m.NotReady, "description": "model not loaded, or the canary failed or drifted"}
+        },
+    ),
+}
 
 
 def _body(name: str) -> dict[str, Any]:
@@ -315,9 +327,9 @@ def openapi(app: FastAPI) -> dict[str, Any]:
     doc["components"]["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "when SERVER_AUTH_TOKEN(_FILE) is set"}
     }
-    for path in ("/score", "/jobs", "/jobs/{job_id}"):
-        for op in doc["paths"][path].values():
-            op["security"] = [{"bearer": []}, {}]  # {}: the server may run without a token
+    for route in ROUTES:
+        if DOCS[route.name].auth:
+            doc["paths"][route.template][route.method.lower()]["security"] = [{"bearer": []}, {}]  # {}: no token set
     # Path parameters are plain strings: FastAPI's 422 cannot happen (and would answer 400 here).
     for ops in doc["paths"].values():
         for op in ops.values():
