@@ -123,6 +123,7 @@ def score_bodies(server, forbidden_server) -> list[str]:
         json.dumps({"pairs": pairs}),
         json.dumps({"pairs": odd}),
         json.dumps({"pairs": [{"image": red, "caption": "un cercle rouge, é ü 漢字"}]}),
+        json.dumps({"pairs": [{"image": red, "caption": "bad \ud800 caption"}, {"image": blue, "caption": "ok"}]}),
         "",
         "{",
         "[]",

@@ -16,6 +16,7 @@ import pytest
 from similarity import Record, score_pairs
 from similarity.errors import RaggedRow
 from similarity.fetch import Fetcher, FetchSettings
+from similarity.model import ClipModel
 from similarity.server.batcher import BatcherClosed, MicroBatcher, QueueFull
 from similarity.server.canary import Canary
 from support.imageserver import png_bytes
@@ -149,15 +150,56 @@ def test_a_lone_row_waits_at_most_max_wait(make_batcher, data_fetcher) -> None:
     assert rec.sizes("image") == [1, 1, 1]
 
 
-def test_a_poison_caption_costs_only_its_row(make_batcher, data_fetcher) -> None:
-    # A lone surrogate makes the Rust tokenizer raise for the whole batch; it is retried one caption
-    # at a time, so only that row fails.
-    batcher, rec = make_batcher(batch_size=8, max_wait=0.2)
+def test_an_invalid_caption_costs_only_its_row(make_batcher, data_fetcher) -> None:
+    # A lone surrogate (a CSV decoder's leftover, a \ud800 escape) no tokenizer can encode: the
+    # Scorer's own check answers it, and its neighbours in the batch are scored.
+    batcher, _ = make_batcher(batch_size=8, max_wait=0.2)
     records = [Record(data_uri(1), "a red circle"), Record(data_uri(2), "bad \ud800 text"), Record(data_uri(3), "x")]
     with ThreadPoolExecutor(3) as pool:
         out = list(pool.map(lambda r: batcher.score([r], data_fetcher, timeout=60)[0], records))
-    assert [r.error_code for r in out] == [None, "inference_error", None]
-    assert "text tower" in out[1].error_text
+    assert [r.error_code for r in out] == [None, "invalid_caption", None]
+    assert out[1].error_text == "invalid_caption: lone surrogate U+D800 at character 4"
+
+
+class Poisoned(ClipModel):
+    """The tiny CLIP, except that a batch holding a caption with POISON, or an all-black image,
+    fails as a whole (what a backend does with an input it cannot take)."""
+
+    def embed_texts(self, captions):
+        if any("POISON" in c for c in captions):
+            raise ValueError("poisoned text batch")
+        return super().embed_texts(captions)
+
+    def embed_images(self, pixels):
+        if any(float(np.ptp(p, axis=(1, 2)).max()) == 0.0 for p in pixels):  # one flat colour
+            raise ValueError("poisoned image batch")
+        return super().embed_images(pixels)
+
+
+def test_a_failing_model_call_costs_only_the_inputs_that_fail_alone(tiny_model, data_fetcher) -> None:
+    from PIL import Image
+
+    model = Poisoned(tiny_model.backend, tiny_model.tokenizer, tiny_model.preprocess, tiny_model.info)
+    rec = Recorder()
+    batcher = MicroBatcher(model, batch_size=8, max_wait=0.0, observer=rec)
+    black = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (64, 64)))).decode()
+    records = [
+        Record(data_uri(1), "a red circle"),
+        Record(data_uri(2), "POISON"),
+        Record(black, "x"),
+        Record(data_uri(3), "y"),
+    ]
+    futures = [batcher.submit([r], data_fetcher) for r in records]
+    end = time.monotonic() + 30
+    while batcher.queue_depth < 8 and time.monotonic() < end:  # one batch per tower, all four in it
+        time.sleep(0.01)
+    batcher.start()
+    out = [f.result(60)[0] for f in futures]
+    batcher.close(timeout=5)
+    assert [r.error_code for r in out] == [None, "inference_error", "inference_error", None]
+    assert out[1].error_text == "inference_error: ValueError in text tower"
+    assert out[2].error_text == "inference_error: ValueError in image tower"
+    assert sorted(rec.sizes("text")) == [1, 1, 1] and sorted(rec.sizes("image")) == [1, 1, 1]  # the retries
 
 
 def test_admission_limit(make_batcher, data_fetcher) -> None:

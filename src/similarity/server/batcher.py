@@ -32,6 +32,7 @@ from ..errors import (
     FetchTimeout,
     InferenceError,
     InternalError,
+    InvalidCaption,
     MissingCaption,
     MissingUrl,
     RowError,
@@ -39,6 +40,7 @@ from ..errors import (
 )
 from ..fetch import Fetcher
 from ..model import ClipModel
+from ..pipeline.scorer import _clean, _describe_invalid, _is_text  # the Scorer's own checks
 from ..types import Record, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -217,7 +219,11 @@ class MicroBatcher:
                 continue
             row = _Row(ticket, i, rec)
             images.setdefault(_clean(rec.url), []).append(row)
-            captions.setdefault(_clean(rec.caption), []).append(row)
+            caption = _clean(rec.caption)
+            if _is_text(caption):
+                captions.setdefault(caption, []).append(row)
+            else:  # no tokenizer can encode it; the image still decides first, as in the Scorer
+                row.text = InvalidCaption(_describe_invalid(caption))
         work = ticket.left
         with self._cond:
             if self._closed:
@@ -405,10 +411,6 @@ class MicroBatcher:
 def _texts(model: ClipModel, captions: list[str]) -> list[tuple[np.ndarray, bool]]:
     embs, truncated = model.embed_texts(captions)
     return list(zip(embs, truncated, strict=True))
-
-
-def _clean(value: str | None) -> str:
-    return value.strip() if isinstance(value, str) else ""
 
 
 def _precheck(rec: Record) -> ScoreResult | None:
