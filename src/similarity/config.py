@@ -125,6 +125,10 @@ class ScoreSettings(Section):
     #: Concurrent image fetches and decodes.
     workers: int = Field(16, ge=1, le=1024, validation_alias="SIMILARITY_WORKERS")
     excel_safe: bool = Field(False, validation_alias="SIMILARITY_EXCEL_SAFE")
+    #: A file output's rows are committed (flushed, fsync'd) after this many rows or seconds,
+    #: whichever comes first: what a crash can lose and ``--resume`` scores again.
+    commit_rows: int = Field(1000, ge=1, validation_alias="SIMILARITY_COMMIT_ROWS")
+    commit_seconds: float = Field(5.0, gt=0, validation_alias="SIMILARITY_COMMIT_SECONDS")
 
 
 class ApiSettings(Section):

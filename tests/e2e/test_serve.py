@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -445,6 +446,8 @@ def test_graceful_shutdown_under_load_loses_no_request(server) -> None:
             requests.get(srv.url + "/healthz", timeout=5)
         messages = [x["message"] for x in srv.logs()]
         assert "batcher closed" in messages and f"Finished server process [{srv.proc.pid}]" in messages
+        # ended by the signal as a stopped server is, every line a JSON log line to the last
+        assert srv.proc.returncode == -signal.SIGTERM and len(srv.logs()) == len([x for x in srv.lines if x.strip()])
     finally:
         srv.stop()
 

@@ -12,6 +12,7 @@ import glob
 import logging.config
 import os
 import shutil
+import signal
 import tempfile
 from typing import Any, cast
 
@@ -88,12 +89,19 @@ def serve(settings: ServeSettings, uvicorn: Any) -> int:
         )  # bound here, so the port is known (and logged) with --port 0; served once the app has started
         host, port = sock.getsockname()[:2]
         log.info("bound", extra={"host": host, "port": port, "workers": srv.workers})
-        if srv.workers > 1:
-            from uvicorn.supervisors import Multiprocess
+        # uvicorn handles SIGTERM and SIGINT itself (graceful shutdown), then raises the signal again
+        # against the handlers it found: SIGTERM's default, so the process ends by it (status 143)
+        # as a server stopped by a scheduler does, not by the score command's "interrupted" path.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            if srv.workers > 1:
+                from uvicorn.supervisors import Multiprocess
 
-            Multiprocess(cfg, sockets=[sock]).run()
-        else:
-            uvicorn.Server(cfg).run(sockets=[sock])
+                Multiprocess(cfg, sockets=[sock]).run()
+            else:
+                uvicorn.Server(cfg).run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C, after the same graceful shutdown
+            return 130
     finally:
         if metrics_dir is not None and made:
             shutil.rmtree(metrics_dir, ignore_errors=True)
