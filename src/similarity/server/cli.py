@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
-        raise ConfigError(
-            "similarity serve needs the serve extra: pip install 'text-image-similarity[serve]'"
-        ) from None
+        raise ConfigError("similarity serve needs the serve extra: pip install '.[serve,cpu]'") from None
     # The worker processes build their settings from the environment: the flags go there too.
     os.environ["CLIP_MODEL_DIR"] = settings.model.dir
     for field, name in ENV.items():
