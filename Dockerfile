@@ -19,7 +19,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # ---------------------------------------------------------------- Lambda image (CPU, no torch)
 FROM public.ecr.aws/lambda/python:${PYTHON_VERSION} AS lambda
 COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,lambda]" && rm -rf /wheels
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,lambda,cache]" && rm -rf /wheels
 COPY src/handler ${LAMBDA_TASK_ROOT}/handler
 # glibc would mmap/munmap large activation buffers on every forward; keep them in the heap.
 ENV MALLOC_MMAP_THRESHOLD_=33554432 \
@@ -42,7 +42,7 @@ CMD ["handler.model_sync.lambda_handler"]
 FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS gpu
 COPY --from=wheel /wheels /wheels
 # PyPI's Linux torch wheel bundles CUDA; the ECS GPU-optimised AMI supplies the driver.
-RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch]" && rm -rf /wheels
+RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch,cache]" && rm -rf /wheels
 WORKDIR /app
 COPY src/handler /app/handler
 ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch SIMILARITY_BATCH_SIZE=128 SIMILARITY_WORKERS=32

@@ -1,4 +1,5 @@
-"""``similarity`` command line: ``score`` a file, ``model fetch|info|export``, ``serve`` the HTTP API.
+"""``similarity`` command line: ``score`` a file, ``model fetch|info|export``, ``cache stats|clear``,
+``serve`` the HTTP API.
 
 Subcommands are entries of ``COMMANDS`` (a name, the function that adds its arguments, the
 function that runs it), so a new one is one function pair and one line.
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .cache import cli as cache_cli
 from .config import Settings, load
 from .errors import BackendUnavailable, InputNotFound, ModelError, ModelFetchFailed, ModelIncomplete, RunError
 from .model.directory import DEFAULT_MODEL_ID
@@ -119,6 +121,7 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bar.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is no terminal")
     bar.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     s.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON to this path")
+    cache_cli.add_score_flags(s)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -147,7 +150,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         },
         FLAGS["fetch"],
     )
-    return settings.with_overrides(
+    settings = settings.with_overrides(
         "score",
         {
             "batch_size": args.batch_size,
@@ -157,6 +160,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         },
         FLAGS["score"],
     )
+    return cache_cli.apply_flags(settings, args)
 
 
 def resolve_output(input_uri: str, output: str | None, output_format: str | None) -> str:
@@ -282,7 +286,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if output == args.input and output != "-":
         raise RunError(f"the output {output!r} is the input: name another with -o")
     base_dir = None if is_s3(args.input) or args.input == "-" else Path(args.input).resolve().parent
-    run = build(settings, local_paths=True, base_dir=base_dir)
+    run = build(settings, local_paths=True, base_dir=base_dir, default_cache=cache_cli.CLI_DEFAULT)
     try:
         _check_input(args.input, run.s3)
         check_output_writable(output, run.s3() if is_s3(output) else None)
@@ -314,6 +318,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
                 commit_rows=settings.score.commit_rows,
                 commit_seconds=settings.score.commit_seconds,
                 progress=bar,
+                cache=run.cache,
             )
         finally:
             if bar is not None:
@@ -323,6 +328,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     st = result.stats
     for line in summary_lines(result, output):
         _err(line)
+    if run.cache is not None:
+        for line in cache_cli.summary_lines(st.cache, run.cache.store.name):
+            _err(line)
     code = EXIT_OK
     if st.rows and st.scored == 0:
         top = ", ".join(f"{k} {v}" for k, v in sorted(st.errors.items(), key=lambda kv: -kv[1])[:3])
@@ -347,6 +355,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             "seconds": round(result.seconds, 3),
             "pairs_per_second": round(result.pairs_per_second, 2),
             "model": info.as_dict(),
+            "cache": {"store": run.cache.store.name, **st.cache} if run.cache is not None else None,
         }
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     return code
@@ -474,6 +483,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 COMMANDS: list[Command] = [
     Command("score", _add_score, _cmd_score),
     Command("model", _add_model, _cmd_model),
+    Command("cache", cache_cli.add_command, cache_cli.run_command),
     Command("serve", _add_serve, _cmd_serve),
 ]
 

@@ -298,3 +298,25 @@ def test_fetches_run_in_the_requests_log_context(make_batcher, data_fetcher) -> 
     for t in threads:
         t.join()
     assert sorted(seen) == ["req-0", "req-0", "req-1", "req-1", "req-2", "req-2"]
+
+
+def test_with_a_cache_a_repeated_request_embeds_nothing_and_scores_the_same(tiny_model, data_fetcher, tmp_path) -> None:
+    from similarity.cache import EmbeddingCache
+    from similarity.cache.sqlite_store import SqliteStore
+
+    cache = EmbeddingCache(SqliteStore(tmp_path / "cache.db", 10**8))
+    records = mixed_records(6)
+    answers, recorders = [], []
+    for _ in range(2):  # two server lifetimes on one store
+        rec = Recorder()
+        b = MicroBatcher(tiny_model, observer=rec, max_wait=0.01, cache=cache.session(tiny_model)).start()
+        try:
+            answers.append(b.score(records, data_fetcher, timeout=60))
+        finally:
+            b.close(timeout=5)
+        recorders.append(rec)
+    assert sum(recorders[0].sizes("image")) == 6 and sum(recorders[0].sizes("text")) > 0
+    assert recorders[1].sizes("image") == [] and recorders[1].sizes("text") == []
+    for first, second in zip(*answers, strict=True):
+        assert first.error is None and second.error is None
+        assert second.cosine == first.cosine

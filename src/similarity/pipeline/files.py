@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol, TextIO, cast
 
+from ..cache import EmbeddingCache
 from ..errors import ConfigError, OutputUnwritable, ResumeMismatch, RunError
 from ..fetch import Fetcher
 from ..io.csvfile import DEFAULT_MAX_FIELD, OUTPUT_COLUMNS, CsvReader, CsvWriter, detect_layout
@@ -107,12 +108,13 @@ def score_stream(
     excel_safe: bool = False,
     write_header: bool = True,
     on_row: Callable[[int], None] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> FileResult:
     """CSV text in, CSV text out (the batch pipeline's chunks)."""
     start = time.perf_counter()
     reader = CsvReader(src, url_column=url_column, caption_column=caption_column, max_field=max_field)
     writer = CsvWriter(dst, reader.header, excel_safe=excel_safe, write_header=write_header)
-    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers)
+    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache)
     for result in scorer.score(reader):
         writer.write(result)
         if on_row is not None:
@@ -237,6 +239,7 @@ def score_file(
     commit_seconds: float = 5.0,
     on_row: Callable[[int], None] | None = None,
     progress: Progress | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> FileResult:
     """Score ``input_uri`` into ``output_uri`` (local paths, ``-``, ``s3://``; format by name or
     extension). The output appears only when complete; until then rows are committed to
@@ -314,7 +317,7 @@ def score_file(
             if progress is not None:
                 total, unit = _progress_total(source, reader)
                 progress.start(total, unit, commit.rows)
-            scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers)
+            scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache)
             run.scorer = scorer.stats
             try:
                 if rescore is None:
@@ -428,6 +431,8 @@ def _merge_counts(totals: ScoreStats, scorer: ScoreStats) -> None:
     totals.images_fetched += scorer.images_fetched
     totals.images_embedded += scorer.images_embedded
     totals.captions_encoded += scorer.captions_encoded
+    for name, n in scorer.cache.items():
+        totals.cache[name] = totals.cache.get(name, 0) + n
 
 
 def _progress_total(source: Source, reader: RowReader) -> tuple[int | None, str]:

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from ..cache import Hit, Miss, RunCache
 from ..errors import (
     FetchTimeout,
     InferenceError,
@@ -112,7 +113,7 @@ class _Row:
 class _Item:
     """One input waiting for a tower, with the rows that need it (one request's duplicates)."""
 
-    value: np.ndarray | str  # pixels, or the caption
+    value: np.ndarray | Miss | str  # pixels (with the cache: a Miss holding them), or the caption
     rows: list[_Row]
     since: float = field(default_factory=time.monotonic)
 
@@ -136,8 +137,12 @@ class MicroBatcher:
         workers: int = 16,
         max_rows: int = 1024,
         observer: BatchObserver | None = None,
+        cache: RunCache | None = None,
     ) -> None:
         self.model = model
+        #: The embedding cache, consulted as the Scorer does: an image by its URL record and content
+        #: hash before it is embedded, a caption before it is encoded; new embeddings stored.
+        self.cache = cache
         self.batch_size = max(1, batch_size)
         self.max_wait = max(0.0, max_wait)
         self.max_rows = max(1, max_rows)
@@ -265,8 +270,17 @@ class MicroBatcher:
         start = time.perf_counter()
         data: bytes | None = None
         error: RowError | None = None
+        loaded: np.ndarray | Miss | None = None
         try:
-            data = fetcher.fetch(url)
+            if self.cache is not None:  # the lookup, the (conditional) download and the decode
+                found = self.cache.load_image(url, fetcher, self.model.pixels)
+                if isinstance(found, Hit):
+                    self.observer.fetched(time.perf_counter() - start, None)
+                    self._set_image(rows, found.embedding)
+                    return
+                loaded = found
+            else:
+                data = fetcher.fetch(url)
         except RowError as exc:
             error = exc
         except Exception as exc:
@@ -275,17 +289,17 @@ class MicroBatcher:
         self.observer.fetched(time.perf_counter() - start, error.code if error else None)
         if error is None and data is not None:
             try:
-                pixels = self.model.pixels(data)
+                loaded = self.model.pixels(data)
             except RowError as exc:
                 error = exc
             except Exception as exc:
                 log.exception("unexpected error decoding %s", url[:200])
                 error = InternalError(f"{type(exc).__name__} while loading image")
-        if error is not None:
-            self._set_image(rows, error)
+        if error is not None or loaded is None:
+            self._set_image(rows, error or InternalError("image load failed"))
             return
         with self._cond:
-            self._queues["image"].append(_Item(pixels, rows))
+            self._queues["image"].append(_Item(loaded, rows))
             self._cond.notify_all()
             self._report()
 
@@ -326,19 +340,35 @@ class MicroBatcher:
         return out
 
     def _embed_texts(self, items: list[_Item]) -> None:
-        position = {
-            c: i for i, c in enumerate(dict.fromkeys(str(i.value) for i in items))
-        }  # one caption, many requests
-        out = self._call("text", list(position), lambda chunk: _texts(self.model, chunk))
+        captions = list(dict.fromkeys(str(i.value) for i in items))  # one caption, many requests
+        known: dict[str, tuple[np.ndarray, bool] | RowError] = {}
+        if self.cache is not None:
+            known.update(self.cache.captions(captions))
+        todo = [c for c in captions if c not in known]
+        if todo:
+            out = self._call("text", todo, lambda chunk: _texts(self.model, chunk))
+            known.update(zip(todo, out, strict=True))
+            if self.cache is not None:  # stored, and answered as stored (as the Scorer does)
+                new = [(c, v) for c, v in zip(todo, out, strict=True) if not isinstance(v, RowError)]
+                if new:
+                    embs = np.stack([v[0] for _, v in new])
+                    stored = self.cache.store_captions([c for c, _ in new], embs, [v[1] for _, v in new])
+                    known.update({c: (e, v[1]) for (c, v), e in zip(new, stored, strict=True)})
         for item in items:
-            value = out[position[str(item.value)]]
+            value = known[str(item.value)]
             for row in item.rows:
                 self._set_text(row, value)
 
     def _embed_images(self, items: list[_Item]) -> None:
-        out = self._call(
-            "image", [i.value for i in items], lambda chunk: list(self.model.embed_images(np.stack(chunk)))
-        )
+        pixels = [i.value.pixels if isinstance(i.value, Miss) else i.value for i in items]
+        out = self._call("image", pixels, lambda chunk: list(self.model.embed_images(np.stack(chunk))))
+        if self.cache is not None:  # stored, and answered as stored (as the Scorer does)
+            new = [k for k, v in enumerate(out) if isinstance(items[k].value, Miss) and not isinstance(v, RowError)]
+            if new:
+                misses = [items[k].value for k in new]
+                stored = self.cache.store_images(misses, np.stack([out[k] for k in new]))  # type: ignore[arg-type]
+                for k, emb in zip(new, stored, strict=True):
+                    out[k] = emb
         for item, value in zip(items, out, strict=True):
             self._set_image(item.rows, value)
 

@@ -89,6 +89,7 @@ class ServerServices:
             workers=s.score.workers,
             max_rows=s.server.max_queue_rows,
             observer=self.metrics,
+            cache=self.runtime.cache.session(model) if self.runtime.cache is not None else None,
         ).start()
         canary = Canary(
             lambda records, timeout: self._canary_rows(batcher, records, timeout),
