@@ -47,3 +47,27 @@ WORKDIR /app
 COPY src/handler /app/handler
 ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch SIMILARITY_BATCH_SIZE=128 SIMILARITY_WORKERS=32
 ENTRYPOINT ["python", "-m", "handler.gpu_task"]
+
+# ---------------------------------------------------------------- similarity serve (deploy/k8s, one box)
+# The HTTP API as a long-running server: ONNX Runtime and OpenVINO on CPU, uid 10001 (the pods'
+# runAsUser), the model mounted at /models. serve-gpu: the same on the gpu image's CUDA torch.
+FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS serve
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[serve,cpu]" && rm -rf /wheels \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin similarity
+ENV MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=8589934592 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 \
+    CLIP_MODEL_DIR=/models/clip-vit-base-patch32
+USER 10001
+EXPOSE 8080
+ENTRYPOINT ["similarity", "serve"]
+CMD ["--host", "0.0.0.0", "--port", "8080"]
+
+FROM gpu AS serve-gpu
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[torch,serve]" && rm -rf /wheels \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin similarity
+ENV PYTHONDONTWRITEBYTECODE=1 CLIP_MODEL_DIR=/models/clip-vit-base-patch32
+USER 10001
+EXPOSE 8080
+ENTRYPOINT ["similarity", "serve"]
+CMD ["--host", "0.0.0.0", "--port", "8080"]

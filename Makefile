@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PIP_TORCH_ARGS) -r requirements/torch-cpu.txt
-	$(PIP) install -q -e ".[cpu,torch,export,hub,lambda,parquet,cache,dev]"
+	$(PIP) install -q -e ".[cpu,torch,export,hub,lambda,parquet,cache,serve,dev]"
 	touch $@
 
 $(RUN_VENV)/.installed: pyproject.toml

@@ -1,4 +1,5 @@
-"""``similarity`` command line: ``score`` a file, ``model fetch|info|export``, ``cache stats|clear``.
+"""``similarity`` command line: ``score`` a file, ``model fetch|info|export``, ``cache stats|clear``,
+``serve`` the HTTP API.
 
 Subcommands are entries of ``COMMANDS`` (a name, the function that adds its arguments, the
 function that runs it), so a new one is one function pair and one line.
@@ -466,11 +467,24 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .server.cli import add_parser
+
+    add_parser(sub)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server.cli import run
+
+    return run(args)
+
+
 #: The subcommands, in the order ``--help`` lists them.
 COMMANDS: list[Command] = [
     Command("score", _add_score, _cmd_score),
     Command("model", _add_model, _cmd_model),
     Command("cache", cache_cli.add_command, cache_cli.run_command),
+    Command("serve", _add_serve, _cmd_serve),
 ]
 
 

@@ -10,9 +10,10 @@ over these (``Settings.with_overrides``). A bad value raises ``ConfigError`` nam
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .backends import BackendChoice, DeviceChoice, DtypeChoice
@@ -273,6 +274,66 @@ class ServiceSettings(Settings):
 
     api: ApiSettings = Field(default_factory=ApiSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+
+
+class ServerSettings(Section):
+    """``similarity serve``: the HTTP API as a long-running server (FastAPI under uvicorn)."""
+
+    host: str = Field("127.0.0.1", min_length=1, validation_alias="SERVER_HOST")
+    port: int = Field(8080, ge=0, le=65535, validation_alias="SERVER_PORT")
+    #: Server processes, each with its own model and batcher (Kubernetes: keep 1, scale pods).
+    workers: int = Field(1, ge=1, le=64, validation_alias="SERVER_WORKERS")
+    #: Seconds a request may take from arrival to answer (what API Gateway's 30 s is to the Lambda).
+    request_timeout: float = Field(30.0, gt=0, validation_alias="SERVER_REQUEST_TIMEOUT")
+    #: How long the batcher waits for more rows before it runs a batch that is not full.
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, validation_alias="SERVER_BATCH_WAIT_MS")
+    #: Rows admitted at once (fetching or waiting for the model); more answer 503 overloaded.
+    max_queue_rows: int = Field(1024, ge=1, validation_alias="SERVER_MAX_QUEUE_ROWS")
+    #: Requests handled at once (threads waiting on the batcher); more wait for a slot.
+    max_concurrency: int = Field(256, ge=1, validation_alias="SERVER_MAX_CONCURRENCY")
+    #: Seconds in-flight requests get to finish after SIGTERM (keep below the pod's grace period).
+    graceful_timeout: float = Field(25.0, ge=0, validation_alias="SERVER_GRACEFUL_TIMEOUT")
+    #: Bearer token required on /score and /jobs (off when neither this nor the file is set).
+    auth_token: SecretStr | None = Field(None, validation_alias="SERVER_AUTH_TOKEN")
+    auth_token_file: str | None = Field(None, validation_alias="SERVER_AUTH_TOKEN_FILE")
+    #: Largest |cosine change| of the /readyz canary against the value recorded at model load.
+    canary_tolerance: float = Field(1e-3, gt=0, validation_alias="SERVER_CANARY_TOLERANCE")
+    #: Seconds a canary result is reused by later /readyz calls (probes from several kubelets).
+    canary_interval: float = Field(5.0, ge=0, validation_alias="SERVER_CANARY_INTERVAL")
+    #: Seconds between attempts when the model fails to load (a volume still being filled).
+    load_retry_seconds: float = Field(30.0, gt=0, validation_alias="SERVER_LOAD_RETRY_SECONDS")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="SERVER_LOG_LEVEL")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def token(self) -> str | None:
+        """The bearer token, read from ``SERVER_AUTH_TOKEN_FILE`` or ``SERVER_AUTH_TOKEN``; None: off."""
+        if self.auth_token is not None and self.auth_token_file:
+            raise ConfigError("SERVER_AUTH_TOKEN and SERVER_AUTH_TOKEN_FILE: set one, not both")
+        if self.auth_token_file:
+            try:
+                token = Path(self.auth_token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"SERVER_AUTH_TOKEN_FILE: cannot read {self.auth_token_file!r} ({exc.strerror})"
+                ) from None
+            where = "SERVER_AUTH_TOKEN_FILE"
+        elif self.auth_token is not None:
+            token, where = self.auth_token.get_secret_value().strip(), "SERVER_AUTH_TOKEN"
+        else:
+            return None
+        if len(token) < 16 or any(c.isspace() for c in token):
+            raise ConfigError(f"{where}: the token must be at least 16 characters without spaces")
+        return token
+
+
+class ServeSettings(ServiceSettings):
+    """What ``similarity serve`` reads: the services' settings plus the server's."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -2,10 +2,30 @@
 independent of the framework that serves it."""
 
 from .body import MAX_DEPTH, decode_body, parse_json, validate
-from .errors import BadRequest, HttpError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable, error_body
+from .errors import (
+    BadRequest,
+    HttpError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    Unavailable,
+    error_body,
+)
 from .models import JobRequest, Pair, ScoreRequest
 from .routes import ROUTES, Route, match
-from .service import INTERNAL_ERROR, ApiResponse, ApiService, Handled, Scored, error_response
+from .service import (
+    INTERNAL_ERROR,
+    ApiResponse,
+    ApiService,
+    Handled,
+    Readiness,
+    Scored,
+    ScoreRows,
+    error_response,
+)
 
 __all__ = [
     "INTERNAL_ERROR",
@@ -19,11 +39,16 @@ __all__ = [
     "JobRequest",
     "MethodNotAllowed",
     "NotFound",
+    "Overloaded",
     "Pair",
     "PayloadTooLarge",
+    "Readiness",
+    "RequestTimeout",
     "Route",
     "ScoreRequest",
+    "ScoreRows",
     "Scored",
+    "Unauthorized",
     "Unavailable",
     "decode_body",
     "error_body",

@@ -21,6 +21,13 @@ class BadRequest(HttpError):
     code = "bad_request"
 
 
+class Unauthorized(HttpError):
+    """No or a wrong bearer token, where the server requires one (``similarity serve``)."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class NotFound(HttpError):
     status = 404
     code = "not_found"
@@ -35,6 +42,13 @@ class MethodNotAllowed(HttpError):
         self.allowed = allowed
 
 
+class RequestTimeout(HttpError):
+    """The client did not send its whole body within the request's deadline."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(HttpError):
     status = 413
     code = "payload_too_large"
@@ -43,6 +57,13 @@ class PayloadTooLarge(HttpError):
 class Unavailable(HttpError):
     status = 503
     code = "model_unavailable"
+
+
+class Overloaded(HttpError):
+    """More rows are waiting for the model than the server admits; retry (``Retry-After``)."""
+
+    status = 503
+    code = "overloaded"
 
 
 def error_body(code: str, message: str, fields: list[dict[str, Any]] | None = None) -> dict[str, Any]:

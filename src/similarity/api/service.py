@@ -17,6 +17,7 @@ from typing import Any
 from ..bootstrap import Runtime
 from ..config import ServiceSettings
 from ..errors import InputNotFound, SimilarityError
+from ..fetch import Fetcher
 from ..io.streams import split_s3
 from ..jobs import JobService, Location
 from ..model import ClipModel
@@ -29,6 +30,15 @@ from .routes import match
 __all__ = ["ApiResponse", "ApiService", "Handled", "Scored", "parse_json", "validate"]
 
 log = logging.getLogger(__name__)
+
+#: How one request's rows are scored. By default the service scores them itself
+#: (``Runtime.score_pairs``, what the Lambda does); ``similarity serve`` passes its micro-batcher,
+#: which embeds them together with other requests' rows.
+ScoreRows = Callable[[list[Record], Fetcher], list[ScoreResult]]
+
+#: A readiness check beyond "the model is loaded" (the server's canary inference): ``(ok, detail)``;
+#: ``detail`` goes into the ``/readyz`` body as ``canary``, and its ``reason`` when not ok.
+Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -64,16 +74,34 @@ INTERNAL_ERROR = ApiResponse(500, error_body("internal_error", "internal error")
 
 
 class ApiService:
-    """``jobs`` is a callable so a deployment without a bucket never builds AWS clients."""
+    """``jobs`` is a callable so a deployment without a bucket never builds AWS clients.
+
+    A long-running server passes the rest: ``score_rows`` (its micro-batcher), ``readiness`` (its
+    canary), and ``model_state``, which says why the model cannot be used yet (loading in the
+    background, or the load failed) so requests and ``/readyz`` answer 503 at once instead of
+    waiting on the load."""
 
     def __init__(
-        self, settings: ServiceSettings, runtime: Runtime, jobs: Callable[[], JobService] | None = None
+        self,
+        settings: ServiceSettings,
+        runtime: Runtime,
+        jobs: Callable[[], JobService] | None = None,
+        *,
+        score_rows: ScoreRows | None = None,
+        readiness: Readiness | None = None,
+        model_state: Callable[[], SimilarityError | None] | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
         self._jobs = jobs
+        self._score_rows = score_rows or (lambda records, fetcher: list(runtime.score_pairs(records, fetcher)))
+        self._readiness = readiness
+        self._model_state = model_state
 
     def model(self) -> ClipModel:
+        problem = self._model_state() if self._model_state is not None else None
+        if problem is not None:
+            raise Unavailable(f"the model is not available yet; retry later ({problem.code})")
         try:
             return self.runtime.model
         except SimilarityError as exc:
@@ -133,7 +161,7 @@ class ApiService:
         base = self.runtime.fetcher
         fetcher = base.with_settings(deadline=deadline, read_timeout=min(deadline, base.settings.read_timeout))
         records = [Record(p.image, p.caption) for p in req.pairs]
-        results: list[ScoreResult] = list(self.runtime.score_pairs(records, fetcher))
+        results = self._score_rows(records, fetcher)
         body = {
             "results": [r.as_dict() for r in results],
             "model": {"id": model.info.model_id, "revision": model.info.revision},
@@ -180,8 +208,16 @@ class ApiService:
         return ApiResponse(200, {"status": "ok"})
 
     def readyz(self) -> ApiResponse:
+        problem = self._model_state() if self._model_state is not None else None
+        if problem is not None:
+            return ApiResponse(503, {"status": "unavailable", "reason": str(problem)})
         try:
             info = self.runtime.model.info
         except SimilarityError as exc:
             return ApiResponse(503, {"status": "unavailable", "reason": str(exc)})
+        if self._readiness is not None:
+            ok, detail = self._readiness()
+            if not ok:
+                return ApiResponse(503, {"status": "unavailable", "reason": detail.get("reason", ""), "canary": detail})
+            return ApiResponse(200, {"status": "ready", "model": info.as_dict(), "canary": detail})
         return ApiResponse(200, {"status": "ready", "model": info.as_dict()})
