@@ -32,7 +32,8 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 
 @tracer.capture_method(capture_response=False)
 def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
-    context = {"message_id": record.message_id, "receive_count": record.attributes.approximate_receive_count}
+    # Lambda always sets the receive count; an event made by hand may not (the log says so).
+    context = {"message_id": record.message_id, "receive_count": record.attributes.get("ApproximateReceiveCount")}
     try:
         _process(record, lambda_context, context)
     except Exception as exc:

@@ -154,7 +154,9 @@ def deployment(moto_endpoint, tiny_clip_dir) -> Iterator[dict]:
                 if paused.is_set():
                     time.sleep(0.2)
                     continue
-                msgs = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=3, WaitTimeSeconds=1).get("Messages", [])
+                msgs = sqs.receive_message(
+                    QueueUrl=queue, MaxNumberOfMessages=3, WaitTimeSeconds=1, AttributeNames=["All"]
+                ).get("Messages", [])
                 if not msgs:
                     continue
                 resp = worker.lambda_handler(_sqs_event(msgs), LocalContext(timeout_s=300))

@@ -339,6 +339,17 @@ def test_two_workers_finishing_last_at_once(env, server, forbidden_server, tmp_p
     assert jobs.take_lock(m, "a", ttl=60)
 
 
+def test_a_record_without_attributes_is_still_scored(env, server, forbidden_server) -> None:
+    """Lambda always sends ApproximateReceiveCount; a hand-made event (sam local, a replay tool)
+    may not, and its chunk is scored all the same instead of failing on every delivery."""
+    [job] = drop(env, "incoming/bare.csv", make_csv(server, forbidden_server, rows=10))["jobs"]
+    msgs = receive(env, 10)
+    for m in msgs:
+        m.pop("Attributes", None)
+    assert msgs and run_worker(env, msgs) == []
+    assert job_status(env, job["job_id"])["state"] == "done"
+
+
 def test_worker_near_deadline_hands_chunk_back(env, server, forbidden_server) -> None:
     body = make_csv(server, forbidden_server, rows=30)
     [job] = drop(env, "incoming/late.csv", body)["jobs"]
@@ -687,6 +698,16 @@ def test_latin1_file_fails_the_job_with_the_reason(env) -> None:
 
     status, st = _api_call(api, "api_jobs_status.json", job_id=job["job_id"])
     assert status == 200 and st["state"] == "failed" and st["reason"] == job["reason"]
+
+
+def test_unclosed_quote_fails_the_job_as_malformed_csv(env) -> None:
+    """B6 in the S3 path: a quote left open to the end of the file would swallow the rest of it
+    into one caption; the job fails with the line, as the CLI exits 2, and sends no chunk."""
+    body = b'id,url,caption\n1,https://img.example/a.png,"a red circle\n2,https://img.example/b.png,a square\n'
+    [job] = drop(env, "incoming/unclosed.csv", body)["jobs"]
+    assert job["state"] == "failed" and job["reason"].startswith("malformed_csv: "), job
+    assert "line 2" in job["reason"], job["reason"]
+    assert receive(env, 10) == []
 
 
 def test_split_raising_on_every_attempt_fails_the_job_on_lambdas_last_retry(env, faults) -> None:
