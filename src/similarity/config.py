@@ -303,6 +303,8 @@ class ServerSettings(Section):
     #: Seconds between attempts when the model fails to load (a volume still being filled).
     load_retry_seconds: float = Field(30.0, gt=0, validation_alias="SERVER_LOAD_RETRY_SECONDS")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="SERVER_LOG_LEVEL")
+    #: The model's name on the Open Inference Protocol routes (``/v2/models/{name}/infer``).
+    model_name: str = Field("clip", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", validation_alias="SERVER_MODEL_NAME")
 
     @field_validator("log_level", mode="before")
     @classmethod

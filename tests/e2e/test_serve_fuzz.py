@@ -3,8 +3,9 @@
 conforms to the document (status documented, body matching its schema).
 
 The schema is loaded from the file at import (no server needed to collect); the server is a
-module fixture. Generated http(s) image URLs are pointed at the loopback image server before each
-call, so fuzzing never resolves or contacts a host beyond 127.0.0.1; s3:// goes to moto.
+module fixture. Generated http(s) image URLs (in /score's pairs and in the Open Inference
+Protocol's tensors) are pointed at the loopback image server before each call, so fuzzing never
+resolves or contacts a host beyond 127.0.0.1; s3:// goes to moto.
 """
 
 from __future__ import annotations
@@ -54,14 +55,26 @@ def fuzzed(moto_endpoint, server):
             yield {"server": srv, "http": http, "image": image}
 
 
+def fetchable(value: object) -> bool:
+    """What the fetcher would request: a string whose scheme (as urlsplit reads it, or more) is http(s)."""
+    return isinstance(value, str) and value.strip().split(":", 1)[0].lower() in ("http", "https")
+
+
 def loopback_only(body: object, image: str) -> None:
-    """Generated URLs with an http(s) scheme become the test image."""
+    """Generated URLs with an http(s) scheme become the test image: in /score's pairs, and in any
+    element of an infer request's tensors (nested lists included)."""
     if isinstance(body, dict) and isinstance(body.get("pairs"), list):
         for pair in body["pairs"]:
-            if isinstance(pair, dict) and isinstance(pair.get("image"), str):
-                scheme = pair["image"].strip().split(":", 1)[0].lower()  # what urlsplit calls the scheme, or more
-                if scheme in ("http", "https"):
-                    pair["image"] = image
+            if isinstance(pair, dict) and fetchable(pair.get("image")):
+                pair["image"] = image
+    if isinstance(body, dict) and isinstance(body.get("inputs"), list):
+        for tensor in body["inputs"]:
+            if isinstance(tensor, dict) and isinstance(tensor.get("data"), list):
+                tensor["data"] = _pointed(tensor["data"], image)
+
+
+def _pointed(data: list, image: str) -> list:
+    return [_pointed(v, image) if isinstance(v, list) else image if fetchable(v) else v for v in data]
 
 
 @schema.parametrize()

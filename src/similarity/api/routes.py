@@ -4,8 +4,9 @@ it does take) for a known path asked with another method."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 from .errors import MethodNotAllowed, NotFound
 
@@ -20,7 +21,12 @@ class Route:
 
     @property
     def pattern(self) -> re.Pattern[str]:
-        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template) + "$")
+        return template_pattern(self.template)
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """``/jobs/{id}`` -> a regex with one named group per ``{param}`` (one path segment each)."""
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$")
 
 
 ROUTES: tuple[Route, ...] = (
@@ -33,11 +39,24 @@ ROUTES: tuple[Route, ...] = (
 _COMPILED = tuple((r, r.pattern) for r in ROUTES)
 
 
+class Routed(Protocol):
+    @property
+    def method(self) -> str: ...
+
+
+R = TypeVar("R", bound=Routed)
+
+
 def match(method: str, path: str) -> tuple[Route, dict[str, str]]:
     """The route for ``method path`` and its path parameters."""
+    return find(_COMPILED, method, path)
+
+
+def find(table: Sequence[tuple[R, re.Pattern[str]]], method: str, path: str) -> tuple[R, dict[str, str]]:
+    """``match`` over any route table (the Open Inference Protocol's has its own)."""
     method = method.upper()
     allowed: list[str] = []
-    for route, pattern in _COMPILED:
+    for route, pattern in table:
         m = pattern.match(path)
         if m is None:
             continue

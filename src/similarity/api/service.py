@@ -147,8 +147,13 @@ class ApiService:
 
     # -- routes
     def score(self, raw: Body, time_left: float | None) -> Scored:
+        return self.score_data(parse_json(raw, self.settings.api.max_body_bytes), time_left)
+
+    def score_data(self, data: Any, time_left: float | None) -> Scored:
+        """``POST /score`` on a parsed body: the pair limit, validation, the deadline and the
+        scoring. Other protocols (``similarity.api.oip``) translate their requests into this body,
+        so limits and checks are written once."""
         api = self.settings.api
-        data = parse_json(raw, api.max_body_bytes)
         if isinstance(data, dict) and isinstance(data.get("pairs"), list) and len(data["pairs"]) > api.max_pairs:
             raise PayloadTooLarge(
                 f"{len(data['pairs'])} pairs; at most {api.max_pairs} per request (use POST /jobs for files)"

@@ -4,6 +4,8 @@
   ``similarity``, ``cosine``, ``error`` and ``truncated`` appended (``mapInPandas``).
 - ``similarity.engines.ray.score_dataset``: the same for a Ray Dataset (``map_batches`` over an
   actor pool).
+- ``similarity.engines.ray_serve``: ``similarity serve``'s app as a Ray Serve deployment, one model
+  per replica.
 - ``similarity.engines.snowpark``: a vectorized UDF and a stored procedure for Snowflake.
 - ``similarity.engines.local``: Spark and Ray started on this machine on loopback only (tests,
   benchmarks, trying things out).

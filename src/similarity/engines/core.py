@@ -176,11 +176,7 @@ class ModelCache:
             "dtype": info.dtype,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        log.info("model loaded: %s", json.dumps(record))
-        if engine.load_log_dir:
-            out = Path(engine.load_log_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"load-{os.getpid()}-{time.time_ns()}.json").write_text(json.dumps(record) + "\n")
+        record_load(record, engine)
         return runtime
 
     def clear(self) -> None:
@@ -188,6 +184,17 @@ class ModelCache:
             for runtime in self._runtimes.values():
                 runtime.close()
             self._runtimes.clear()
+
+
+def record_load(record: dict[str, Any], engine: EngineSettings | None = None) -> None:
+    """Log one model load and, when ``SIMILARITY_ENGINE_LOAD_LOG`` names a directory, write it
+    there as one JSON file (a count of loads per process that outlives the process)."""
+    engine = engine or validated(EngineSettings)
+    log.info("model loaded: %s", json.dumps(record))
+    if engine.load_log_dir:
+        out = Path(engine.load_log_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"load-{os.getpid()}-{time.time_ns()}.json").write_text(json.dumps(record) + "\n")
 
 
 #: This process's models: engines reuse worker processes, and with them this cache.

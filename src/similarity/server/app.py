@@ -1,7 +1,8 @@
 """The FastAPI app of ``similarity serve``: the Lambda API's routes and bodies, served by the same
 ``ApiService`` (validation, limits, deadlines, response shapes, error envelope), plus what a
 long-running server adds: bearer auth, body limits while reading, request ids and JSON logs,
-``/metrics``, and a canary behind ``/readyz``.
+``/metrics``, and a canary behind ``/readyz``. The Open Inference Protocol's ``/v2`` routes
+(KServe, Triton clients) are answered by ``similarity.api.oip`` over the same ``ApiService``.
 
 Bodies are read raw and handed to ``ApiService`` as the Lambda hands them, never parsed by
 FastAPI, so both answer the same bytes with the same status and body. The request bodies'
@@ -44,9 +45,10 @@ from ..api import (
     error_body,
     error_response,
     match,
+    oip,
 )
 from ..api import models as m
-from ..api.routes import RouteName
+from ..api.routes import RouteName, find
 from .logs import REQUEST_ID, request_id
 from .services import ServerServices
 
@@ -57,12 +59,27 @@ JSON = "application/json"
 
 
 def _respond(r: ApiResponse) -> Response:
-    headers = dict(r.headers)
-    if r.status == 401:
+    return _response(r.status, r.json().encode(), JSON, r.headers)
+
+
+def _respond_oip(r: oip.OipResponse) -> Response:
+    return _response(r.status, r.body, r.content_type, r.headers)
+
+
+def _response(status: int, body: bytes, media_type: str, given: dict[str, str]) -> Response:
+    headers = dict(given)
+    if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if r.status == 503:
+    if status == 503:
         headers["Retry-After"] = "1"
-    return Response(content=r.json(), status_code=r.status, media_type=JSON, headers=headers)
+    return Response(content=body, status_code=status, media_type=media_type, headers=headers)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes see: without the ASGI ``root_path`` a mount or a proxy put in front
+    (Ray Serve's ``route_prefix``; ASGI servers keep it in ``path`` too)."""
+    path, root = str(scope["path"]), str(scope.get("root_path") or "")
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
 
 class RequestContext:
@@ -188,11 +205,36 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
         except HttpError as exc:
             return _respond(error_response(exc))
         pool = probes if route.name == "readyz" else limiter  # probes never wait behind client load
-        call = functools.partial(api.handle, route.method, request.url.path, raw, time_left=time_left(request))
+        call = functools.partial(api.handle, route.method, route_path(request.scope), raw, time_left=time_left(request))
         handled = await anyio.to_thread.run_sync(call, limiter=pool)
         if handled.stats is not None:
             services.metrics.scored(handled.stats)
         return _respond(handled.response)
+
+    async def handle_oip(route: oip.OipRoute, request: Request) -> Response:
+        """The same for the Open Inference Protocol: auth and the body on infer, then ``OipService``
+        (which translates into ``ApiService``'s scoring, limits and checks)."""
+        try:
+            if route.name == "infer":
+                authorize(request)
+            raw = await read_body(request, s.api.max_body_bytes, time_left(request)) if route.method == "POST" else None
+        except HttpError as exc:
+            return _respond_oip(oip.error_response(exc))
+        call = functools.partial(
+            services.oip.handle,
+            route.method,
+            route_path(request.scope),
+            raw,
+            header_length=request.headers.get(oip.HEADER_LENGTH),
+            time_left=time_left(request),
+        )
+        if route.name in ("server_metadata", "live", "model_metadata"):  # static answers: no thread
+            return _respond_oip(call().response)
+        pool = limiter if route.name == "infer" else probes
+        handled = await anyio.to_thread.run_sync(call, limiter=pool)
+        if handled.stats is not None:
+            services.metrics.scored(handled.stats)
+        return _respond_oip(handled.response)
 
     for route in ROUTES:  # exactly the Lambda's routes
         doc = DOCS[route.name]
@@ -208,6 +250,20 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
             openapi_extra=doc.openapi_extra(route),
         )
 
+    for oroute in oip.OIP_ROUTES:
+        odoc = OIP_DOCS[oroute.name]
+        app.add_api_route(
+            oroute.template,
+            _oip_endpoint(handle_oip, oroute),
+            methods=[oroute.method],
+            operation_id=odoc.operation_id,
+            summary=odoc.summary,
+            response_model=odoc.model,
+            responses={**{c: OIP_ERRORS[c] for c in odoc.errors}, **odoc.extra_responses},
+            openapi_extra=odoc.openapi_extra(oroute.template),
+            tags=["Open Inference Protocol (KServe v2)"],
+        )
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         body, ctype = services.metrics.render()
@@ -216,9 +272,17 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
     # -- what the router answers itself (unknown path, wrong method): the Lambda's answer to it
     @app.exception_handler(StarletteHTTPException)
     async def _router(request: Request, exc: StarletteHTTPException) -> Response:
+        path = route_path(request.scope)
+        if oip.is_oip_path(path):  # the protocol's own error format under /v2
+            if exc.status_code in (404, 405):
+                try:
+                    find(oip.ROUTE_TABLE, request.method, path)
+                except HttpError as routing:
+                    return _respond_oip(oip.error_response(routing))
+            return _respond_oip(oip.json_response(exc.status_code, {"error": f"http_error: {str(exc.detail)[:200]}"}))
         if exc.status_code in (404, 405):
             try:
-                match(request.method, request.url.path)
+                match(request.method, path)
             except HttpError as routing:  # NotFound, or MethodNotAllowed with Allow
                 return _respond(error_response(routing))
         return _respond(ApiResponse(exc.status_code, error_body("http_error", str(exc.detail)[:200])))
@@ -226,6 +290,8 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
+        if oip.is_oip_path(route_path(request.scope)):
+            return _respond_oip(oip.INTERNAL_ERROR)
         return _respond(INTERNAL_ERROR)
 
     app.openapi = lambda: openapi(app)  # type: ignore[method-assign]
@@ -237,6 +303,16 @@ def _endpoint(handle: Callable[[Route, Request], Awaitable[Response]], route: Ro
         return await handle(route, request)
 
     endpoint.__name__ = route.name
+    return endpoint
+
+
+def _oip_endpoint(
+    handle: Callable[[oip.OipRoute, Request], Awaitable[Response]], route: oip.OipRoute
+) -> Callable[..., Any]:
+    async def endpoint(request: Request) -> Response:
+        return await handle(route, request)
+
+    endpoint.__name__ = f"v2_{route.name}"
     return endpoint
 
 
@@ -308,6 +384,70 @@ DOCS: dict[RouteName, RouteDoc] = {
 }
 
 
+OIP_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": oip.OipError, "description": "a malformed request or a tensor the model does not take"},
+    401: {"model": oip.OipError, "description": "bearer token missing or wrong (when the server requires one)"},
+    404: {"model": oip.OipError, "description": "no model of that name here"},
+    408: {"model": oip.OipError, "description": "the body did not arrive within the request's deadline"},
+    413: {"model": oip.OipError, "description": "body over MAX_BODY_BYTES, or more than MAX_PAIRS pairs"},
+    503: {"model": oip.OipError, "description": "model not loaded or its canary failed, at capacity, or shutting down"},
+}
+
+
+@dataclass(frozen=True)
+class OipDoc:
+    operation_id: str
+    summary: str
+    model: type[BaseModel]
+    errors: tuple[int, ...] = ()
+    extra_responses: dict[int | str, dict[str, Any]] = field(default_factory=dict)
+    body: bool = False
+
+    def openapi_extra(self, template: str) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.body:
+            extra["requestBody"] = _body("InferenceRequest")
+            extra["description"] = (
+                "JSON tensors, or the binary tensor extension (an `Inference-Header-Content-Length` "
+                "header: that many bytes of JSON, then the binary tensors; BYTES elements as a 4-byte "
+                "little-endian length and the bytes)."
+            )
+        if "{name}" in template:
+            extra["parameters"] = [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "examples": [oip.DEFAULT_MODEL_NAME]},
+                }
+            ]
+        return extra
+
+
+OIP_DOCS: dict[oip.OipRouteName, OipDoc] = {
+    "server_metadata": OipDoc("v2ServerMetadata", "Server metadata", oip.ServerMetadata),
+    "live": OipDoc("v2Live", "Liveness (no model needed)", oip.Live),
+    "ready": OipDoc(
+        "v2Ready", "Readiness, as /readyz: the model loaded and its canary as at load", oip.ServerReady, (503,)
+    ),
+    "model_metadata": OipDoc("v2ModelMetadata", "The model's inputs and outputs", oip.ModelMetadata, (404,)),
+    "model_ready": OipDoc("v2ModelReady", "The model's readiness, as /readyz", oip.ModelReady, (404, 503)),
+    "infer": OipDoc(
+        "v2Infer",
+        "Score (image, caption) pairs given as BYTES tensors",
+        oip.InferenceResponse,
+        (400, 401, 404, 408, 413, 503),
+        extra_responses={
+            200: {
+                "description": "the output tensors; with binary outputs asked for, the JSON header and the tensors' bytes",
+                "content": {oip.OCTET: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+        body=True,
+    ),
+}
+
+
 def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
 
@@ -319,7 +459,7 @@ def openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (m.ScoreRequest, m.JobRequest):
+    for model in (m.ScoreRequest, m.JobRequest, oip.InferenceRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -330,6 +470,7 @@ def openapi(app: FastAPI) -> dict[str, Any]:
     for route in ROUTES:
         if DOCS[route.name].auth:
             doc["paths"][route.template][route.method.lower()]["security"] = [{"bearer": []}, {}]  # {}: no token set
+    doc["paths"]["/v2/models/{name}/infer"]["post"]["security"] = [{"bearer": []}, {}]
     # Path parameters are plain strings: FastAPI's 422 cannot happen (and would answer 400 here).
     for ops in doc["paths"].values():
         for op in ops.values():

@@ -26,7 +26,7 @@ ENV = {"host": "SERVER_HOST", "port": "SERVER_PORT", "workers": "SERVER_WORKERS"
 def add_parser(sub: Any) -> None:
     s = sub.add_parser(
         "serve",
-        help="serve the HTTP API (POST /score, /jobs, /healthz, /readyz, /metrics) with micro-batching",
+        help="serve the HTTP API (POST /score, /jobs, /healthz, /readyz, /metrics, and the Open Inference Protocol under /v2) with micro-batching",
         description="The Lambda API's routes as a long-running server (FastAPI under uvicorn; the serve extra).",
     )
     s.add_argument("--model", help="model directory (default: $CLIP_MODEL_DIR or models/clip-vit-base-patch32)")

@@ -1,7 +1,8 @@
 """What one server process holds: the settings, the run (``bootstrap.build``), the AWS clients,
-the job service, the micro-batcher, the canary and the metrics, and the ``ApiService`` (the same
-one the Lambda routes to) wired to them. Framework-free: the FastAPI app, and any other front
-(Ray Serve, KServe), call ``start()``/``close()`` and route to ``api``."""
+the job service, the micro-batcher, the canary and the metrics, the ``ApiService`` (the same one
+the Lambda routes to) wired to them, and ``OipService`` (the Open Inference Protocol) over that.
+Framework-free: the FastAPI app, and any other front (Ray Serve), call ``start()``/``close()``
+(or ``load()``) and route to ``api`` and ``oip``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 from ..api import ApiService, Overloaded, Unavailable
+from ..api.oip import OipService
 from ..aws import make_client
 from ..bootstrap import Runtime, build
 from ..config import ServeSettings, load
@@ -71,6 +73,8 @@ class ServerServices:
             readiness=self._readiness,
             model_state=lambda: self._state,
         )
+        # The Open Inference Protocol's routes, translated into ``api``'s (one set of limits).
+        self.oip = OipService(self.api, self.settings.server.model_name)
 
     @functools.cached_property
     def jobs(self) -> JobService:
