@@ -1,107 +1,90 @@
-"""HTTPS API (API Gateway HTTP API, payload 2.0): routes requests to ``similarity.api.ApiService``,
-which validates, scores and shapes them, and maps errors to responses in one place."""
+"""HTTPS API (API Gateway HTTP API, payload 2.0): the event becomes one call of
+``similarity.api.ApiService.handle``, which routes, validates, scores and maps every error.
+
+Nothing about a request is kept on module-level objects (powertools' resolver keeps the current
+event on itself, so threads calling one resolver could read each other's requests): the event,
+the context and the answer stay in this call's locals, and metrics are written under a lock.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
-from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
-from aws_lambda_powertools.event_handler.exceptions import ServiceError
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 
-from similarity.api import ApiResponse, HttpError, error_body
+from similarity.api import INTERNAL_ERROR, ApiResponse, Handled
 
 from . import runtime
 from .observability import logger, metrics_for, tracer
 
 metrics = metrics_for("api")
-app = APIGatewayHttpResolver()
+_metrics_lock = threading.Lock()
+_cold_start = True
 
 
-def _respond(r: ApiResponse) -> Response[str]:
-    return Response(r.status, content_types.APPLICATION_JSON, r.json())
+def _request(event: dict[str, Any]) -> tuple[str, str, Any, bool]:
+    http = (event.get("requestContext") or {}).get("http") or {}
+    method = str(http.get("method") or event.get("httpMethod") or "GET")
+    path = str(event.get("rawPath") or http.get("path") or event.get("path") or "/")
+    return method, path, event.get("body"), bool(event.get("isBase64Encoded"))
 
 
-def _error(status: int, code: str, message: str, fields: list[dict[str, Any]] | None = None) -> Response[str]:
-    return Response(status, content_types.APPLICATION_JSON, json.dumps(error_body(code, message, fields)))
+def _time_left(context: Any) -> float | None:
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    return remaining() / 1000 if callable(remaining) else None
 
 
-def _time_left() -> float | None:
-    return app.lambda_context.get_remaining_time_in_millis() / 1000 if app.lambda_context else None
+def _lambda_response(r: ApiResponse) -> dict[str, Any]:
+    return {
+        "statusCode": r.status,
+        "headers": {"Content-Type": "application/json", **r.headers},
+        "body": json.dumps(r.body),
+        "isBase64Encoded": False,
+    }
 
 
-@app.post("/score")
-@tracer.capture_method(capture_response=False)
-def score() -> Response[str]:
-    event = app.current_event
-    raw = event.decoded_body if event.body is not None else ""
-    scored = runtime.services().api.score(raw, _time_left())
-    metrics.add_metric(name="PairsScored", unit=MetricUnit.Count, value=scored.stats.scored)
-    for code, n in scored.stats.errors.items():
-        metrics.add_metric(name=f"RowError_{code}", unit=MetricUnit.Count, value=n)
-    return _respond(scored.response)
-
-
-@app.post("/jobs")
-@tracer.capture_method(capture_response=False)
-def start_job() -> Response[str]:
-    event = app.current_event
-    return _respond(runtime.services().api.start_job(event.decoded_body if event.body is not None else ""))
-
-
-@app.get("/jobs/<job_id>")
-def job_status(job_id: str) -> Response[str]:
-    return _respond(runtime.services().api.job_status(job_id))
-
-
-@app.get("/healthz")
-def healthz() -> Response[str]:
-    return _respond(runtime.services().api.healthz())
-
-
-@app.get("/readyz")
-def readyz() -> Response[str]:
-    return _respond(runtime.services().api.readyz())
-
-
-# ----------------------------------------------------------------------------- error mapping
-@app.exception_handler(HttpError)
-def _http_error(exc: HttpError) -> Response[str]:
-    if exc.status >= 500:
-        logger.error("request failed", extra={"code": exc.code, "reason": exc.message})
-    return _error(exc.status, exc.code, exc.message, exc.fields)
-
-
-@app.not_found
-def _not_found(exc: Exception) -> Response[str]:
-    return _error(404, "not_found", f"no route {app.current_event.http_method} {app.current_event.path}")
-
-
-@app.exception_handler(ServiceError)
-def _service_error(exc: ServiceError) -> Response[str]:
-    return _error(exc.status_code, "http_error", str(exc.msg))
-
-
-@app.exception_handler(Exception)
-def _unexpected(exc: Exception) -> Response[str]:
-    logger.exception("unhandled error")
-    return _error(500, "internal_error", "internal error")  # no internal detail in the body
+def _publish(handled: Handled, context: Any) -> None:
+    """This invocation's metrics, flushed as one EMF record (one invocation at a time may touch
+    the shared ``Metrics``)."""
+    global _cold_start
+    with _metrics_lock:
+        if _cold_start:
+            _cold_start = False
+            metrics.provider.add_cold_start_metric(context)
+        stats = handled.stats
+        added = False
+        if stats is not None:
+            metrics.add_metric(name="PairsScored", unit=MetricUnit.Count, value=stats.scored)
+            for code, n in stats.errors.items():
+                metrics.add_metric(name=f"RowError_{code}", unit=MetricUnit.Count, value=n)
+            added = True
+        s = runtime.services()
+        if not s.load_time_reported and s.run.loaded:  # once per environment, whether loaded at init or later
+            metrics.add_metric(
+                name="ModelLoadTime", unit=MetricUnit.Milliseconds, value=s.run.model.info.load_seconds * 1000
+            )
+            s.load_time_reported = True
+            added = True
+        if added:
+            metrics.flush_metrics()
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
-@tracer.capture_lambda_handler
-@metrics.log_metrics(capture_cold_start_metric=True)
+@tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    response: dict[str, Any] = app.resolve(event, context)
-    s = runtime.services()
-    if not s.load_time_reported and s.run.loaded:  # once per environment, whether loaded at init or later
-        metrics.add_metric(
-            name="ModelLoadTime", unit=MetricUnit.Milliseconds, value=s.run.model.info.load_seconds * 1000
+    try:
+        method, path, body, encoded = _request(event if isinstance(event, dict) else {})
+        handled = runtime.services().api.handle(
+            method, path, body, base64_encoded=encoded, time_left=_time_left(context)
         )
-        s.load_time_reported = True
-    return response
+        _publish(handled, context)
+    except Exception:  # noqa: BLE001 - settings that do not load, a metrics failure: still the envelope
+        logger.exception("unhandled error")
+        handled = Handled(INTERNAL_ERROR)
+    return _lambda_response(handled.response)
 
 
 if runtime.in_lambda():

@@ -13,6 +13,7 @@ from typing import Any
 from .config import Settings
 from .fetch import AddressPolicy, Fetcher
 from .model import ClipModel, load_model
+from .model.preprocess import set_decode_limits
 from .pipeline import FileResult, score_csv, score_pairs
 from .types import Record, ScoreResult
 
@@ -112,6 +113,7 @@ def build(
     says otherwise (the CLI: yes; the services: no). ``base_dir``: what relative image paths are
     relative to. ``s3``: an S3 client, or a callable making one when first needed."""
     provider = S3Provider(s3)
+    set_decode_limits(settings.fetch.decode_limits())  # per process: every decode thread shares it
     fetch = settings.fetch.fetch_settings(allow_local_paths=local_paths, pool_size=settings.score.workers)
     fetcher = Fetcher(fetch, AddressPolicy(settings.fetch.networks()), s3_client=provider, base_dir=base_dir)
     return Runtime(settings=settings, fetcher=fetcher, s3=provider)

@@ -19,7 +19,9 @@ from .backends import BackendChoice, DeviceChoice, DtypeChoice
 from .errors import ConfigError
 from .fetch.guard import IPNetwork, parse_networks
 from .fetch.settings import FetchSettings
+from .hardware import cpu_count, memory_limit_bytes
 from .model.directory import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ID
+from .model.preprocess import DecodeLimits
 
 _CONFIG = SettingsConfigDict(populate_by_name=True, frozen=True, env_ignore_empty=True, extra="ignore")
 
@@ -82,6 +84,16 @@ class FetchConfig(Section):
     #: None: the entry point decides (the CLI reads local paths, the services never do).
     allow_local_paths: bool | None = Field(None, validation_alias="SIMILARITY_ALLOW_LOCAL_PATHS")
     allowed_networks: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias="SIMILARITY_ALLOWED_NETWORKS")
+    #: The memory decode limits are sized to (default: the cgroup's limit or the machine's memory;
+    #: in Lambda the function's memory size).
+    memory_mb: int | None = Field(
+        None, ge=128, validation_alias=AliasChoices("SIMILARITY_MEMORY_MB", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+    )
+    #: Pixels one image may declare (default: 89.5 MP, less where memory is short).
+    max_image_pixels: int | None = Field(None, ge=1, validation_alias="SIMILARITY_MAX_IMAGE_PIXELS")
+    #: Megapixels all decode threads may hold at once (default: a quarter of the memory at 5 bytes
+    #: a pixel, at most two 89.5 MP images per core; modes that need conversion count more).
+    decode_budget_mp: float | None = Field(None, gt=0, validation_alias="SIMILARITY_DECODE_BUDGET_MP")
 
     @field_validator("allowed_networks", mode="before")
     @classmethod
@@ -96,6 +108,10 @@ class FetchConfig(Section):
 
     def networks(self) -> tuple[IPNetwork, ...]:
         return parse_networks(self.allowed_networks)
+
+    def decode_limits(self) -> DecodeLimits:
+        memory = self.memory_mb * 1024 * 1024 if self.memory_mb is not None else memory_limit_bytes()
+        return DecodeLimits.for_memory(memory, self.max_image_pixels, self.decode_budget_mp, cores=cpu_count())
 
     def fetch_settings(self, allow_local_paths: bool, pool_size: int) -> FetchSettings:
         return FetchSettings(

@@ -74,6 +74,14 @@ class NotFound(RowError):
     meaning = "local file or S3 object does not exist"
 
 
+class NotAFile(RowError):
+    """A local path that names something other than a regular file, or a file whose size does not
+    match what it holds (a /proc or /sys pseudo-file)."""
+
+    code = "not_a_file"
+    meaning = "a local path that is not a regular file (directory, device, FIFO, socket, /proc or /sys file)"
+
+
 class BlockedAddress(RowError):
     """The address guard refused the destination (private, loopback, metadata, ...)."""
 
@@ -147,6 +155,14 @@ class S3Error(RowError):
 class InvalidDataUri(RowError):
     code = "invalid_data_uri"
     meaning = "a data: URI that is not base64 image data"
+
+
+class InvalidCaption(RowError):
+    """A caption that is not valid Unicode text (a lone surrogate, e.g. from a ``\\ud800`` escape in
+    JSON or undecodable CSV bytes): no tokenizer can encode it."""
+
+    code = "invalid_caption"
+    meaning = "the caption is not valid Unicode text (it holds a lone surrogate)"
 
 
 class InferenceError(RowError):

@@ -92,3 +92,35 @@ def cuda_present() -> bool:
         return bool(import_torch().cuda.is_available())
     except ImportError:
         return False
+
+
+def memory_limit_bytes(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int:
+    """The memory this process may use: the least of its cgroup's limit (v2 ``memory.max`` of its
+    own group or the root, v1 ``memory.limit_in_bytes``) and the machine's physical memory. In
+    Lambda that is the function's memory size. 4 GiB when nothing can be read."""
+    root = Path(cgroup_root)
+    candidates = [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as fh:
+            for line in fh:
+                hierarchy, _, rest = line.strip().partition(":")
+                controllers, _, group = rest.partition(":")
+                if hierarchy == "0" and group not in ("", "/"):  # cgroup v2: our own group
+                    candidates.insert(0, root / group.lstrip("/") / "memory.max")
+                elif "memory" in controllers.split(",") and group not in ("", "/"):
+                    candidates.insert(0, root / "memory" / group.lstrip("/") / "memory.limit_in_bytes")
+    except OSError:
+        pass
+    limits: list[int] = []
+    for path in candidates:
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and 0 < int(value) < 1 << 60:  # "max" or v1's huge "no limit" value
+            limits.append(int(value))
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        pass
+    return min(limits) if limits else 4 << 30

@@ -194,3 +194,48 @@ def test_redirect_status_without_location_is_an_error(server, fetcher) -> None:
     with pytest.raises(HttpStatusError) as exc:
         fetcher.fetch(server.url("/no-location"))
     assert exc.value.code == "http_302"
+
+
+# ------------------------------------------------------------------ one URL parser
+@pytest.mark.parametrize("url", ["http:/host/x.png", "https:/host", "http:///x.png", "http://", "http://:80/x"])
+def test_url_without_host_is_named_as_such(fetcher, url) -> None:
+    with pytest.raises(UnsupportedSource) as exc:
+        fetcher.fetch(url)
+    assert "has no host" in exc.value.detail and "redirect" not in exc.value.detail
+
+
+def test_redirect_without_host_says_redirect(server, fetcher) -> None:
+    url = server.redirect("/to-hostless", "https:///x.png")
+    with pytest.raises(UnsupportedSource, match="redirect to .*has no host"):
+        fetcher.fetch(url)
+
+
+def _host_confusions(port: int) -> list[str]:
+    """URLs that urllib.parse and urllib3 read with different hosts; 127.0.0.1:port is the one
+    urllib3 (the connection) contacts in each."""
+    return [
+        f"http://127.0.0.1:{port}\\@127.0.0.2/missing.png",  # backslash before @: a path to urllib3
+        f"http://127.0.0.1:{port}\\\\@127.0.0.2/missing.png",
+        f"http://127.0.0.1:{port}\\x@127.0.0.2:{port}/missing.png",
+        f"http://%31%32%37.0.0.1:{port}/missing.png",  # percent-encoded host: decoded by urllib3 only
+        f"http://127.0.0.2@127.0.0.1:{port}/missing.png",  # userinfo that looks like a host
+    ]
+
+
+def test_error_names_the_host_that_was_contacted(server, fetcher) -> None:
+    port = server.server_address[1]
+    for url in _host_confusions(port):
+        before = sum(server.hits.values())
+        with pytest.raises(HttpStatusError) as exc:
+            fetcher.fetch(url)
+        assert sum(server.hits.values()) == before + 1, url  # 127.0.0.1 answered the 404
+        assert exc.value.detail.endswith("from 127.0.0.1"), (url, exc.value.detail)
+
+
+def test_backslash_cannot_smuggle_a_forbidden_host(server, forbidden_server, fetcher) -> None:
+    secret = forbidden_server.image("/secret.png", PNG)
+    port = forbidden_server.server_address[1]
+    for url in (f"http://127.0.0.2:{port}\\@127.0.0.1:{server.server_address[1]}/secret.png", secret):
+        with pytest.raises(BlockedAddress, match="127.0.0.2"):
+            fetcher.fetch(url)
+    assert forbidden_server.hits["/secret.png"] == 0

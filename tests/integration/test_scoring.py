@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import random
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from similarity import Record, score_pairs
@@ -113,3 +115,66 @@ def test_grey_and_transparent_images_score(tiny_model, fetcher, server) -> None:
     url = server.image("/rgba.png", png_bytes(rgba))
     [res] = list(score_pairs([Record(url, "a red square")], tiny_model, fetcher))
     assert res.ok
+
+
+# ------------------------------------------------------------------ poison inputs cost their own row
+def test_captions_no_tokenizer_can_encode_cost_their_own_rows(tiny_model, server, fetcher) -> None:
+    """Lone surrogates (a JSON \\ud800 escape, undecodable CSV bytes kept as surrogates) made the
+    tokenizer fail the whole batch of up to 32 captions."""
+    url = server.image("/poison/caption.png", _img(21))
+    captions = ["a red circle", "a blue \ud800 square", "a red square", "x\udcff", "a green triangle", "\udfff"]
+    res = list(score_pairs([Record(url, c) for c in captions], tiny_model, fetcher, batch_size=32))
+    assert [r.error_code for r in res] == [None, "invalid_caption", None, "invalid_caption", None, "invalid_caption"]
+    assert "U+D800 at character 7" in res[1].error_text
+    for r in res:
+        if r.ok:
+            [alone] = score_pairs([Record(url, r.record.caption)], tiny_model, fetcher)
+            assert abs(alone.cosine - r.cosine) < 1e-6
+
+
+class Poisoned:
+    """The real model, except that any batch holding the poison caption or image fails as a
+    backend would on an input it cannot take (nothing real fails on valid input, hence the
+    stand-in)."""
+
+    def __init__(self, model, caption: str, pixels: np.ndarray) -> None:
+        self.model, self.poison_caption, self.poison_pixels = model, caption, pixels
+        self.calls = {"text": 0, "image": 0}
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def embed_texts(self, captions: list[str]):
+        self.calls["text"] += 1
+        if self.poison_caption in captions:
+            raise RuntimeError("text backend rejected its input")
+        return self.model.embed_texts(captions)
+
+    def embed_images(self, pixels: np.ndarray):
+        self.calls["image"] += 1
+        if any(np.array_equal(p, self.poison_pixels) for p in pixels):
+            raise ValueError("image backend rejected its input")
+        return self.model.embed_images(pixels)
+
+
+@pytest.mark.parametrize("batch_size", [4, 32])
+def test_a_poison_caption_or_image_costs_only_its_row(tiny_model, server, fetcher, batch_size) -> None:
+    colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
+    records = []
+    for i in range(12):
+        c, s = colours[i % 4], shapes[i % 3]
+        url = server.image(f"/poison/{batch_size}/{i}.png", png_bytes(draw(c, s, random.Random(100 + i))))
+        records.append(Record(url, f"a {c} {s} number {i}"))
+    clean = list(score_pairs(records, tiny_model, fetcher, batch_size=batch_size))
+    assert all(r.ok for r in clean)
+    poison_pixels = tiny_model.pixels(fetcher.fetch(records[9].url))
+    model = Poisoned(tiny_model, records[5].caption, poison_pixels)
+    res = list(score_pairs(records, model, fetcher, batch_size=batch_size))
+    assert [r.error_code for r in res] == [None] * 5 + ["inference_error"] + [None] * 3 + ["inference_error"] + [
+        None
+    ] * 2
+    assert "text tower" in res[5].error_text and "image tower" in res[9].error_text
+    for got, want in zip(res, clean, strict=True):
+        if got.ok:
+            assert abs(got.cosine - want.cosine) < 1e-6
+    assert model.calls["text"] > 1 and model.calls["image"] > 1  # the failed batches were retried

@@ -159,3 +159,33 @@ def huge_png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def banded_png(width: int, height: int, seed: int, band: int = 500) -> bytes:
+    """A real, fully decodable RGB PNG of ``width x height``, fast to make at any size and small on
+    the wire (rows repeat within bands, PNG's Up filter turns them into zeros), different for each
+    ``seed``. Decoding it costs what any PNG of that size costs: every pixel is inflated."""
+    import random
+
+    rng = random.Random(seed)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(1)
+    parts = []
+    same = b"\x02" + bytes(3 * width)  # filter 2 (Up): this row equals the one above
+    for y in range(height):
+        if y % band == 0:
+            palette = bytes(rng.randrange(256) for _ in range(3 * 64))
+            shift = rng.randrange(64)
+            row = b"".join(
+                palette[3 * ((x * 64 // width + shift) % 64) : 3 * ((x * 64 // width + shift) % 64) + 3]
+                for x in range(width)
+            )
+            parts.append(comp.compress(b"\x00" + row))
+        else:
+            parts.append(comp.compress(same))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")

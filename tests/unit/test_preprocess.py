@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from similarity.errors import DecodeError, NotAnImage, RowError, TooManyPixels
-from similarity.model.preprocess import PreprocessConfig, crop_uint8, decode, load_pixels, normalise, preprocess
+from similarity.model.preprocess import (
+    CROP_ONLY_FACTOR,
+    PreprocessConfig,
+    crop_uint8,
+    decode,
+    load_pixels,
+    normalise,
+    preprocess,
+)
 from support.imageserver import huge_png_header, png_bytes
 from support.shapes import draw
 
@@ -198,3 +206,92 @@ def test_large_files_equal_reference_on_every_path(tiny_clip_dir) -> None:
         ref = reference(images=upright, return_tensors="np")["pixel_values"][0]
         assert np.abs(load_pixels(data, cfg) - ref).max() < 1e-5
         assert np.abs(normalise(load_pixels(data, cfg, uint8=True), cfg) - ref).max() < 1e-5
+
+
+# ------------------------------------------------------------------ extreme aspect ratios
+def _natural(size: tuple[int, int], seed: int) -> Image.Image:
+    """A shape picture stretched to ``size`` with noise, as the parity test above uses."""
+    img = draw("red", "circle", random.Random(seed), min_side=10, max_side=20).resize(size)
+    noise = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.blend(img, Image.fromarray(noise), 0.3)
+
+
+# Shapes whose full resize stays under CROP_ONLY_FACTOR x the crop: the reference's full resize.
+@pytest.mark.parametrize("size", [(3583, 224), (224, 3583), (1000, 63), (63, 1000), (4000, 251)])
+def test_preprocess_equals_reference_up_to_the_crop_only_threshold(reference_processor, size) -> None:
+    img = _natural(size, sum(size))
+    ref = reference_processor(images=img, return_tensors="np")["pixel_values"][0]
+    assert np.abs(preprocess(img, CFG) - ref).max() < 1e-5
+
+
+# Beyond it only the cropped box is resized: pixels within a few levels of the reference's.
+@pytest.mark.parametrize("size", [(3585, 224), (5000, 20), (20, 5000), (8000, 100), (100, 8000), (300, 5000)])
+def test_crop_only_resize_stays_close_to_the_reference(reference_processor, size) -> None:
+    img = _natural(size, sum(size))
+    ref = reference_processor(images=img, return_tensors="np")["pixel_values"][0]
+    ours = preprocess(img, CFG)
+    levels = np.abs(ours - ref) * np.asarray(CFG.std, dtype=np.float32)[:, None, None] * 255
+    assert levels.max() <= 3.01 and levels.mean() < 0.5, (levels.max(), levels.mean())
+
+
+def test_crop_only_resize_pads_like_the_full_resize(monkeypatch) -> None:
+    """A crop larger than the shortest edge is padded with zeros on both paths alike."""
+    import similarity.model.preprocess as pre
+
+    cfg = PreprocessConfig(shortest_edge=200, crop_height=224, crop_width=224)
+    img = _natural((9000, 40), 5)
+    crop_only = pre.preprocess(img, cfg)
+    monkeypatch.setattr(pre, "CROP_ONLY_FACTOR", 10**9)
+    full = pre.preprocess(img, cfg)
+    assert crop_only.shape == full.shape == (3, 224, 224)
+    pad = -np.asarray(cfg.mean, dtype=np.float32) / np.asarray(cfg.std, dtype=np.float32)  # zero pixels
+    assert np.allclose(crop_only[:, :12, :], pad[:, None, None]) and np.allclose(full[:, :12, :], pad[:, None, None])
+    levels = np.abs(crop_only - full) * np.asarray(cfg.std, dtype=np.float32)[:, None, None] * 255
+    assert levels.max() <= 3.01
+
+
+def test_extreme_aspect_ratios_need_no_full_resize() -> None:
+    """20000x3 at 224 px was resized to 1,493,333x224 (1.3 GB, more in copies) to keep 224x224 of
+    it; 60000x1 needed ~12 GB. Under a 1 GiB address-space limit every such image must preprocess,
+    through decoding too, at the deployed 224 px and at the test model's 64 px."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import io, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+import numpy as np
+from PIL import Image
+from similarity.model.preprocess import PreprocessConfig, load_pixels, preprocess
+for edge in (224, 64):
+    cfg = PreprocessConfig(shortest_edge=edge, crop_height=edge, crop_width=edge)
+    for size in [(20000, 3), (3, 20000), (60000, 1), (1, 60000), (1000000, 2), (2, 1000000)]:
+        img = Image.new("RGB", size, (200, 30, 30))
+        out = preprocess(img, cfg)
+        buf = io.BytesIO(); img.save(buf, "PNG")
+        again = load_pixels(buf.getvalue(), cfg)
+        assert out.shape == again.shape == (3, edge, edge) and np.isfinite(out).all(), size
+        assert np.allclose(out, again)
+print("ok")
+"""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OPENBLAS_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_draft_with_crop_only_resize_keeps_the_geometry(orientation: int) -> None:
+    """An extreme aspect ratio resizes only the crop's source box; under a draft that box must be
+    taken inside the picture's box of the reduced grid, not the grid itself."""
+    cfg = PreprocessConfig(shortest_edge=32, crop_height=32, crop_width=32)
+    img = Image.new("RGB", (2301, 129), (200, 200, 200))  # resized: 570x32, past CROP_ONLY_FACTOR
+    ImageDraw.Draw(img).rectangle((1120, 30, 1180, 90), fill=(215, 35, 35))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = png_bytes(img, "JPEG", quality=95, exif=exif.tobytes())
+    drafted_cfg = PreprocessConfig(**{**cfg.__dict__, "draft_factor": 1})
+    assert decode(data, drafted_cfg).size != decode(data, cfg).size  # it did draft
+    assert CROP_ONLY_FACTOR * 32 * 32 < 570 * 32
+    full, drafted = load_pixels(data, cfg), load_pixels(data, drafted_cfg)
+    assert np.abs(_centre(full) - _centre(drafted)).max() < 0.1

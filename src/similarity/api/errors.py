@@ -26,6 +26,15 @@ class NotFound(HttpError):
     code = "not_found"
 
 
+class MethodNotAllowed(HttpError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: list[str]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
 class PayloadTooLarge(HttpError):
     status = 413
     code = "payload_too_large"

@@ -1,14 +1,18 @@
 """The HTTP API without a web framework: bodies in, (status, JSON) out. The Lambda handler and the
-server route requests here, so validation, limits, deadlines and response shapes are written once."""
+server route requests here, so validation, limits, deadlines and response shapes are written once.
+
+Everything a request needs travels in its arguments and return value, never on shared objects, so
+one ``ApiService`` serves any number of requests at once (a server's threads) and each gets its
+own results.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-from pydantic import BaseModel, ValidationError
 
 from ..bootstrap import Runtime
 from ..config import ServiceSettings
@@ -17,17 +21,24 @@ from ..io.streams import split_s3
 from ..jobs import JobService, Location
 from ..model import ClipModel
 from ..types import Record, ScoreResult, ScoreStats
-from .errors import BadRequest, NotFound, PayloadTooLarge, Unavailable
+from .body import Body, decode_body, parse_json, validate
+from .errors import BadRequest, HttpError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable, error_body
 from .models import JobRequest, ScoreRequest
+from .routes import match
+
+__all__ = ["ApiResponse", "ApiService", "Handled", "Scored", "parse_json", "validate"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ApiResponse:
     status: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> str:
-        return json.dumps(self.body)
+        return json.dumps(self.body)  # ASCII: client text with lone surrogates comes out escaped
 
 
 @dataclass(frozen=True)
@@ -36,24 +47,20 @@ class Scored:
     stats: ScoreStats
 
 
-def parse_json(raw: bytes | str | None, max_bytes: int) -> Any:
-    size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw or b"")
-    if size > max_bytes:
-        raise PayloadTooLarge(f"body is {size} bytes; the limit is {max_bytes}")
-    if not raw:
-        raise BadRequest('request body is empty; send JSON like {"pairs": [{"image": ..., "caption": ...}]}')
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+@dataclass(frozen=True)
+class Handled:
+    """One request's answer, and its scoring figures when it scored pairs (for metrics)."""
+
+    response: ApiResponse
+    stats: ScoreStats | None = None
 
 
-def validate(model: type[BaseModel], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        fields = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]} for e in exc.errors()]
-        raise BadRequest("request failed validation", fields=fields) from None
+def error_response(exc: HttpError) -> ApiResponse:
+    headers = {"Allow": ", ".join(exc.allowed)} if isinstance(exc, MethodNotAllowed) else {}
+    return ApiResponse(exc.status, error_body(exc.code, exc.message, exc.fields), headers)
+
+
+INTERNAL_ERROR = ApiResponse(500, error_body("internal_error", "internal error"))  # no detail leaves
 
 
 class ApiService:
@@ -77,8 +84,41 @@ class ApiService:
             raise NotFound("batch jobs are not configured here (no BUCKET)")
         return self._jobs()
 
+    # -- one request, whole
+    def handle(
+        self,
+        method: str,
+        path: str,
+        body: Body = None,
+        *,
+        base64_encoded: bool = False,
+        time_left: float | None = None,
+    ) -> Handled:
+        """Route and answer one request; never raises. Client errors are 4xx with the error
+        envelope, anything unexpected a bare 500 (logged here)."""
+        try:
+            route, params = match(method, path)
+            if route.name == "score":
+                raw = decode_body(body, base64_encoded, self.settings.api.max_body_bytes)
+                scored = self.score(raw, time_left)
+                return Handled(scored.response, scored.stats)
+            if route.name == "start_job":
+                return Handled(self.start_job(decode_body(body, base64_encoded, self.settings.api.max_body_bytes)))
+            if route.name == "job_status":
+                return Handled(self.job_status(params["id"]))
+            if route.name == "healthz":
+                return Handled(self.healthz())
+            return Handled(self.readyz())
+        except HttpError as exc:
+            if exc.status >= 500:
+                log.error("request failed: %s: %s", exc.code, exc.message)
+            return Handled(error_response(exc))
+        except Exception:
+            log.exception("unhandled error in %s %s", method[:20], path[:100])
+            return Handled(INTERNAL_ERROR)
+
     # -- routes
-    def score(self, raw: bytes | str | None, time_left: float | None) -> Scored:
+    def score(self, raw: Body, time_left: float | None) -> Scored:
         api = self.settings.api
         data = parse_json(raw, api.max_body_bytes)
         if isinstance(data, dict) and isinstance(data.get("pairs"), list) and len(data["pairs"]) > api.max_pairs:
@@ -100,7 +140,7 @@ class ApiService:
         }
         return Scored(ApiResponse(200, body), ScoreStats.of(results))
 
-    def start_job(self, raw: bytes | str | None) -> ApiResponse:
+    def start_job(self, raw: Body) -> ApiResponse:
         s = self.settings
         req: JobRequest = validate(JobRequest, parse_json(raw, s.api.max_body_bytes))
         jobs = self.jobs()
@@ -134,7 +174,7 @@ class ApiService:
         return ApiResponse(202, jobs.status(bucket, m.job_id) or {})
 
     def job_status(self, job_id: str) -> ApiResponse:
-        if not job_id.isalnum() or len(job_id) > 64:
+        if not (job_id.isascii() and job_id.isalnum()) or len(job_id) > 64:
             raise BadRequest("malformed job id", fields=[{"field": "id", "message": "letters and digits only"}])
         status = self.jobs().status(self.settings.jobs.bucket, job_id)
         if status is None:

@@ -13,6 +13,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 
 def shutdown(sock: socket.socket) -> None:
@@ -114,3 +116,34 @@ def watch(sock: socket.socket | None) -> None:
     dl: Deadline | None = getattr(_current, "deadline", None)
     if dl is not None:
         dl.watch(sock)
+
+
+T = TypeVar("T")
+
+
+class DeadlinePassed(Exception):
+    """``run_with_deadline``'s call did not return in time (it goes on in its thread, unobserved)."""
+
+
+def run_with_deadline(fn: Callable[[], T], seconds: float, name: str = "deadline-call") -> T:
+    """``fn()`` on a daemon thread, given up on after ``seconds``: for blocking calls no socket
+    can interrupt (a read of a hung network file system). A call that overruns keeps its thread
+    until it returns; only its result is dropped."""
+    outcome: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    if not done.wait(max(seconds, 0.0)):
+        raise DeadlinePassed(f"no answer within {seconds:g}s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]

@@ -20,14 +20,15 @@ import threading
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NewConnectionError
+from urllib3.util import parse_url
 
 from ..errors import (
     ConnectionFailed,
@@ -105,6 +106,27 @@ def make_session(policy: AddressPolicy, settings: FetchSettings) -> requests.Ses
     return session
 
 
+# --------------------------------------------------------------------------- URLs
+def parse(url: str, redirected: bool = False) -> tuple[str, str]:
+    """``(normalised URL, host)`` as urllib3, which makes the connection, reads ``url``.
+
+    Every later step (the per-host slot, messages, joining a redirect's Location, the request)
+    uses the normalised form, so no two parsers can disagree on the host: urllib.parse takes
+    ``http://a\\@b/`` to name ``b`` where urllib3, like browsers, connects to ``a``.
+    """
+    what = "redirect to" if redirected else "URL"
+    try:
+        parts = parse_url(url)
+    except (LocationParseError, ValueError) as exc:
+        raise UnsupportedSource(f"{what} {url[:100]!r} cannot be parsed: {short(exc)}") from None
+    scheme = (parts.scheme or "").lower()
+    if scheme not in ("http", "https"):
+        raise UnsupportedSource(f"{what} {url[:100]!r}: only http(s) is followed")
+    if not parts.host:
+        raise UnsupportedSource(f"{what} {url[:100]!r} has no host (expected {scheme}://host/...)")
+    return str(parts.url), parts.host.lower()
+
+
 # --------------------------------------------------------------------------- fetching
 class HttpSource:
     """Thread-safe; one per fetcher. ``with_settings`` views share the session and host slots."""
@@ -126,14 +148,14 @@ class HttpSource:
             return sem
 
     def fetch(self, url: str, settings: FetchSettings) -> bytes:
-        host = (urlsplit(url).hostname or "").lower()
+        url, host = parse(url)
         slot = self._host_slot(host)
         if not slot.acquire(timeout=settings.deadline):
             raise FetchTimeout(f"waited {settings.deadline:g}s for a connection slot to {host}")
         deadline = Deadline(settings.deadline)
         set_current(deadline)
         try:
-            return self._follow(url, deadline, settings)
+            return self._follow(url, host, deadline, settings)
         except RowError:
             raise
         except Exception as exc:  # noqa: BLE001 - nothing but a RowError may leave a row
@@ -145,26 +167,22 @@ class HttpSource:
             set_current(None)
             slot.release()
 
-    def _follow(self, url: str, deadline: Deadline, s: FetchSettings) -> bytes:
+    def _follow(self, url: str, host: str, deadline: Deadline, s: FetchSettings) -> bytes:
         for _hop in range(s.max_redirects + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise UnsupportedSource(f"redirect to unsupported URL {url[:100]!r}")
-            resp = self._request_with_retries(url, deadline, s)
+            resp = self._request_with_retries(url, host, deadline, s)
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
-                url = urljoin(url, resp.headers["Location"])
+                url, host = parse(urljoin(url, resp.headers["Location"]), redirected=True)
                 continue
             try:
                 if not 200 <= resp.status_code < 300:  # 304, a 3xx without Location, 4xx, 5xx
-                    raise HttpStatusError(resp.status_code, f"{resp.reason or ''} from {parts.hostname}".strip())
+                    raise HttpStatusError(resp.status_code, f"{resp.reason or ''} from {host}".strip())
                 return self._read_body(resp, deadline, s)
             finally:
                 resp.close()
         raise TooManyRedirects(f"more than {s.max_redirects} redirects")
 
-    def _request_with_retries(self, url: str, deadline: Deadline, s: FetchSettings) -> requests.Response:
-        host = (urlsplit(url).hostname or "").lower()
+    def _request_with_retries(self, url: str, host: str, deadline: Deadline, s: FetchSettings) -> requests.Response:
         attempt = 0
         while True:
             remaining = deadline.remaining()

@@ -1,16 +1,29 @@
-"""The non-HTTP sources: S3 objects, base64 data: URIs and (CLI only) local files."""
+"""The non-HTTP sources: S3 objects, base64 data: URIs and (CLI only) local regular files."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
+import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import InvalidDataUri, LocalPathsDisabled, NotFound, S3Error, TooLarge, UnsupportedSource
+from ..errors import (
+    FetchTimeout,
+    InvalidDataUri,
+    LocalPathsDisabled,
+    NotAFile,
+    NotFound,
+    S3Error,
+    TooLarge,
+    UnsupportedSource,
+)
+from .deadline import DeadlinePassed, run_with_deadline
 from .http import short
 from .settings import FetchSettings
 
@@ -71,18 +84,110 @@ def fetch_data_uri(url: str, settings: FetchSettings) -> bytes:
 
 
 def fetch_local(url: str, settings: FetchSettings, base_dir: Path | None) -> bytes:
+    """A local file's bytes. Only regular files are read (a device, FIFO, socket or directory is
+    refused before it is opened, and again on the opened descriptor); the cap is checked on the
+    bytes actually read, not on the size ``stat`` reports (0 for /proc files, 4096 for /sys ones);
+    and the read runs under the fetch deadline, so a hung file system costs one row its deadline
+    instead of stopping the run."""
     if not settings.allow_local_paths:
         raise LocalPathsDisabled("local paths are not accepted here; use http(s)://, s3:// or data:")
     path = Path(unquote(urlsplit(url).path)) if url.lower().startswith("file:") else Path(url)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     try:
-        size = path.stat().st_size
-        if size > settings.max_bytes:
-            raise TooLarge(f"file is {size} bytes, cap {settings.max_bytes}")
-        with path.open("rb") as fh:
-            return fh.read(settings.max_bytes + 1)
+        return run_with_deadline(lambda: read_regular_file(path, settings.max_bytes), settings.deadline, "local-read")
+    except DeadlinePassed:
+        raise FetchTimeout(f"reading {path} took more than the deadline of {settings.deadline:g}s") from None
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: Path, cap: int) -> bytes:
+    """At most ``cap`` bytes of the regular file ``path`` (symlinks followed), or a ``RowError``."""
+    try:
+        st = os.stat(path)  # before opening: opening a device can have effects (a tape rewinds)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"{path} is {_kind(st.st_mode)}, not a regular file")
+        pseudo = pseudo_filesystem(st.st_dev)
+        if pseudo:
+            raise NotAFile(f"{path} is on {pseudo}, a kernel pseudo-file system, not a regular file")
+        if st.st_size > cap:
+            raise TooLarge(f"file is {st.st_size} bytes, cap {cap}")
+        # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it must not wait
+        # for a writer; O_NOCTTY: a terminal never becomes ours.
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_NOCTTY | _O_CLOEXEC)
     except FileNotFoundError:
         raise NotFound(f"no such file: {path}") from None
     except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENODEV):  # a socket or device node
+            raise NotAFile(f"{path} is not a regular file: {exc.strerror or exc}") from None
         raise NotFound(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)  # what was opened, whatever the path names now
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"{path} is {_kind(st.st_mode)}, not a regular file")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(_READ, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise TooLarge(f"{path}: more than {cap} bytes read")
+    except OSError as exc:
+        raise NotFound(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if total != st.st_size:
+        # Pseudo-files report a size unrelated to their content (/proc: 0, /sys: 4096); a real
+        # file that changed while it was read is no better.
+        raise NotAFile(f"{path} reports {st.st_size} bytes but {total} were read (a /proc or /sys file?)")
+    return b"".join(chunks)
+
+
+#: Kernel file systems whose "regular" files are interfaces, not data (/proc/kcore reports 128 TB,
+#: /proc/self/environ 0 bytes, tracefs's trace_pipe blocks on read).
+PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "proc", "sysfs", "debugfs", "tracefs", "securityfs", "cgroup", "cgroup2", "configfs", "bpf",
+        "pstore", "efivarfs", "fusectl", "binfmt_misc", "mqueue", "devpts", "autofs", "rpc_pipefs", "nsfs",
+    }
+)  # fmt: skip
+
+
+def pseudo_filesystem(device: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The kernel pseudo-file system the device ``device`` (a ``st_dev``) is, if any (Linux; None
+    elsewhere or when it cannot be told). Read each time: mounts change, and the file is small."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if "-" not in fields:
+                    continue
+                major, _, minor = fields[2].partition(":")
+                if major.isdigit() and minor.isdigit() and os.makedev(int(major), int(minor)) == device:
+                    fstype = fields[fields.index("-") + 1]
+                    if fstype in PSEUDO_FILESYSTEMS:
+                        return fstype
+    except (OSError, AttributeError):  # no /proc (not Linux), or no os.makedev
+        return None
+    return None
+
+
+_READ = 1024 * 1024
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_NOCTTY = getattr(os, "O_NOCTTY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)

@@ -2,12 +2,23 @@
 
 ``preprocess`` reproduces transformers' ``CLIPImageProcessor`` (PIL backend): bicubic resize of
 the shortest edge (long edge truncated to int), centre crop, rescale by 1/255, normalise with the
-model's mean and std. The parity tests hold it to the reference within 1e-5.
+model's mean and std. The parity tests hold it to the reference within 1e-5. Only for extreme
+aspect ratios (a 20000x3 banner would be resized to 1,493,333x224, 1.3 GB, to keep 224x224 of it)
+is just the part the crop keeps resized; that moves pixels by a level or two (measured in
+docs/security.md).
+
+Decoded pixels are the memory that untrusted input controls: ``DecodeBudget`` bounds what all
+decode threads of the process hold at once, and ``DecodeLimits.for_memory`` sizes it and the pixel
+limit from the memory the process has.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +33,42 @@ from .directory import read_json
 Image.init()  # register every plugin now, so the format list below can be checked against them
 ACCEPTED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN)
 
+# Pillow allocates image memory in 16 MiB blocks, under glibc's mmap threshold (32 MiB in the
+# container, at most 32 MiB by default), so a decoded image lives in the malloc arena of the thread
+# that decoded it and, freed, stays there: with 16 decode threads RSS grew to 16 decoded 9000x9000
+# images (5.1 GB) although the budget let two decode at once. 64 MiB blocks are mapped and unmapped,
+# so a decode's memory goes back when it ends (bench/hostile.py). PILLOW_BLOCK_SIZE still wins.
+PILLOW_BLOCK_BYTES = 64 * 1024 * 1024
+_pillow_core: Any = getattr(Image, "core")  # noqa: B009 - not in Pillow's typed exports
+if "PILLOW_BLOCK_SIZE" not in os.environ and _pillow_core.get_block_size() < PILLOW_BLOCK_BYTES:
+    _pillow_core.set_block_size(PILLOW_BLOCK_BYTES)
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Pillow's default decompression-bomb threshold; our own check turns it into a row error.
 DEFAULT_MAX_PIXELS = 89_478_485
+
+#: Peak bytes per pixel of decoding and converting an RGB image to model input, as measured
+#: (decode 4 bytes per pixel, Pillow keeps RGB in 32 bits; bench/hostile.py). Other modes count
+#: as multiples of it (``MODE_WEIGHT``).
+BYTES_PER_PIXEL = 5
+#: Peak memory of each source mode relative to RGB: conversions hold the decoded image and its
+#: converted copies at once (alpha: RGBA, white, composite, RGB; 16-bit: integer arrays).
+MODE_WEIGHT = {"RGB": 1, "L": 1, "P": 1, "1": 1, "YCbCr": 1, "CMYK": 2, "LAB": 2, "HSV": 2}
+MODE_WEIGHT.update(dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), 2))
+ALPHA_WEIGHT = 4
+WIDE_WEIGHT = 4  # I, F and anything not listed
+#: Of the memory the process has: what all decodes in flight may hold, and what one image at the
+#: pixel limit may hold in its costliest mode.
+BUDGET_SHARE = 0.25
+SINGLE_IMAGE_SHARE = 0.5
+#: Decoding is CPU-bound (Pillow lets go of the GIL): beyond two large images per core in flight,
+#: more only hold memory.
+DECODES_PER_CORE = 2
+#: Images whose full shortest-edge resize would exceed this many times the crop's pixels have
+#: only the cropped part resized (a 16:1 aspect ratio at the usual square crop).
+CROP_ONLY_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -38,7 +80,8 @@ class PreprocessConfig:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resample: int = int(Image.Resampling.BICUBIC)
     rescale_factor: float = 1 / 255
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: None: the process's limit (``decode_limits()``: sized to its memory).
+    max_pixels: int | None = None
     #: Opt-in JPEG draft decoding (``SIMILARITY_JPEG_DRAFT``): decode at a reduced DCT scale (1/2,
     #: 1/4 or 1/8) while the reduced short side stays >= this many times the target size; 0, the
     #: default, decodes every pixel. It is off because DCT scaling filters like a box, not like the
@@ -71,8 +114,114 @@ class PreprocessConfig:
         return cls(**values)
 
 
-def decode(data: bytes, cfg: PreprocessConfig) -> Image.Image:
-    """Bytes to an RGB ``Image``; every failure is a ``RowError``."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How many pixels one image may declare, and how many (weighted by mode) all decode threads
+    of the process may hold at once."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    budget_megapixels: float = 256.0
+
+    @classmethod
+    def for_memory(
+        cls,
+        memory_bytes: int,
+        max_pixels: int | None = None,
+        budget_megapixels: float | None = None,
+        cores: int | None = None,
+    ) -> DecodeLimits:
+        """Limits that fit ``memory_bytes``: the decodes in flight hold at most a quarter of it,
+        and one image at the pixel limit at most half of it even in its costliest mode (the
+        budget lets such an image run alone). With ``cores``, the budget is also kept to what
+        that many cores can decode at once (``DECODES_PER_CORE`` images at the default limit):
+        more in flight would only hold memory. Given values win."""
+        if max_pixels is None:
+            fits = int(memory_bytes * SINGLE_IMAGE_SHARE / (BYTES_PER_PIXEL * max(ALPHA_WEIGHT, WIDE_WEIGHT)))
+            max_pixels = max(1, min(DEFAULT_MAX_PIXELS, fits))
+        if budget_megapixels is None:
+            budget_megapixels = memory_bytes * BUDGET_SHARE / BYTES_PER_PIXEL / 1e6
+            if cores is not None:
+                budget_megapixels = min(budget_megapixels, DECODES_PER_CORE * max(cores, 1) * DEFAULT_MAX_PIXELS / 1e6)
+        return cls(max_pixels=max_pixels, budget_megapixels=budget_megapixels)
+
+
+class DecodeBudget:
+    """Weighted pixels that may be decoded at once, shared by every thread that decodes.
+
+    A decode waits until its share is free. One larger than the whole budget still runs, alone,
+    so every image within the pixel limit is decoded eventually and waiting cannot deadlock.
+    """
+
+    def __init__(self, megapixels: float) -> None:
+        self.capacity = max(1, int(megapixels * 1_000_000))
+        self._used = 0
+        self._cond = threading.Condition()
+        self.peak = 0  # the most held at once: for tests and the bench
+
+    @property
+    def in_use(self) -> int:
+        return self._used
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        need = min(max(cost, 0), self.capacity)
+        with self._cond:
+            while self._used and self._used + need > self.capacity:
+                self._cond.wait()
+            self._used += need
+            self.peak = max(self.peak, self._used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= need
+                self._cond.notify_all()
+
+
+_limits_lock = threading.Lock()
+_limits: DecodeLimits | None = None
+_budget: DecodeBudget | None = None
+
+
+def set_decode_limits(limits: DecodeLimits) -> None:
+    """Use ``limits`` for every later decode in this process (``bootstrap.build`` calls this with
+    the settings'); decodes in flight finish under the old budget."""
+    global _limits, _budget
+    with _limits_lock:
+        if limits != _limits or _budget is None:
+            _limits, _budget = limits, DecodeBudget(limits.budget_megapixels)
+
+
+def decode_limits() -> DecodeLimits:
+    """The process's limits: as last set, else sized to the memory the process has."""
+    if _limits is None:
+        from ..hardware import cpu_count, memory_limit_bytes
+
+        set_decode_limits(DecodeLimits.for_memory(memory_limit_bytes(), cores=cpu_count()))
+    assert _limits is not None
+    return _limits
+
+
+def decode_budget() -> DecodeBudget:
+    decode_limits()
+    assert _budget is not None
+    return _budget
+
+
+def decode_cost(im: Image.Image) -> int:
+    """Weighted pixels decoding and converting ``im`` (opened, not yet loaded) will hold."""
+    width, height = im.size
+    mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        weight = ALPHA_WEIGHT
+    else:
+        weight = MODE_WEIGHT.get(mode, WIDE_WEIGHT)
+    return width * height * weight
+
+
+def open_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
+    """The image's header read and checked (format, size, pixel limit), the JPEG draft scale set;
+    nothing decoded yet. Every failure is a ``RowError``."""
     try:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
@@ -85,21 +234,40 @@ def decode(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         width, height = im.size
         if width <= 0 or height <= 0:
             raise DecodeError(f"image has no pixels ({width}x{height})")
-        if width * height > cfg.max_pixels:
-            raise TooManyPixels(f"{width}x{height} pixels exceeds the limit of {cfg.max_pixels}")
-        geometry = _draft(im, cfg) if cfg.draft_factor and im.format in ("JPEG", "MPO") else None
-        im.load()  # first frame of animations; truncated data raises here
+        limit = cfg.max_pixels if cfg.max_pixels is not None else decode_limits().max_pixels
+        if width * height > limit:
+            raise TooManyPixels(f"{width}x{height} pixels exceeds the limit of {limit}")
+        if cfg.draft_factor and im.format in ("JPEG", "MPO"):
+            geometry = _draft(im, cfg)
+            if geometry:
+                im.info[DRAFT_GEOMETRY] = geometry
+        return im
+    except (DecodeError, TooManyPixels):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+
+
+def load_rgb(im: Image.Image) -> Image.Image:
+    """Decode an opened image (first frame of animations), apply EXIF orientation, convert to RGB."""
+    try:
+        geometry = im.info.get(DRAFT_GEOMETRY)  # set by open_image; conversions need not keep info
+        im.load()  # truncated data raises here
         ImageOps.exif_transpose(im, in_place=True)  # without in_place it copies every upright image
         out = to_rgb(im)
         if geometry:
             out.info[DRAFT_GEOMETRY] = geometry
         return out
-    except (DecodeError, TooManyPixels):
-        raise
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, ValueError, struct.error, ...
         raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+
+
+def decode(data: bytes, cfg: PreprocessConfig) -> Image.Image:
+    """Bytes to an RGB ``Image``; every failure is a ``RowError``. Outside the decode budget:
+    ``load_pixels`` is what the pipeline calls."""
+    return load_rgb(open_image(data, cfg))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -108,21 +276,31 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB":
         return im
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # convert() would clamp 16-bit values to 0..255; scale them instead.
-        arr = np.asarray(im, dtype=np.float64)
-        arr = np.clip(arr / 257.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
+        # convert() would clamp 16-bit values to 0..255; scale them instead: round(x / 257) in
+        # integers ((x + 128) // 257: no x / 257 lies halfway), a third of float64's memory.
+        wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        wide += 128
+        wide //= 257
+        grey = Image.fromarray(wide.astype(np.uint8))
+        del wide
+        return grey.convert("RGB")
     if mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.asarray(im, dtype=np.float64)  # in place from here: one float64 copy at a time
         if arr.size and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0
-        arr = np.nan_to_num(np.clip(arr, 0, 255)).round().astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
+            arr *= 255.0
+        np.clip(arr, 0, 255, out=arr)
+        np.nan_to_num(arr, copy=False)
+        np.round(arr, out=arr)
+        grey = Image.fromarray(arr.astype(np.uint8))
+        del arr
+        return grey.convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if has_alpha:
-        rgba = im.convert("RGBA")
+        rgba = im if mode == "RGBA" else im.convert("RGBA")  # convert() to the same mode copies
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        composite = Image.alpha_composite(white, rgba)
+        del white, rgba
+        return composite.convert("RGB")
     return im.convert("RGB")  # L, 1, P, CMYK (Pillow undoes Adobe inversion), YCbCr, LAB, HSV
 
 
@@ -140,12 +318,14 @@ def crop_uint8(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         new_w, new_h = size, int(size * height / width)
     else:
         new_w, new_h = int(size * width / height), size
+    top = (new_h - cfg.crop_height) // 2
+    left = (new_w - cfg.crop_width) // 2
+    if new_w * new_h > CROP_ONLY_FACTOR * cfg.crop_height * cfg.crop_width:
+        return _resize_crop_only(im, cfg, new_w, new_h, top, left)
     if box is not None:  # a draft: resize the picture's exact box to the full decode's size
         im = im.resize((new_w, new_h), resample=cfg.resample, box=box)
     elif (new_w, new_h) != (width, height):
         im = im.resize((new_w, new_h), resample=cfg.resample)
-    top = (new_h - cfg.crop_height) // 2
-    left = (new_w - cfg.crop_width) // 2
     if top >= 0 and left >= 0:
         return np.asarray(im, dtype=np.uint8)[top : top + cfg.crop_height, left : left + cfg.crop_width]
     # smaller than the crop: pad with zeros around the centre, as the reference does
@@ -156,6 +336,31 @@ def crop_uint8(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     h = min(new_h - sy, cfg.crop_height - oy)
     w = min(new_w - sx, cfg.crop_width - ox)
     arr[oy : oy + h, ox : ox + w] = src[sy : sy + h, sx : sx + w]
+    return arr
+
+
+def _resize_crop_only(
+    im: Image.Image, cfg: PreprocessConfig, new_w: int, new_h: int, top: int, left: int
+) -> np.ndarray:
+    """The crop of the full resize, computed by resizing only the source box it comes from.
+
+    Pillow reads the filter's support around the box from the source, so the result matches the
+    full resize up to its rounding (box corners are passed to its C code as 32-bit floats): pixels
+    move by a level or two, which is why only extreme aspect ratios come here.
+    """
+    width, height, box = source_geometry(im)
+    bx, by, bw, bh = (
+        (0.0, 0.0, float(width), float(height)) if box is None else (box[0], box[1], box[2] - box[0], box[3] - box[1])
+    )
+    sx, sy = bw / new_w, bh / new_h
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + cfg.crop_width, new_w), min(top + cfg.crop_height, new_h)
+    part = im.resize(
+        (x1 - x0, y1 - y0), resample=cfg.resample, box=(bx + x0 * sx, by + y0 * sy, bx + x1 * sx, by + y1 * sy)
+    )
+    arr = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
+    oy, ox = y0 - top, x0 - left  # > 0 only where the crop is larger than the resized image
+    arr[oy : oy + (y1 - y0), ox : ox + (x1 - x0)] = np.asarray(part, dtype=np.uint8)
     return arr
 
 
@@ -227,11 +432,19 @@ def _oriented_box(
     return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
-def load_pixels(data: bytes, cfg: PreprocessConfig, uint8: bool = False) -> np.ndarray:
-    """Bytes straight to model input: decode, convert, preprocess. ``uint8``: the crop as uint8
-    ``(H, W, 3)`` instead, for a backend that normalises inside its graph."""
-    im = decode(data, cfg)
-    return crop_uint8(im, cfg) if uint8 else preprocess(im, cfg)
+def load_pixels(
+    data: bytes, cfg: PreprocessConfig, budget: DecodeBudget | None = None, uint8: bool = False
+) -> np.ndarray:
+    """Bytes straight to model input: decode, convert, preprocess. The decoded pixels are held
+    under ``budget`` (default: the process's), so the threads that decode at once never hold
+    more than it allows. ``uint8``: the crop as uint8 ``(H, W, 3)`` instead, for a backend that
+    normalises inside its graph."""
+    im = open_image(data, cfg)
+    with (budget or decode_budget()).hold(decode_cost(im)):
+        rgb = load_rgb(im)
+        out = crop_uint8(rgb, cfg) if uint8 else preprocess(rgb, cfg)
+        im.close()
+        return out
 
 
 def _sniff(data: bytes) -> str:

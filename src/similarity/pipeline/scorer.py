@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from ..errors import InferenceError, InternalError, MissingCaption, MissingUrl, RowError
+from ..errors import InferenceError, InternalError, InvalidCaption, MissingCaption, MissingUrl, RowError
 from ..fetch import Fetcher
 from ..model import ClipModel
 from ..types import Record, ScoreResult, ScoreStats
@@ -126,10 +126,15 @@ class Scorer:
         try:
             embs = self.model.embed_images(np.stack([px for _, px in batch]))
         except Exception as exc:
-            log.exception("image batch failed")
-            for url, _ in batch:
-                self._image_errors.put(url, InferenceError(f"{type(exc).__name__} in image tower"))
-                self._pending.pop(url, None)
+            if len(batch) > 1:
+                # One poison input must cost its own row only: find it by running each alone.
+                log.warning("image batch of %d failed (%s); retrying one by one", len(batch), type(exc).__name__)
+                for item in batch:
+                    self._run_image_batch([item])
+                return
+            log.exception("image failed in the image tower: %s", batch[0][0][:200])
+            self._image_errors.put(batch[0][0], InferenceError(f"{type(exc).__name__} in image tower"))
+            self._pending.pop(batch[0][0], None)
             return
         self.stats.images_embedded += len(batch)
         for (url, _), emb in zip(batch, embs, strict=True):
@@ -137,26 +142,33 @@ class Scorer:
             self._pending.pop(url, None)
 
     def _embed_captions(self, records: list[Record]) -> None:
-        todo = list(
-            dict.fromkeys(
-                c
-                for c in (_clean(r.caption) for r in records if r.error is None and _clean(r.url))
-                if c and self._captions.get(c) is None and c not in self._caption_errors
-            )
-        )
+        todo = []
+        for c in dict.fromkeys(_clean(r.caption) for r in records if r.error is None and _clean(r.url)):
+            if not c or self._captions.get(c) is not None or c in self._caption_errors:
+                continue
+            if not _is_text(c):
+                self._caption_errors.put(c, InvalidCaption(_describe_invalid(c)))
+                continue
+            todo.append(c)
         todo.sort(key=len)  # similar lengths together: less padding per batch
         for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            try:
-                embs, truncated = self.model.embed_texts(chunk)
-            except Exception as exc:
-                log.exception("text batch failed")
+            self._run_text_batch(todo[i : i + self.batch_size])
+
+    def _run_text_batch(self, chunk: list[str]) -> None:
+        try:
+            embs, truncated = self.model.embed_texts(chunk)
+        except Exception as exc:
+            if len(chunk) > 1:
+                log.warning("text batch of %d failed (%s); retrying one by one", len(chunk), type(exc).__name__)
                 for c in chunk:
-                    self._caption_errors.put(c, InferenceError(f"{type(exc).__name__} in text tower"))
-                continue
-            self.stats.captions_encoded += len(chunk)
-            for c, e, t in zip(chunk, embs, truncated, strict=True):
-                self._captions.put(c, (e, t))
+                    self._run_text_batch([c])
+                return
+            log.exception("caption failed in the text tower")
+            self._caption_errors.put(chunk[0], InferenceError(f"{type(exc).__name__} in text tower"))
+            return
+        self.stats.captions_encoded += len(chunk)
+        for c, e, t in zip(chunk, embs, truncated, strict=True):
+            self._captions.put(c, (e, t))
 
     def _result(self, rec: Record) -> ScoreResult:
         if rec.error is not None:
@@ -222,3 +234,18 @@ def score_pairs(
 
 def _clean(value: str | None) -> str:
     return value.strip() if isinstance(value, str) else ""
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is valid Unicode: a lone surrogate (a JSON ``\\ud800`` escape, bytes a
+    CSV decoder kept as surrogates) makes every tokenizer fail."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _describe_invalid(value: str) -> str:
+    pos = next(i for i, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF)
+    return f"lone surrogate U+{ord(value[pos]):04X} at character {pos}"
