@@ -113,19 +113,19 @@ def test_jpeg_draft_drift_is_what_the_setting_states(
     assert small == 0.0 and big <= stated, big  # the small parity pictures are never drafted
 
 
-def _lambda_like(blocked: tuple[str, ...]) -> bool:
+def _onnx_only(blocked: tuple[str, ...]) -> bool:
     return "openvino" in blocked or not _has("openvino") or not cpu_has_native_bf16()
 
 
 @pytest.mark.parametrize(
     "blocked",
-    [("torch", "transformers", "openvino"), ("torch", "transformers")],
-    ids=["lambda-image", "cli-without-torch"],
+    [("torch", "transformers"), ("torch", "transformers", "openvino")],
+    ids=["lambda-image", "without-openvino"],
 )
-def test_cpu_default_needs_no_torch(exported, blocked) -> None:
-    """In an interpreter where torch and transformers cannot be found (as in the Lambda image, which
-    has no OpenVINO either), auto picks ONNX Runtime fp32, or OpenVINO mixed bf16 where OpenVINO is
-    there and the CPU has bf16, and scoring never imports torch or transformers."""
+def test_cpu_default_needs_no_torch(exported, blocked, tmp_path) -> None:
+    """In an interpreter where torch and transformers cannot be found, as in the Lambda image (ONNX
+    Runtime and OpenVINO, its OpenVINO cache in /tmp), auto picks OpenVINO mixed bf16 where the CPU
+    has bf16, else ONNX Runtime fp32, and scoring never imports torch or transformers."""
     code = (
         "import sys, base64, io\n"
         "class Block:\n"
@@ -133,7 +133,7 @@ def test_cpu_default_needs_no_torch(exported, blocked) -> None:
         f"        if name.split('.')[0] in {blocked!r}: raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "from similarity import load_model, score_pairs, Record, Fetcher\n"
-        f"m = load_model({str(exported)!r})\n"
+        f"m = load_model({str(exported)!r}, cache_dir={str(tmp_path / 'tmp-cache')!r})\n"
         "from PIL import Image;b=io.BytesIO();Image.new('RGB',(40,40),(200,0,0)).save(b,'PNG')\n"
         "u='data:image/png;base64,'+base64.b64encode(b.getvalue()).decode()\n"
         "r = next(score_pairs([Record(u, 'a red square')], m, Fetcher()));assert r.ok, r.error_text\n"
@@ -141,8 +141,20 @@ def test_cpu_default_needs_no_torch(exported, blocked) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    expected = ["onnx", "fp32"] if _lambda_like(blocked) else ["openvino", "bf16"]
+    expected = ["onnx", "fp32"] if _onnx_only(blocked) else ["openvino", "bf16"]
     assert r.stdout.split() == [*expected, "False", "False"]
+
+
+def test_lambda_image_runs_openvino_with_its_cache_in_tmp() -> None:
+    """The Lambda target installs OpenVINO beside ONNX Runtime (bf16 where the CPU has it) and points
+    the compiled-blob cache at /tmp, the one place a function can write; the cut pieces come from
+    `model export` on the model volume."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    stage = text.split("AS lambda", 1)[1].split("\nFROM ", 1)[0]
+    assert "[onnx,openvino,lambda]" in stage
+    assert "SIMILARITY_OV_CACHE_DIR=/tmp/" in stage
 
 
 def test_export_keeps_weights_beside_the_graph(exported, tmp_path, tiny_model, inputs) -> None:

@@ -35,8 +35,8 @@ from .directory import has_weights
 #: Why ``--dtype int8`` alone is refused on CPUs with AMX, with what was measured there.
 INT8_ON_AMX = (
     "--dtype int8 is not offered on this CPU: it has AMX, where bf16 runs faster than every int8 path "
-    "measured (OpenVINO dynamic int8's image tower at 0.65-0.92x the bf16 default's speed on a "
-    "Sapphire Rapids host, with 2-3x its drift; docs/performance.md). Leave --dtype at auto for bf16, "
+    "measured (OpenVINO dynamic int8's image tower at 0.65-0.92x the bf16 default's speed on a 2-vCPU "
+    "Xeon with AMX, family 6 model 207, with 2-3x its drift; docs/performance.md). Leave --dtype at auto, "
     "or name the backend to run int8 anyway: --backend onnx --dtype int8 (or --backend openvino)"
 )
 
