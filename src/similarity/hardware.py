@@ -42,8 +42,8 @@ def has_native_bf16() -> bool:
 
 
 def has_amx() -> bool:
-    """Intel CPUs with AMX tiles (Sapphire Rapids and later): bf16 matmuls there run faster than
-    any int8 path measured (docs/performance.md)."""
+    """Intel CPUs with AMX tiles (Sapphire Rapids and later): no int8 path measured faster than
+    bf16 there (docs/performance.md)."""
     return "amx_bf16" in cpu_flags()
 
 

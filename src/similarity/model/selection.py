@@ -8,7 +8,7 @@ exported files and onnxruntime are present (the Lambda image, which has neither 
 OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on CUDA);
 ``--dtype fp32`` runs fp32 on CUDA too. int8 is never picked: it is opt-in, and ``--dtype int8``
 gets OpenVINO's int8 where the CPU has VNNI, else ONNX Runtime's; on CPUs with AMX, where bf16 is
-faster than any int8 path measured, ``--dtype int8`` alone is refused with the figures (a named
+no int8 path measured faster, ``--dtype int8`` alone is refused with the figures (a named
 backend, ``--backend onnx --dtype int8``, still runs it).
 """
 
@@ -34,9 +34,9 @@ from .directory import has_weights
 
 #: Why ``--dtype int8`` alone is refused on CPUs with AMX, with what was measured there.
 INT8_ON_AMX = (
-    "--dtype int8 is not offered on this CPU: it has AMX, where bf16 runs faster than every int8 path "
-    "measured (OpenVINO dynamic int8's image tower at 0.65-0.92x the bf16 default's speed on a 2-vCPU "
-    "Xeon with AMX, family 6 model 207, with 2-3x its drift; docs/performance.md). Leave --dtype at auto, "
+    "--dtype int8 is not offered on this CPU: it has AMX, where no int8 path measured faster than the bf16 "
+    "default (OpenVINO dynamic int8's image tower at 0.97-1.05x its speed in interleaved rounds on a 2-vCPU "
+    "Xeon with AMX, family 6 model 207), with 2-3x its drift (docs/performance.md). Leave --dtype at auto, "
     "or name the backend to run int8 anyway: --backend onnx --dtype int8 (or --backend openvino)"
 )
 
