@@ -5,6 +5,8 @@
 #   tools            - lambda + CPU torch/transformers/huggingface_hub: the model-sync function (fetch + ONNX export)
 #   gpu              - CUDA torch for the ECS GPU task (python -m handler.gpu_task)
 # The model is never baked in: it lives on EFS (/mnt/models) and is put there by the model-sync function.
+# The wheel holds only the library (`similarity`); the entry points in src/handler are copied into
+# each image beside it (a top-level `handler` package in the wheel would collide in any Lambda).
 
 ARG PYTHON_VERSION=3.12
 
@@ -18,7 +20,8 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # ---------------------------------------------------------------- Lambda image (CPU, no torch)
 FROM public.ecr.aws/lambda/python:${PYTHON_VERSION} AS lambda
 COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,openvino,lambda]" && rm -rf /wheels
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,openvino,lambda,cache]" && rm -rf /wheels
+COPY src/handler ${LAMBDA_TASK_ROOT}/handler
 # glibc would mmap/munmap large activation buffers on every forward; keep them in the heap.
 ENV MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=8589934592 \
@@ -41,6 +44,8 @@ CMD ["handler.model_sync.lambda_handler"]
 FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS gpu
 COPY --from=wheel /wheels /wheels
 # PyPI's Linux torch wheel bundles CUDA; the ECS GPU-optimised AMI supplies the driver.
-RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch]" && rm -rf /wheels
+RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch,cache]" && rm -rf /wheels
+WORKDIR /app
+COPY src/handler /app/handler
 ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch SIMILARITY_BATCH_SIZE=128 SIMILARITY_WORKERS=32
 ENTRYPOINT ["python", "-m", "handler.gpu_task"]

@@ -10,8 +10,8 @@ figures from rounds interleaved with the baseline; both bounds (the towers alone
 precision's matmul peak, and that plus the measured pipeline); agreement with the fp32 reference on
 the trained test model (parity pictures and large files, each backend through its own pixel path)
 and, labelled, on the random model (which cannot show drift); the opt-in JPEG draft's drift; cold
-start with and without each OpenVINO cache; Lambda $ per million pairs; peak RSS. Everything it
-contacts is on loopback.
+start with and without each OpenVINO cache; Lambda $ per million pairs; peak RSS; and the embedding
+cache's warm rescore beside its cold run (bench/cache.py). Everything it contacts is on loopback.
 """
 
 from __future__ import annotations
@@ -346,7 +346,8 @@ def peak_rss_1000(model_dir: Path, csv_path: Path, allow: str, extra: list[str] 
     code = (
         "import sys;from similarity.cli import main;"
         f"rc=main(['score',{str(csv_path)!r},'-o',{str(csv_path.with_suffix('.out.csv'))!r},'--model',{str(model_dir)!r},"
-        f"'--allow-network',{allow!r},'--no-progress',*{extra or []!r}]);"
+        # --no-cache: the CLI's local embedding cache would make every later run a rescore
+        f"'--allow-network',{allow!r},'--no-progress','--no-cache',*{extra or []!r}]);"
         # VmHWM belongs to this process image; ru_maxrss would carry the (large) parent's peak
         # across fork/exec.
         "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
@@ -852,6 +853,11 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
         log(f"peak RSS scoring a 1,000-row CSV with onnx-fp32: {rss:.0f} MB ({secs:.1f}s)")
 
     server.stop()
+    # The embedding cache: a warm rescore beside its cold run, for the default and Lambda's onnx-fp32.
+    from cache import run_cache_bench
+
+    configs = list(dict.fromkeys([(auto_backend, auto_dtype), ("onnx", "fp32")]))
+    results["cache"] = run_cache_bench(model_dir, configs, rows=1000, tmp=tmp)
     results["speedup_default"] = results["backends"][default_key]["speedup"]
     if int8_key in results["backends"]:
         results["speedup_int8"] = results["backends"][int8_key]["speedup"]

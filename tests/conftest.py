@@ -28,6 +28,9 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The CLI caches embeddings in the user's cache directory by default; tests that want a cache
+# ask for one (tests/*/test_cache*.py), so one test's entries never change another's counts.
+os.environ.setdefault("SIMILARITY_CACHE", "off")
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 

@@ -62,6 +62,9 @@ def _publish(handled: Handled, context: Any) -> None:
                 metrics.add_metric(name=f"RowError_{code}", unit=MetricUnit.Count, value=n)
             added = True
         s = runtime.services()
+        for name, n in s.run.cache_metrics().items():  # CacheImageHits, ..., CacheStoreErrors
+            metrics.add_metric(name=name, unit=MetricUnit.Count, value=n)
+            added = True
         if not s.load_time_reported and s.run.loaded:  # once per environment, whether loaded at init or later
             metrics.add_metric(
                 name="ModelLoadTime", unit=MetricUnit.Milliseconds, value=s.run.model.info.load_seconds * 1000

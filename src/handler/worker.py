@@ -32,9 +32,20 @@ def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
     def time_left() -> float:
         return lambda_context.get_remaining_time_in_millis() / 1000 if lambda_context else float("inf")
 
-    complete = s.jobs.process_chunk(
-        msg, run.model, fetcher, record.message_id, time_left, batch_size=run.batch_size, workers=run.workers
-    )
+    try:
+        complete = s.jobs.process_chunk(
+            msg,
+            run.model,
+            fetcher,
+            record.message_id,
+            time_left,
+            batch_size=run.batch_size,
+            workers=run.workers,
+            cache=run.cache,
+        )
+    finally:
+        for name, n in run.cache_metrics().items():  # CacheImageHits, ..., CacheStoreErrors
+            metrics.add_metric(name=name, unit=MetricUnit.Count, value=n)
     metrics.add_metric(name="ChunksScored", unit=MetricUnit.Count, value=1)
     if complete:
         logger.info("job complete", extra={"job_id": msg.job_id})

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache import EmbeddingCache, open_cache
 from .config import Settings
 from .fetch import AddressPolicy, Fetcher
 from .model import ClipModel, load_model
@@ -39,11 +40,13 @@ class S3Provider:
 
 @dataclass
 class Runtime:
-    """A configured run. The model loads on first use (or ``load()``), once, thread-safely."""
+    """A configured run. The model loads on first use (or ``load()``), once, thread-safely.
+    ``cache``: the embedding cache every run of this runtime consults (None: off)."""
 
     settings: Settings
     fetcher: Fetcher
     s3: S3Provider
+    cache: EmbeddingCache | None = None
     _model: ClipModel | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -81,11 +84,17 @@ class Runtime:
 
     def score_pairs(self, records: Iterable[Record], fetcher: Fetcher | None = None) -> Iterator[ScoreResult]:
         return score_pairs(
-            records, self.model, fetcher or self.fetcher, batch_size=self.batch_size, workers=self.workers
+            records,
+            self.model,
+            fetcher or self.fetcher,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            cache=self.cache,
         )
 
     def score_csv(self, input_uri: str, output_uri: str, **kwargs: Any) -> FileResult:
         kwargs.setdefault("excel_safe", self.settings.score.excel_safe)
+        kwargs.setdefault("cache", self.cache)
         s3 = self.s3() if input_uri.startswith("s3://") or output_uri.startswith("s3://") else None
         return score_csv(
             input_uri,
@@ -98,8 +107,14 @@ class Runtime:
             **kwargs,
         )
 
+    def cache_metrics(self) -> dict[str, int]:
+        """Cache counts since the last call, by metric name (empty without a cache)."""
+        return self.cache.metrics() if self.cache is not None else {}
+
     def close(self) -> None:
         self.fetcher.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 def build(
@@ -108,12 +123,16 @@ def build(
     s3: Any | Callable[[], Any] | None = None,
     local_paths: bool = True,
     base_dir: str | os.PathLike[str] | None = None,
+    default_cache: str = "off",
 ) -> Runtime:
     """``local_paths``: whether local image paths are read unless ``SIMILARITY_ALLOW_LOCAL_PATHS``
     says otherwise (the CLI: yes; the services: no). ``base_dir``: what relative image paths are
-    relative to. ``s3``: an S3 client, or a callable making one when first needed."""
+    relative to. ``s3``: an S3 client, or a callable making one when first needed.
+    ``default_cache``: the embedding cache when ``SIMILARITY_CACHE`` is unset (the CLI: ``local``;
+    the services: ``off``)."""
     provider = S3Provider(s3)
     set_decode_limits(settings.fetch.decode_limits())  # per process: every decode thread shares it
     fetch = settings.fetch.fetch_settings(allow_local_paths=local_paths, pool_size=settings.score.workers)
     fetcher = Fetcher(fetch, AddressPolicy(settings.fetch.networks()), s3_client=provider, base_dir=base_dir)
-    return Runtime(settings=settings, fetcher=fetcher, s3=provider)
+    cache = open_cache(settings.cache, default=default_cache)
+    return Runtime(settings=settings, fetcher=fetcher, s3=provider, cache=cache)

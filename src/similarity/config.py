@@ -1,7 +1,7 @@
 """Every setting, declared once, read from the environment and validated at start.
 
 Sections: ``model`` (which weights, backend and precision), ``fetch`` (limits of one image fetch),
-``score`` (batching and concurrency), and for the services ``api`` (request limits) and ``jobs``
+``score`` (batching and concurrency), ``cache`` (the embedding cache), and for the services ``api`` (request limits) and ``jobs``
 (the S3/SQS batch pipeline). Each field names its environment variable; the CLI lays its flags
 over these (``Settings.with_overrides``). A bad value raises ``ConfigError`` naming the variable
 (or the flag) and what it must be.
@@ -10,7 +10,7 @@ over these (``Settings.with_overrides``). A bad value raises ``ConfigError`` nam
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -131,6 +131,47 @@ class ScoreSettings(Section):
     #: Concurrent image fetches and decodes.
     workers: int = Field(16, ge=1, le=1024, validation_alias="SIMILARITY_WORKERS")
     excel_safe: bool = Field(False, validation_alias="SIMILARITY_EXCEL_SAFE")
+    #: A file output's rows are committed (flushed, fsync'd) after this many rows or seconds,
+    #: whichever comes first: what a crash can lose and ``--resume`` scores again.
+    commit_rows: int = Field(1000, ge=1, validation_alias="SIMILARITY_COMMIT_ROWS")
+    commit_seconds: float = Field(5.0, gt=0, validation_alias="SIMILARITY_COMMIT_SECONDS")
+
+
+#: SIMILARITY_CACHE words: what turns the cache off, and what picks the local store.
+_CACHE_OFF = frozenset({"off", "none", "no", "false", "0"})
+_CACHE_LOCAL = frozenset({"local", "on", "yes", "true", "1", "sqlite"})
+_CACHE_URLS = ("sqlite:///", "redis://", "rediss://", "unix://")
+
+
+class CacheConfig(Section):
+    """The embedding cache (similarity.cache). ``store``: empty means the entry point's default
+    (the CLI: ``local``; the library and the services: ``off``)."""
+
+    store: str = Field("", validation_alias="SIMILARITY_CACHE")
+    #: Seconds a URL's last check is trusted without a request (default: always revalidate).
+    ttl: float | None = Field(None, ge=0, validation_alias="SIMILARITY_CACHE_TTL")
+    #: Where the local store lives (default: the user's cache directory).
+    dir: str | None = Field(None, validation_alias="SIMILARITY_CACHE_DIR")
+    max_bytes: int = Field(1024**3, ge=1024 * 1024, validation_alias="SIMILARITY_CACHE_MAX_BYTES")
+    dtype: Literal["float32", "float16"] = Field("float32", validation_alias="SIMILARITY_CACHE_DTYPE")
+    #: Seconds per store call (connect and each read).
+    timeout: float = Field(0.25, gt=0, le=10, validation_alias="SIMILARITY_CACHE_TIMEOUT")
+    #: Redis: every entry's expiry in seconds.
+    entry_ttl: int = Field(30 * 86400, ge=60, validation_alias="SIMILARITY_CACHE_ENTRY_TTL")
+
+    @field_validator("store")
+    @classmethod
+    def _valid_store(cls, value: str) -> str:
+        word = value.strip()
+        if not word:
+            return ""
+        if word.lower() in _CACHE_OFF:
+            return "off"
+        if word.lower() in _CACHE_LOCAL:
+            return "local"
+        if word.lower().startswith(_CACHE_URLS):
+            return word
+        raise ValueError("must be off, local, sqlite:///PATH, redis://HOST:PORT[/DB] or rediss://HOST:PORT")
 
 
 class ApiSettings(Section):
@@ -188,12 +229,24 @@ class ModelSyncSettings(Section):
     source_s3_uri: str = Field("", validation_alias="MODEL_SOURCE_S3_URI")
 
 
+class EngineSettings(Section):
+    """What the engine adapters (Spark, Ray, Snowpark) read on each worker process."""
+
+    #: Where a model from an s3:// prefix or a staged zip is unpacked, once per node (default: a
+    #: ``similarity-models`` directory in the system's temporary directory).
+    model_cache_dir: str | None = Field(None, validation_alias="SIMILARITY_ENGINE_MODEL_CACHE")
+    #: A directory where each model load writes one JSON record (pid, model, seconds): a count of
+    #: loads per worker process that survives the process.
+    load_log_dir: str | None = Field(None, validation_alias="SIMILARITY_ENGINE_LOAD_LOG")
+
+
 class Settings(Section):
     """The library's and the CLI's settings."""
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     def with_overrides(self, section: str, values: dict[str, Any], flags: dict[str, str] | None = None) -> Settings:
         """A copy with some fields of one section replaced (``None`` values are ignored), validated

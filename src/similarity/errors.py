@@ -196,6 +196,18 @@ class InputNotFound(RunError):
     code = "input_not_found"
 
 
+class InputUnreadable(RunError):
+    """The input exists (or may) but cannot be read: no credentials, access denied, a read that broke."""
+
+    code = "input_unreadable"
+
+
+class OutputUnwritable(RunError):
+    """The output cannot be written there (no credentials, no bucket, no permission, a directory)."""
+
+    code = "output_unwritable"
+
+
 class NoUrlColumn(RunError):
     code = "no_url_column"
 
@@ -204,8 +216,26 @@ class NoCaptionColumn(RunError):
     code = "no_caption_column"
 
 
-class MalformedCsv(RunError):
+class MalformedInput(RunError):
+    """The file cannot be read as rows of its format (the message names the line or byte)."""
+
+    code = "malformed_input"
+
+
+class MalformedCsv(MalformedInput):
     code = "malformed_csv"
+
+
+class InputEncodingError(MalformedInput):
+    """The bytes are not text in the expected encoding; the message gives the byte offset and the fix."""
+
+    code = "bad_encoding"
+
+
+class ResumeMismatch(RunError):
+    """``--resume`` found a partial output of a different input, options or model."""
+
+    code = "resume_mismatch"
 
 
 class ModelError(RunError):

@@ -80,6 +80,8 @@ class ScoreStats:
     images_embedded: int = 0
     captions_encoded: int = 0
     truncated: int = 0
+    #: Embedding cache hits and misses by kind (similarity.cache.COUNTS); empty without a cache.
+    cache: dict[str, int] = field(default_factory=dict)
 
     def add(self, result: ScoreResult) -> None:
         self.rows += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import socketserver
 import struct
 import threading
 import time
@@ -63,6 +64,13 @@ class ImageServer(ThreadingHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # clients hanging up mid-body is what the fault tests do on purpose
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind names the server with socket.getfqdn(host): for 127.0.0.2, which
+        # /etc/hosts does not list, that is a reverse DNS query to the system resolver, off loopback.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
     @property
     def base(self) -> str:

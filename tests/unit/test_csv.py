@@ -77,14 +77,41 @@ def test_field_over_128k_is_a_row_error_not_a_crash() -> None:
     assert rows[3][4] == ""
 
 
-def test_unterminated_quote_swallowing_the_file_is_flagged() -> None:
-    # Lenient like spreadsheets: an unclosed quote runs to the end of the file. When that makes
-    # the field too large the row says so instead of being scored as a giant caption.
-    text = 'url,caption\nu0,fine\nu1,"never closed\n' + ("z" * 1000 + "\n") * 200
-    recs = list(CsvReader(io.StringIO(text, newline="")))
-    assert [r.url for r in recs] == ["u0", "u1"]
-    assert recs[0].error is None
-    assert recs[1].error is not None and recs[1].error.code == "field_too_large"
+@pytest.mark.parametrize(
+    "text",
+    [
+        # issue 22 B6: the quote opened on line 2 swallows the next two lines into one caption
+        'url,caption\n1,"a red circle\n2,a blue square\n3,a green triangle\n',
+        'url,caption\nu0,fine\nu1,"never closed\n' + ("z" * 1000 + "\n") * 200,  # a big swallow
+        'url,caption\nu0,fine\nu1,"no newline at the end',
+        'url,caption\nu0,"ok"\nu1,"doubled ""quotes"" then no close\nu2,x\n',
+        'url,"caption\nu0,x\n',  # in the header
+    ],
+)
+def test_end_of_file_inside_a_quoted_field_is_malformed(text) -> None:
+    # Before: the rest of the file became one caption and the run exited 0 with fewer rows.
+    with pytest.raises(MalformedCsv, match="never closed"):
+        list(CsvReader(io.StringIO(text, newline="")))
+
+
+def test_unclosed_quote_names_the_line_it_opens_on() -> None:
+    with pytest.raises(MalformedCsv, match=r"^malformed_csv: line 3:"):
+        list(CsvReader(io.StringIO('url,caption\nu0,ok\nu1,"open\nu2,x\nu3,y\n', newline="")))
+
+
+def test_quote_closed_by_a_later_rows_quote_is_malformed() -> None:
+    # The same class when a later row has quotes: the field closes there and text follows the quote.
+    text = 'url,caption\nu1,"never closed\nu2,"quoted"\nu3,c\n'
+    with pytest.raises(MalformedCsv, match="line 3: a closing quote is followed by more text"):
+        list(CsvReader(io.StringIO(text, newline="")))
+
+
+def test_job_splitter_refuses_an_unclosed_quote_too() -> None:
+    from similarity.io.chunking import split_csv
+
+    _, chunks = split_csv(io.StringIO('url,caption\nu,"open\nv,w\n', newline=""), 10)
+    with pytest.raises(MalformedCsv, match="never closed"):
+        list(chunks)
 
 
 def test_blank_lines_are_not_rows() -> None:

@@ -5,8 +5,9 @@ deadline watchdog, ``guard`` the address classification (pure functions), ``sour
 sources.
 """
 
+from .conditional import Fetched, Validators
 from .fetcher import Fetcher
 from .guard import AddressPolicy, classify, parse_networks
 from .settings import FetchSettings
 
-__all__ = ["AddressPolicy", "FetchSettings", "Fetcher", "classify", "parse_networks"]
+__all__ = ["AddressPolicy", "FetchSettings", "Fetched", "Fetcher", "Validators", "classify", "parse_networks"]

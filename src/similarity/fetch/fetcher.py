@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import UnsupportedSource
+from .conditional import Fetched, Validators
 from .guard import AddressPolicy
 from .http import HttpSource
 from .settings import FetchSettings
@@ -56,14 +57,21 @@ class Fetcher:
         return clone
 
     def fetch(self, url: str) -> bytes:
+        fetched = self.fetch_conditional(url)
+        return fetched.data if fetched.data is not None else b""  # no validators: never "not modified"
+
+    def fetch_conditional(self, url: str, validators: Validators | None = None) -> Fetched:
+        """The one dispatch by scheme. With ``validators`` (what a cache recorded), http(s) and
+        ``s3://`` answer "not modified" without the bytes; both return their own validators (ETag,
+        Last-Modified) for next time. Other sources have none and always return the bytes."""
         url = url.strip()
         scheme = urlsplit(url).scheme.lower() if ":" in url else ""
         if scheme in ("http", "https"):
-            return self._http.fetch(url, self.settings)
+            return self._http.fetch_conditional(url, self.settings, validators)
         if scheme == "s3":
-            return self._s3.fetch(url, self.settings)
+            return self._s3.fetch_conditional(url, self.settings, validators)
         if scheme == "data":
-            return fetch_data_uri(url, self.settings)
+            return Fetched(fetch_data_uri(url, self.settings))
         if scheme == "file" or scheme == "" or (len(scheme) == 1 and os.name == "nt"):
-            return fetch_local(url, self.settings, self.base_dir)
+            return Fetched(fetch_local(url, self.settings, self.base_dir))
         raise UnsupportedSource(f"scheme {scheme!r} is not supported")

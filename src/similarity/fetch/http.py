@@ -39,6 +39,7 @@ from ..errors import (
     TooManyRedirects,
     UnsupportedSource,
 )
+from .conditional import Fetched, Validators
 from .deadline import Deadline, set_current, watch
 from .guard import AddressPolicy
 from .settings import FetchSettings
@@ -148,6 +149,10 @@ class HttpSource:
             return sem
 
     def fetch(self, url: str, settings: FetchSettings) -> bytes:
+        return self.fetch_conditional(url, settings).data or b""
+
+    def fetch_conditional(self, url: str, settings: FetchSettings, validators: Validators | None = None) -> Fetched:
+        """Like ``fetch``; with ``validators`` a 304 answer comes back as ``Fetched(None, ...)``."""
         url, host = parse(url)
         slot = self._host_slot(host)
         if not slot.acquire(timeout=settings.deadline):
@@ -155,7 +160,7 @@ class HttpSource:
         deadline = Deadline(settings.deadline)
         set_current(deadline)
         try:
-            return self._follow(url, host, deadline, settings)
+            return self._follow(url, host, deadline, settings, validators)
         except RowError:
             raise
         except Exception as exc:  # noqa: BLE001 - nothing but a RowError may leave a row
@@ -167,22 +172,31 @@ class HttpSource:
             set_current(None)
             slot.release()
 
-    def _follow(self, url: str, host: str, deadline: Deadline, s: FetchSettings) -> bytes:
+    def _follow(
+        self, url: str, host: str, deadline: Deadline, s: FetchSettings, validators: Validators | None = None
+    ) -> Fetched:
+        # The validators go on every hop: they belong to where the redirects end.
+        headers = validators.headers() if validators else None
         for _hop in range(s.max_redirects + 1):
-            resp = self._request_with_retries(url, host, deadline, s)
+            resp = self._request_with_retries(url, host, deadline, s, headers)
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
                 url, host = parse(urljoin(url, resp.headers["Location"]), redirected=True)
                 continue
             try:
-                if not 200 <= resp.status_code < 300:  # 304, a 3xx without Location, 4xx, 5xx
+                etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+                if resp.status_code == 304 and headers:
+                    return Fetched(None, etag, modified)
+                if not 200 <= resp.status_code < 300:  # an unasked 304, a 3xx without Location, 4xx, 5xx
                     raise HttpStatusError(resp.status_code, f"{resp.reason or ''} from {host}".strip())
-                return self._read_body(resp, deadline, s)
+                return Fetched(self._read_body(resp, deadline, s), etag, modified)
             finally:
                 resp.close()
         raise TooManyRedirects(f"more than {s.max_redirects} redirects")
 
-    def _request_with_retries(self, url: str, host: str, deadline: Deadline, s: FetchSettings) -> requests.Response:
+    def _request_with_retries(
+        self, url: str, host: str, deadline: Deadline, s: FetchSettings, headers: dict[str, str] | None = None
+    ) -> requests.Response:
         attempt = 0
         while True:
             remaining = deadline.remaining()
@@ -191,6 +205,7 @@ class HttpSource:
             try:
                 resp = self.session.get(
                     url,
+                    headers=headers,
                     stream=True,
                     allow_redirects=False,
                     timeout=(min(s.connect_timeout, remaining), min(s.read_timeout, remaining)),

@@ -23,12 +23,15 @@ from ..errors import (
     TooLarge,
     UnsupportedSource,
 )
+from .conditional import Fetched, Validators
 from .deadline import DeadlinePassed, run_with_deadline
 from .http import short
 from .settings import FetchSettings
 
 #: S3 error codes that mean the object is not there (HEAD answers bare status codes).
 S3_MISSING = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
+#: What botocore raises for a GET whose ``IfNoneMatch`` matched.
+S3_NOT_MODIFIED = frozenset({"304", "NotModified"})
 
 
 class S3Source:
@@ -45,6 +48,10 @@ class S3Source:
             return self._client
 
     def fetch(self, url: str, settings: FetchSettings) -> bytes:
+        return self.fetch_conditional(url, settings).data or b""
+
+    def fetch_conditional(self, url: str, settings: FetchSettings, validators: Validators | None = None) -> Fetched:
+        """With ``validators.etag``, a GET with ``IfNoneMatch``: an unchanged object is not sent."""
         parts = urlsplit(url)
         bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
         if not bucket or not key:
@@ -52,8 +59,9 @@ class S3Source:
         from botocore.exceptions import BotoCoreError, ClientError
 
         cap = settings.max_bytes
+        condition = {"IfNoneMatch": validators.etag} if validators and validators.etag else {}
         try:
-            obj = self.client().get_object(Bucket=bucket, Key=key)
+            obj = self.client().get_object(Bucket=bucket, Key=key, **condition)
             if obj.get("ContentLength", 0) > cap:
                 obj["Body"].close()
                 raise TooLarge(f"object is {obj['ContentLength']} bytes, cap {cap}")
@@ -61,6 +69,8 @@ class S3Source:
             obj["Body"].close()
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
+            if condition and code in S3_NOT_MODIFIED:
+                return Fetched(None, validators.etag if validators else None)
             if code in S3_MISSING:
                 raise NotFound(f"s3://{bucket}/{key}: {code}") from None
             raise S3Error(f"{code or 'error'} for s3://{bucket}/{key}") from None
@@ -68,7 +78,7 @@ class S3Source:
             raise S3Error(short(exc)) from None
         if len(data) > cap:
             raise TooLarge(f"object exceeds {cap} bytes")
-        return data
+        return Fetched(data, obj.get("ETag"))
 
 
 def fetch_data_uri(url: str, settings: FetchSettings) -> bytes:

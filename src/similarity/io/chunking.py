@@ -7,7 +7,7 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, TextIO
+from typing import BinaryIO
 
 from .csvfile import CsvRows, detect_layout, header_line
 
@@ -20,7 +20,7 @@ class Chunk:
 
 
 def split_csv(
-    stream: TextIO, chunk_rows: int, url_column: str | None = None, caption_column: str | None = None
+    stream: Iterable[str], chunk_rows: int, url_column: str | None = None, caption_column: str | None = None
 ) -> tuple[list[str], Iterator[Chunk]]:
     """Parse ``stream`` once (with the scorer's parser); return the header and a lazy iterator of
     chunks of ``chunk_rows`` records each. The header is checked first (``NoUrlColumn``,

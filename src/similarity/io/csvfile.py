@@ -1,17 +1,18 @@
 """CSV rows in and out, never losing or reordering a row.
 
 ``CsvRows`` is the one parser: the scorer's ``CsvReader`` and the job splitter both read through
-it. Reading: short rows padded, long rows flagged, oversized fields flagged per row (the stream is
-opened with ``utf-8-sig`` and ``newline=""`` by ``io.streams``, so a BOM never reaches the header
-and quoted newlines survive). Writing: every input column in order, then ``similarity``,
-``cosine``, ``error`` and ``truncated``.
+it. Reading: short rows padded, long rows flagged, oversized fields flagged per row (the lines come
+from ``io.text``, which decodes and strips a BOM, so quoted newlines survive). An end of file inside
+a quoted field (an unclosed quote, which would swallow the rest of the file into one field) stops
+the file with ``MalformedCsv`` naming the line the field starts on. Writing: every input column in
+order, then ``similarity``, ``cosine``, ``error`` and ``truncated``. TSV is the same with tabs.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TextIO
 
@@ -68,24 +69,41 @@ class CsvRows:
     """The header, then each record's fields. Blank lines carry no fields and are not records; a
     row the parser cannot delimit stops the file with ``MalformedCsv`` (never a guess)."""
 
-    def __init__(self, stream: TextIO, max_field: int = DEFAULT_MAX_FIELD) -> None:
+    def __init__(self, lines: Iterable[str], max_field: int = DEFAULT_MAX_FIELD, delimiter: str = ",") -> None:
         csv.field_size_limit(max(PARSER_FIELD_LIMIT, max_field))
-        self._reader = csv.reader(stream)
+        # strict: a closing quote followed by more text (an unescaped quote inside a quoted field,
+        # which would silently merge rows) is an error with its line, never a guess.
+        self._reader = csv.reader(lines, delimiter=delimiter, strict=True)
+        while True:  # blank lines before the header are not the header
+            header = self._next("header")
+            if header is None:
+                raise MalformedCsv("the input is empty: no header row")
+            if header:
+                break
+        self.header: list[str] = header
+
+    def _next(self, what: str) -> list[str] | None:
+        start = self._reader.line_num + 1
         try:
-            self.header: list[str] = next(self._reader)
+            row = next(self._reader)
         except StopIteration:
-            raise MalformedCsv("the input is empty: no header row") from None
+            return None
         except csv.Error as exc:
-            raise MalformedCsv(f"header: {exc}") from None
+            if "unexpected end of data" in str(exc):
+                raise MalformedCsv(
+                    f"line {start}: a quoted field in the {what} that starts here is never closed (the file ends "
+                    "inside it); close the quote, or double each quote character inside the field"
+                ) from None
+            if "expected after" in str(exc):
+                raise MalformedCsv(
+                    f"line {self._reader.line_num}: a closing quote is followed by more text in the same field: "
+                    "a quote character inside a quoted field must be doubled"
+                ) from None
+            raise MalformedCsv(f"line {self._reader.line_num}: {exc}") from None
+        return row
 
     def __iter__(self) -> Iterator[list[str]]:
-        while True:
-            try:
-                row = next(self._reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise MalformedCsv(f"line {self._reader.line_num}: {exc}") from None
+        while (row := self._next("row")) is not None:
             if row:
                 yield row
 
@@ -95,12 +113,13 @@ class CsvReader:
 
     def __init__(
         self,
-        stream: TextIO,
+        stream: Iterable[str],
         url_column: str | None = None,
         caption_column: str | None = None,
         max_field: int = DEFAULT_MAX_FIELD,
+        delimiter: str = ",",
     ) -> None:
-        self._rows = CsvRows(stream, max_field)
+        self._rows = CsvRows(stream, max_field, delimiter)
         self.max_field = max_field
         self.layout = detect_layout(self._rows.header, url_column, caption_column)
 

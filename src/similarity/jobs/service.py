@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..cache import EmbeddingCache
 from ..config import JobSettings
 from ..errors import RunError
 from ..fetch import Fetcher
@@ -170,9 +171,11 @@ class JobService:
         time_left: Callable[[], float],
         batch_size: int = 32,
         workers: int = 16,
+        cache: EmbeddingCache | None = None,
     ) -> bool:
         """Score one chunk unless it is already final, then try the merge. Returns True when the
-        job's output is complete."""
+        job's output is complete. ``cache``: the embedding cache (shared by the workers through
+        Redis in the deployment)."""
         m = self.store.load(msg.bucket, msg.job_id)
         if m is None:
             raise RunError(f"job {msg.job_id} has no manifest")
@@ -200,6 +203,7 @@ class JobService:
                 excel_safe=m.excel_safe,
                 write_header=False,
                 on_row=check,
+                cache=cache,
             )
             # The part is written whole, after every row is scored; then the marker that makes it final.
             self.store.put_part(m, msg.chunk, out.getvalue())

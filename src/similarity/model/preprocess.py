@@ -70,6 +70,13 @@ DECODES_PER_CORE = 2
 #: only the cropped part resized (a 16:1 aspect ratio at the usual square crop).
 CROP_ONLY_FACTOR = 16
 
+#: Bump whenever decoding or preprocessing can give other pixels for the same bytes and config: the
+#: embedding cache keys image embeddings by it (similarity.cache.keys), and
+#: tests/unit/test_cache_keys.py holds the golden hash of each version's output on fixed images.
+#: 2: an opted-in JPEG draft resizes the exact picture box (other pixels for sides not divisible by
+#: the DCT scale); draft decoding off by default.
+PREPROCESS_VERSION = 2
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:

@@ -2,7 +2,9 @@
 
 Rows are taken a window at a time (bounded memory). While the model embeds window *k*, the thread
 pool is already fetching and decoding window *k+1*. Identical URLs are fetched and embedded once and
-identical captions encoded once per run (LRU caches sized well above two windows).
+identical captions encoded once per run (LRU caches sized well above two windows). With an
+``EmbeddingCache`` the same holds across runs: embeddings are looked up before anything is fetched
+or encoded, and stored after.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
+from ..cache import EmbeddingCache, Hit, Miss, RunCache
 from ..errors import InferenceError, InternalError, InvalidCaption, MissingCaption, MissingUrl, RowError
 from ..fetch import Fetcher
 from ..model import ClipModel
@@ -48,8 +51,9 @@ class Lru(Generic[K, V]):
         return value
 
 
-#: What the fetch pool hands back for one URL: the model's input, or why there is none.
-Loaded = np.ndarray | RowError
+#: What the fetch pool hands back for one URL: the model's input, or why there is none; with a
+#: cache, the cached embedding (``Hit``) or the input and where its embedding goes (``Miss``).
+Loaded = np.ndarray | RowError | Hit | Miss
 
 
 class Scorer:
@@ -63,6 +67,7 @@ class Scorer:
         workers: int = 16,
         window: int | None = None,
         cache_size: int = 20_000,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.model = model
         self.fetcher = fetcher
@@ -76,6 +81,7 @@ class Scorer:
         self._captions: Lru[str, tuple[np.ndarray, bool]] = Lru(cache_size)  # caption -> (embedding, truncated)
         self._caption_errors: Lru[str, RowError] = Lru(cache_size)
         self._pending: dict[str, Future[Loaded]] = {}
+        self.cache: RunCache | None = cache.session(model) if cache is not None else None
 
     def _known_image(self, url: str) -> bool:
         return url in self._images or url in self._image_errors
@@ -83,6 +89,8 @@ class Scorer:
     # -- worker side: runs in the pool
     def _load(self, url: str) -> Loaded:
         try:
+            if self.cache is not None:
+                return self.cache.load_image(url, self.fetcher, self.model.pixels)
             return self.model.pixels(self.fetcher.fetch(url))
         except RowError as exc:
             return exc
@@ -106,12 +114,16 @@ class Scorer:
             url = _clean(rec.url)
             if url and url in self._pending:
                 wanted[self._pending[url]] = url
-        batch: list[tuple[str, np.ndarray]] = []
+        batch: list[tuple[str, np.ndarray | Miss]] = []
         for fut in as_completed(wanted):
             url = wanted[fut]
             value = fut.result()
             if isinstance(value, RowError):
                 self._image_errors.put(url, value)
+                self._pending.pop(url, None)
+                continue
+            if isinstance(value, Hit):
+                self._images.put(url, value.embedding)
                 self._pending.pop(url, None)
                 continue
             self.stats.images_fetched += 1
@@ -122,9 +134,9 @@ class Scorer:
         if batch:
             self._run_image_batch(batch)
 
-    def _run_image_batch(self, batch: list[tuple[str, np.ndarray]]) -> None:
+    def _run_image_batch(self, batch: list[tuple[str, np.ndarray | Miss]]) -> None:
         try:
-            embs = self.model.embed_images(np.stack([px for _, px in batch]))
+            embs = self.model.embed_images(np.stack([v.pixels if isinstance(v, Miss) else v for _, v in batch]))
         except Exception as exc:
             if len(batch) > 1:
                 # One poison input must cost its own row only: find it by running each alone.
@@ -137,6 +149,9 @@ class Scorer:
             self._pending.pop(batch[0][0], None)
             return
         self.stats.images_embedded += len(batch)
+        misses = [v for _, v in batch if isinstance(v, Miss)]
+        if self.cache is not None and len(misses) == len(batch):
+            embs = self.cache.store_images(misses, embs)
         for (url, _), emb in zip(batch, embs, strict=True):
             self._images.put(url, emb)
             self._pending.pop(url, None)
@@ -151,6 +166,10 @@ class Scorer:
                 continue
             todo.append(c)
         todo.sort(key=len)  # similar lengths together: less padding per batch
+        if self.cache is not None and todo:
+            for c, value in self.cache.captions(todo).items():
+                self._captions.put(c, value)
+            todo = [c for c in todo if c not in self._captions]
         for i in range(0, len(todo), self.batch_size):
             self._run_text_batch(todo[i : i + self.batch_size])
 
@@ -167,6 +186,8 @@ class Scorer:
             self._caption_errors.put(chunk[0], InferenceError(f"{type(exc).__name__} in text tower"))
             return
         self.stats.captions_encoded += len(chunk)
+        if self.cache is not None:
+            embs = self.cache.store_captions(chunk, embs, truncated)
         for c, e, t in zip(chunk, embs, truncated, strict=True):
             self._captions.put(c, (e, t))
 
@@ -197,6 +218,8 @@ class Scorer:
                 self._submit(pool, upcoming)  # fetched while `current` is embedded
                 self._embed_captions(current)
                 self._embed_images(current)
+                if self.cache is not None:
+                    self.stats.cache = self.cache.counts.as_dict()
                 for rec in current:
                     result = self._result(rec)
                     self.stats.add(result)
@@ -213,6 +236,7 @@ def score_pairs(
     workers: int = 16,
     window: int | None = None,
     stats_out: Callable[[ScoreStats], None] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> Iterator[ScoreResult]:
     """Score (image, caption) records in input order with bounded memory.
 
@@ -222,7 +246,7 @@ def score_pairs(
     """
     own_fetcher = fetcher is None
     fetcher = fetcher or Fetcher()
-    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, window=window)
+    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, window=window, cache=cache)
     try:
         yield from scorer.score(records)
     finally:
