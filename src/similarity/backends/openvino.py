@@ -5,14 +5,15 @@
 bf16 is mixed precision, like the torch backend's: the transformer layers' weight matmuls run in
 bf16, except in the image tower's first encoder layer, while the patch embedding (it sees raw
 pixels), that first layer and both output projections stay fp32. The drift of bf16 comes mostly
-from rounding the activations that feed the first layer: on the test model with large inputs
-(tests/support/parity.large_inputs), rounding everything after the patch embedding gave 0.0033,
-and keeping the first layer fp32 as well brings it within 0.002 (docs/performance.md has the
-figures and the speed it costs). OpenVINO applies one precision hint to a whole compiled graph, so
-the image tower is cut after its first layer: the embedding and that layer become a graph compiled
-for fp32, the rest a graph compiled for bf16, and the projections are numpy matmuls with their
-weights read from the ONNX graph. The fp32 piece also comes as a variant that takes uint8 crops
-and normalises them inside the graph (``accepts_uint8``), so Python hands over the crop only.
+from rounding the activations that feed the first layer: on the test model's large files
+(tests/support/parity.large_images), rounding everything after the patch embedding moved
+similarities by 0.0027-0.0055, keeping the first layer fp32 as well by 0.0016-0.0018, for ~20%
+more image-tower CPU on ViT-B/32 (docs/performance.md). OpenVINO applies one precision hint to a
+whole compiled graph, so the image tower is cut after its first layer: the embedding and that
+layer become a graph compiled for fp32, the rest a graph compiled for bf16, and the projections are
+numpy matmuls with their weights read from the ONNX graph. The fp32 piece also comes as a variant
+that takes uint8 crops and normalises them inside the graph (``accepts_uint8``), so Python hands
+over the crop only.
 
 int8 (opt-in) cuts at the pre-layernorm instead. The transformer's weight matmuls get int8 weights
 with one fp32 scale per output channel, and OpenVINO quantises their inputs at run time in groups
