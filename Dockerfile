@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Targets:
-#   lambda (default) - the API, S3-event and worker functions: ONNX Runtime, no torch (small, ~1 s cold start)
+#   lambda (default) - the API, S3-event and worker functions: OpenVINO (mixed bf16 where the CPU has
+#                      AVX-512 BF16/AMX) and ONNX Runtime (exact fp32 elsewhere), no torch
 #   tools            - lambda + CPU torch/transformers/huggingface_hub: the model-sync function (fetch + ONNX export)
 #   gpu              - CUDA torch for the ECS GPU task (python -m handler.gpu_task)
 # The model is never baked in: it lives on EFS (/mnt/models) and is put there by the model-sync function.
@@ -19,7 +20,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # ---------------------------------------------------------------- Lambda image (CPU, no torch)
 FROM public.ecr.aws/lambda/python:${PYTHON_VERSION} AS lambda
 COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,lambda,cache]" && rm -rf /wheels
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,openvino,lambda,cache]" && rm -rf /wheels
 COPY src/handler ${LAMBDA_TASK_ROOT}/handler
 # glibc would mmap/munmap large activation buffers on every forward; keep them in the heap.
 ENV MALLOC_MMAP_THRESHOLD_=33554432 \
@@ -27,6 +28,7 @@ ENV MALLOC_MMAP_THRESHOLD_=33554432 \
     OMP_NUM_THREADS=2 \
     HF_HUB_OFFLINE=1 \
     SIMILARITY_BACKEND=auto \
+    SIMILARITY_OV_CACHE_DIR=/tmp/openvino-cache \
     CLIP_MODEL_DIR=/mnt/models/clip-vit-base-patch32
 # The template sets the command per function (ImageConfig.Command); this is the default.
 CMD ["handler.api.lambda_handler"]

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     results["speedup"] = float(np.median([r["ours"] / r["baseline"] for r in rounds]))
     server.terminate()
 
-    results["cold_start_s"] = cpu_bench.cold_start(model_dir, "torch", "auto", reps=1)  # auto: CUDA fp16 here
+    results["cold_start_s"] = cpu_bench.cold_start(model_dir, "torch", "auto", reps=1)[0]  # auto: CUDA fp16 here
     log(
         f"cold start to first score on the GPU: {results['cold_start_s']:.2f}s; e2e max |dsim| vs baseline "
         f"{results['max_abs_similarity_diff_vs_baseline_e2e']:.5f}"

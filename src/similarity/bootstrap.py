@@ -78,6 +78,7 @@ class Runtime:
                     threads=m.threads,
                     streams=m.streams,
                     cache_dir=m.ov_cache_dir,
+                    jpeg_draft=m.jpeg_draft,
                 )
             return self._model
 

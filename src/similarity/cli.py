@@ -49,6 +49,7 @@ FLAGS: dict[str, dict[str, str]] = {
         "dtype": "--dtype",
         "threads": "--threads",
         "streams": "--streams",
+        "jpeg_draft": "--jpeg-draft",
     },
     "fetch": {
         "deadline": "--timeout",
@@ -94,6 +95,13 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--streams", type=int, help="batch parts run at once, each on threads/streams threads (default: one per thread)"
     )
     s.add_argument(
+        "--jpeg-draft",
+        type=int,
+        metavar="FACTOR",
+        help="opt-in: decode large JPEGs at reduced scale while their short side stays FACTOR times the "
+        "model's input (faster; moves scores by up to 0.023 at 2, 0.007 at 3-4; default 0: off)",
+    )
+    s.add_argument(
         "--allow-network",
         action="append",
         default=[],
@@ -136,6 +144,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "dtype": args.dtype,
             "threads": args.threads,
             "streams": args.streams,
+            "jpeg_draft": args.jpeg_draft,
         },
         FLAGS["model"],
     )

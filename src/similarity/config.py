@@ -64,8 +64,15 @@ class ModelSettings(Section):
     threads: int | None = Field(None, ge=1, validation_alias="SIMILARITY_THREADS")
     #: Batch parts run at once (default: one per thread).
     streams: int | None = Field(None, ge=1, validation_alias="SIMILARITY_STREAMS")
-    #: Where OpenVINO keeps its cut and compiled graphs (default: beside the ONNX files).
+    #: Where OpenVINO keeps its compiled graphs, one subdirectory per OpenVINO version and CPU type,
+    #: and the cut graphs when `model export` did not write them (default: beside the ONNX files,
+    #: else a temporary directory).
     ov_cache_dir: str | None = Field(None, validation_alias="SIMILARITY_OV_CACHE_DIR")
+    #: Opt-in JPEG draft decoding: decode large JPEGs at a reduced DCT scale while the short side
+    #: stays at least this many times the model's input; 0 (the default) is off. It moves
+    #: similarities by up to 0.015-0.023 at 2 and 0.004-0.007 at 3-4 on the test model
+    #: (docs/performance.md).
+    jpeg_draft: int = Field(0, ge=0, le=64, validation_alias="SIMILARITY_JPEG_DRAFT")
 
 
 class FetchConfig(Section):

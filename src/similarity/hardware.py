@@ -7,6 +7,7 @@ costs ~1 s of cold start). Works on Linux, macOS and Windows.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import sys
@@ -41,7 +42,24 @@ def has_native_bf16() -> bool:
 
 
 def has_amx() -> bool:
+    """Intel CPUs with AMX tiles (Sapphire Rapids and later): no int8 path measured faster than
+    bf16 there (docs/performance.md)."""
     return "amx_bf16" in cpu_flags()
+
+
+#: Flag prefixes that decide which kernels a compiler (OpenVINO's CPU plugin) emits.
+_KERNEL_FLAGS = ("avx", "amx", "fma", "f16c", "sse4", "ssse3", "bmi", "vnni")
+
+
+@functools.cache
+def cpu_feature_key() -> str:
+    """A short key of the CPU features compiled kernels depend on: caches of compiled graphs are
+    kept per key, so hosts of different CPU types sharing one directory (Lambda over EFS) never
+    hand each other kernels their CPU lacks. "generic" where the flags cannot be read."""
+    wanted = sorted(f for f in cpu_flags() if f.startswith(_KERNEL_FLAGS))
+    if not wanted:
+        return "generic"
+    return hashlib.sha256(" ".join(wanted).encode()).hexdigest()[:12]
 
 
 def has_int8_dot() -> bool:

@@ -27,13 +27,20 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"
 #: and add the new version's hash here; never edit an existing line.
 GOLDEN = {
     1: "bd369124e9f865fe45933aca803cac31356a835569235f1501dd1980538bd096",
+    # 2: JPEG draft decoding became opt-in (PreprocessConfig() no longer drafts), and an opted-in
+    # draft now resizes the exact picture box Pillow reports to the full decode's size: for sides
+    # not divisible by the DCT scale (photo_odd_exif8.jpg, added with this version) the same
+    # config gives other pixels than version 1 did. Undrafted pixels are unchanged.
+    2: "77c8e9015b293aae3c626fc40b958a5ff8b4ddb4307de60813a41d7156faea04",
 }
 
 
 def _configs(tiny_clip_dir: Path) -> list[PreprocessConfig]:
     return [
-        PreprocessConfig(),  # ViT-B/32: 224 px, JPEG draft decoding on
+        PreprocessConfig(),  # ViT-B/32: 224 px, JPEG draft decoding off (the default)
+        PreprocessConfig(draft_factor=2),  # the opt-in JPEG draft
         PreprocessConfig.from_model_dir(tiny_clip_dir),  # 64 px
+        PreprocessConfig.from_model_dir(tiny_clip_dir, draft_factor=2),
         PreprocessConfig(shortest_edge=96, crop_height=128, crop_width=112, draft_factor=0),  # crop > image: padding
     ]
 
@@ -41,6 +48,7 @@ def _configs(tiny_clip_dir: Path) -> list[PreprocessConfig]:
 def _golden_digest(tiny_clip_dir: Path) -> str:
     files = [
         IMAGES / "photo_exif6.jpg",  # large JPEG: draft decode, EXIF rotation, resize, crop
+        IMAGES / "photo_odd_exif8.jpg",  # 1003x917: the draft's reduced grid is rounded up
         IMAGES / "rgba.png",  # transparency composited on white, upscaled
         IMAGES / "gray16.png",  # 16-bit grey scaled, not clamped
         IMAGES / "palette.gif",  # palette image, wide aspect
@@ -91,7 +99,7 @@ def test_every_part_of_the_model_identity_changes_both_fingerprints(model, chang
 
 def test_preprocessing_config_and_version_change_only_the_image_fingerprint(model, monkeypatch) -> None:
     base = fingerprint(model)
-    other = ClipModel(model.backend, model.tokenizer, dataclasses.replace(model.preprocess, draft_factor=0), model.info)
+    other = ClipModel(model.backend, model.tokenizer, dataclasses.replace(model.preprocess, draft_factor=2), model.info)
     assert fingerprint(other).image != base.image and fingerprint(other).text == base.text
     monkeypatch.setattr(keys, "PREPROCESS_VERSION", PREPROCESS_VERSION + 1)
     bumped = fingerprint(model)

@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 
 from similarity.errors import DecodeError, NotAnImage, RowError, TooManyPixels
-from similarity.model.preprocess import PreprocessConfig, decode, load_pixels, preprocess
+from similarity.model.preprocess import (
+    CROP_ONLY_FACTOR,
+    PreprocessConfig,
+    crop_uint8,
+    decode,
+    load_pixels,
+    normalise,
+    preprocess,
+)
 from support.imageserver import huge_png_header, png_bytes
 from support.shapes import draw
 
@@ -135,13 +143,69 @@ def test_preprocess_reads_model_config(tiny_clip_dir) -> None:
     assert preprocess(Image.new("RGB", (100, 80)), cfg).shape == (3, 64, 64)
 
 
-def test_jpeg_draft_only_for_large_images() -> None:
+def test_jpeg_draft_off_by_default_and_only_for_large_images() -> None:
     small = png_bytes(Image.new("RGB", (640, 480), (10, 200, 30)), "JPEG")
     big = png_bytes(Image.new("RGB", (3000, 2000), (10, 200, 30)), "JPEG")
-    assert decode(small, CFG).size == (640, 480)
-    w, h = decode(big, CFG).size
+    assert decode(big, CFG).size == (3000, 2000)  # off by default: it moves scores past the bound
+    draft = PreprocessConfig(draft_factor=2)
+    assert decode(small, draft).size == (640, 480)
+    w, h = decode(big, draft).size
     assert min(w, h) >= 2 * 224 and w < 3000  # reduced by DCT scaling, still twice the target
-    assert decode(big, PreprocessConfig(draft_factor=0)).size == (3000, 2000)
+
+
+def _centre(px: np.ndarray) -> np.ndarray:
+    """Centre of mass of a red shape's mask (red minus green) in a normalised crop."""
+    w = np.clip(px[0] - px[1], 0, None)
+    ys, xs = np.indices(w.shape)
+    return np.array([(w * ys).sum(), (w * xs).sum()]) / w.sum()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("size", [(897, 906), (906, 897), (1817, 1001)])  # odd sides: the reduced grid rounds up
+def test_jpeg_draft_keeps_the_full_decode_geometry(orientation: int, size: tuple[int, int]) -> None:
+    """An opted-in draft must not shift the crop. The reduced grid's last row and column are only
+    partly picture; resizing the grid as it stands moved the crop by 0.4-0.5 px here (up to a pixel:
+    0.15 in similarity on the test model); resizing the exact picture box keeps the full geometry,
+    whatever the EXIF orientation."""
+    rng = random.Random(7)
+    img = draw("red", "square", rng, min(size), max(size)).resize(size)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = png_bytes(img, "JPEG", quality=95, exif=exif.tobytes())
+    full = load_pixels(data, PreprocessConfig(draft_factor=0))
+    drafted = load_pixels(data, PreprocessConfig(draft_factor=2))
+    assert decode(data, PreprocessConfig(draft_factor=2)).size != decode(data, CFG).size  # it did draft
+    assert np.abs(_centre(full) - _centre(drafted)).max() < 0.1
+    assert np.abs(full - drafted).mean() < 0.02
+
+
+def test_uint8_crop_is_the_same_input_before_normalising() -> None:
+    """The uint8 path (for backends that normalise in their graph) is the float path's crop: one
+    crop or a batch, normalised, gives the float path's values to the bit."""
+    rng = random.Random(3)
+    images = [draw("blue", "circle", rng, 100, 900) for _ in range(6)] + [Image.new("RGB", (50, 30), (1, 2, 3))]
+    crops = [crop_uint8(img, CFG) for img in images]
+    assert all(c.dtype == np.uint8 and c.shape == (224, 224, 3) for c in crops)
+    floats = np.stack([preprocess(img, CFG) for img in images])
+    assert np.array_equal(normalise(np.stack(crops), CFG), floats)
+    data = png_bytes(images[0], "JPEG")
+    assert np.array_equal(normalise(load_pixels(data, CFG, uint8=True), CFG), load_pixels(data, CFG))
+
+
+def test_large_files_equal_reference_on_every_path(tiny_clip_dir) -> None:
+    """Large JPEGs (some EXIF-rotated) and odd-sized PNGs through the whole loading path, float and
+    uint8, against transformers' processor on Pillow's own full decode."""
+    from transformers import CLIPImageProcessorPil
+
+    from support.parity import large_images
+
+    cfg = PreprocessConfig.from_model_dir(tiny_clip_dir)
+    reference = CLIPImageProcessorPil.from_pretrained(str(tiny_clip_dir))
+    for data in large_images(64, n=4):
+        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        ref = reference(images=upright, return_tensors="np")["pixel_values"][0]
+        assert np.abs(load_pixels(data, cfg) - ref).max() < 1e-5
+        assert np.abs(normalise(load_pixels(data, cfg, uint8=True), cfg) - ref).max() < 1e-5
 
 
 # ------------------------------------------------------------------ extreme aspect ratios
@@ -214,3 +278,20 @@ print("ok")
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OPENBLAS_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_draft_with_crop_only_resize_keeps_the_geometry(orientation: int) -> None:
+    """An extreme aspect ratio resizes only the crop's source box; under a draft that box must be
+    taken inside the picture's box of the reduced grid, not the grid itself."""
+    cfg = PreprocessConfig(shortest_edge=32, crop_height=32, crop_width=32)
+    img = Image.new("RGB", (2301, 129), (200, 200, 200))  # resized: 570x32, past CROP_ONLY_FACTOR
+    ImageDraw.Draw(img).rectangle((1120, 30, 1180, 90), fill=(215, 35, 35))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = png_bytes(img, "JPEG", quality=95, exif=exif.tobytes())
+    drafted_cfg = PreprocessConfig(**{**cfg.__dict__, "draft_factor": 1})
+    assert decode(data, drafted_cfg).size != decode(data, cfg).size  # it did draft
+    assert CROP_ONLY_FACTOR * 32 * 32 < 570 * 32
+    full, drafted = load_pixels(data, cfg), load_pixels(data, drafted_cfg)
+    assert np.abs(_centre(full) - _centre(drafted)).max() < 0.1

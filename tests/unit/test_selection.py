@@ -67,6 +67,7 @@ def test_auto_picks_the_fastest_faithful_backend(
     """CPU flags and installed packages are what differ between machines; the choice is pure logic."""
     monkeypatch.setattr(hardware, "has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(hardware, "has_int8_dot", lambda: native_bf16)  # every bf16 x86 CPU has VNNI
+    monkeypatch.setattr(hardware, "has_amx", lambda: False)  # AVX-512 BF16 without AMX (Zen 4)
     monkeypatch.setattr(hardware, "installed", lambda name: name not in missing)
     monkeypatch.setattr(hardware, "cuda_present", lambda: False)
     backend, device, dtype = asked
@@ -87,9 +88,45 @@ def test_auto_picks_the_fastest_faithful_backend(
 def test_auto_on_a_gpu_machine(monkeypatch, exported, asked, expected) -> None:
     monkeypatch.setattr(hardware, "has_native_bf16", lambda: True)
     monkeypatch.setattr(hardware, "has_int8_dot", lambda: True)
+    monkeypatch.setattr(hardware, "has_amx", lambda: False)
     monkeypatch.setattr(hardware, "cuda_present", lambda: True)
     monkeypatch.setattr(hardware, "installed", lambda name: True)
     assert resolve(asked[0], asked[1], exported, asked[2]) == Selection(*expected)
+
+
+@pytest.mark.parametrize("missing", [(), ("openvino",)])
+def test_int8_alone_is_refused_where_amx_makes_bf16_faster(monkeypatch, exported, missing) -> None:
+    """On AMX CPUs no int8 path measured faster than the bf16 default: --dtype int8 alone says so,
+    with the figures, and a named backend still runs it."""
+    monkeypatch.setattr(hardware, "has_native_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "has_int8_dot", lambda: True)
+    monkeypatch.setattr(hardware, "has_amx", lambda: True)
+    monkeypatch.setattr(hardware, "installed", lambda name: name not in missing)
+    monkeypatch.setattr(hardware, "cuda_present", lambda: False)
+    with pytest.raises(BackendUnavailable, match=r"not offered on this CPU.*0\.97-1\.05x.*--backend onnx --dtype int8"):
+        resolve("auto", "auto", exported, "int8")
+    assert resolve("onnx", "auto", exported, "int8") == Selection("onnx", "cpu", "int8")
+    assert resolve("openvino", "cpu", exported, "int8") == Selection("openvino", "cpu", "int8")
+    expected = ("torch", "cpu", "bf16") if missing else ("openvino", "cpu", "bf16")
+    assert resolve("auto", "auto", exported, "auto") == Selection(*expected)  # the default is untouched
+
+
+def test_cpu_feature_key_names_the_kernel_flags(monkeypatch) -> None:
+    """Compiled-graph caches are kept per key: CPUs that differ in a kernel flag get different keys,
+    flags no kernel depends on do not matter, and unreadable flags give one generic key."""
+    keys = {}
+    for name, flags in {
+        "amx": {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"},
+        "amx+noise": {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "hypervisor", "ht"},
+        "zen4": {"avx512f", "avx512_bf16", "avx512_vnni", "fma"},
+        "none": set(),
+    }.items():
+        monkeypatch.setattr(hardware, "cpu_flags", lambda f=flags: frozenset(f))
+        hardware.cpu_feature_key.cache_clear()
+        keys[name] = hardware.cpu_feature_key()
+    hardware.cpu_feature_key.cache_clear()
+    assert keys["amx"] == keys["amx+noise"] != keys["zen4"]
+    assert keys["none"] == "generic"
 
 
 def test_cpu_feature_detection_reads_cpu_flags() -> None:
@@ -100,6 +137,7 @@ def test_cpu_feature_detection_reads_cpu_flags() -> None:
         flags = []
     assert hardware.has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
     assert hardware.has_int8_dot() == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    assert hardware.has_amx() == ("amx_bf16" in flags)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from .base import (
     DeviceChoice,
     Dtype,
     DtypeChoice,
+    PixelNorm,
     require_module,
 )
 from .files import ONNX_SUBDIR, onnx_files_present, onnx_paths
@@ -30,6 +31,8 @@ class BackendOptions:
     threads: int | None = None
     streams: int | None = None
     cache_dir: str | None = None
+    #: Lets a backend take uint8 crops and normalise them itself (OpenVINO's mixed path).
+    pixel_norm: PixelNorm | None = None
 
 
 def _torch(model_dir: Path, device: Device, dtype: Dtype, opts: BackendOptions) -> Backend:
@@ -47,7 +50,14 @@ def _onnx(model_dir: Path, device: Device, dtype: Dtype, opts: BackendOptions) -
 def _openvino(model_dir: Path, device: Device, dtype: Dtype, opts: BackendOptions) -> Backend:
     from .openvino import OpenVinoBackend
 
-    return OpenVinoBackend(model_dir, dtype=dtype, threads=opts.threads, streams=opts.streams, cache_dir=opts.cache_dir)
+    return OpenVinoBackend(
+        model_dir,
+        dtype=dtype,
+        threads=opts.threads,
+        streams=opts.streams,
+        cache_dir=opts.cache_dir,
+        pixel_norm=opts.pixel_norm,
+    )
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ __all__ = [
     "DeviceChoice",
     "Dtype",
     "DtypeChoice",
+    "PixelNorm",
     "create",
     "onnx_files_present",
     "onnx_paths",

@@ -1,20 +1,31 @@
 """OpenVINO backend on the exported ONNX files: the bf16 path on CPUs with AVX-512 BF16 or AMX
-(ONNX Runtime's CPU provider has no bf16 kernels) and the more exact of the two int8 paths. Needs
-openvino and numpy only (no torch).
+(ONNX Runtime's CPU provider has no bf16 kernels) and an int8 path. Needs openvino and numpy only
+(no torch).
 
 bf16 is mixed precision, like the torch backend's: the transformer layers' weight matmuls run in
-bf16 while the patch embedding (it sees raw pixels) and both output projections stay fp32. Those
-are under 3% of the FLOPs, and keeping them fp32 halves the error against the fp32 reference (test
-bed 0.0025 -> 0.0012). OpenVINO applies one precision hint to a whole compiled graph, so each
-tower's graph is cut at those boundaries: the patch embedding becomes a graph compiled for fp32 and
-the projections numpy matmuls, with their weights read from the ONNX graph.
+bf16, except in the image tower's first encoder layer, while the patch embedding (it sees raw
+pixels), that first layer and both output projections stay fp32. The drift of bf16 comes mostly
+from rounding the activations that feed the first layer: on the test model's large files
+(tests/support/parity.large_images), rounding everything after the patch embedding moved
+similarities by 0.0027-0.0055, keeping the first layer fp32 as well by 0.0016-0.0018, for ~20%
+more image-tower CPU on ViT-B/32 (docs/performance.md). OpenVINO applies one precision hint to a
+whole compiled graph, so the image tower is cut after its first layer: the embedding and that
+layer become a graph compiled for fp32, the rest a graph compiled for bf16, and the projections are
+numpy matmuls with their weights read from the ONNX graph. The fp32 piece also comes as a variant
+that takes uint8 crops and normalises them inside the graph (``accepts_uint8``), so Python hands
+over the crop only.
 
-int8 (opt-in) makes the same cut. The transformer's weight matmuls get int8 weights with one fp32
-scale per output channel, and OpenVINO quantises their inputs at run time in groups of 128 values
-per token, running them on VNNI/AMX int8 kernels. On the bench's CPU that runs end to end as fast
-as ONNX Runtime's dynamic int8 (one scale per tensor) within the host's noise, with less error
-against fp32 (test bed 0.0041 against 0.006-0.013, random full-size model 0.0015 against 0.0024).
-Per-token groups also keep a row's result independent of the other rows in its batch.
+int8 (opt-in) cuts at the pre-layernorm instead. The transformer's weight matmuls get int8 weights
+with one fp32 scale per output channel, and OpenVINO quantises their inputs at run time in groups
+of 128 values per token, running them on VNNI/AMX int8 kernels. Per-token groups keep a row's
+result independent of the other rows in its batch.
+
+Two caches. The cut pieces (OpenVINO IR with the reduced weights, and the projections) depend on
+the model only: ``similarity model export`` writes them beside the ONNX files, where functions may
+only read them; a load that finds none cuts the graphs itself (~1 s per 600 MB of ONNX) and keeps
+them in the cache directory. The compiled blobs depend on the CPU: OpenVINO writes them into a
+subdirectory of the cache directory named after its version and the CPU's features, so hosts of
+different CPU types can share one cache directory.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,13 +42,24 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, ModelIncomplete
-from .base import BackendName, Device, Dtype, require_module
+from ..hardware import cpu_feature_key
+from .base import BF16_FP32_IMAGE_LAYERS, BackendName, Device, Dtype, PixelNorm, require_module
 from .files import ONNX_SUBDIR, require_onnx_files
 from .streams import plan, row_parts
 
+#: Image-tower encoder layers kept fp32 (with the patch embedding) on the mixed path, per dtype.
+FP32_LAYERS = {"bf16": BF16_FP32_IMAGE_LAYERS, "int8": 0}
+#: Part of every cut piece's name: bump it when the cut or the weight recipe changes.
+CUT_VERSION = 2
+#: Beside the ONNX files: the cut pieces ``similarity model export`` writes.
+PIECES_SUBDIR = "openvino"
+#: The default cache directory, beside the ONNX files (a temporary directory where that is read-only).
+CACHE_SUBDIR = "openvino-cache"
+_PIECES = ("embed", "embed_u8", "vision", "text")
+
 
 class OpenVinoBackend:
-    """Compiled graphs are cached next to the model so only the first load pays the compile."""
+    """Compiled graphs are cached so only the first load on a CPU type pays the compile."""
 
     name: BackendName = "openvino"
     device: Device = "cpu"
@@ -47,8 +71,11 @@ class OpenVinoBackend:
         threads: int | None = None,
         streams: int | None = None,
         cache_dir: str | Path | None = None,
+        pixel_norm: PixelNorm | None = None,
     ) -> None:
-        """``cache_dir`` holds the cut graphs and compiled blobs (default: beside the ONNX files)."""
+        """``cache_dir``: the cut pieces when export did not write them, and the compiled blobs per
+        OpenVINO version and CPU type (default: beside the ONNX files, else a temporary directory).
+        ``pixel_norm``: lets the mixed path take uint8 crops (``accepts_uint8``)."""
         ov = require_module("openvino", "openvino")
         if dtype not in ("fp32", "bf16", "int8"):
             raise BackendUnavailable(f"openvino backend supports fp32, bf16 or int8, not {dtype!r}")
@@ -57,16 +84,16 @@ class OpenVinoBackend:
         if dtype == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailable("this CPU has no bf16 support; use --dtype fp32")
         count, per_stream = plan(threads, streams)
-        fp32 = {
+        fp32: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "f32",
             # Each stream runs one infer request at a time on its own `per_stream` threads.
             "PERFORMANCE_HINT": "LATENCY" if count == 1 else "THROUGHPUT",
             "NUM_STREAMS": count,
             "INFERENCE_NUM_THREADS": count * per_stream,
         }
-        cache = _writable(cache_dir or Path(model_dir) / ONNX_SUBDIR / "openvino-cache")
+        cache = cache_root(model_dir, cache_dir)
         if cache:
-            fp32["CACHE_DIR"] = str(cache)
+            fp32["CACHE_DIR"] = str(compiled_cache_dir(ov, cache))
         # int8: the non-matmul ops stay fp32: as fast as under the bf16 hint here, and closer to the
         # reference (test bed 0.0041 against 0.0050).
         core_cfg = (
@@ -75,37 +102,56 @@ class OpenVinoBackend:
             else {**fp32, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 128}
         )
         self.dtype: Dtype = dtype
+        self._core, self._fp32 = core, fp32
+        self._embed_lock = threading.Lock()
+        self._embed: Any = None
+        self._embed_u8: Any = None
+        self._embed_source: Any = None
         if dtype == "fp32":
             graphs = {"vision": (paths["vision"], fp32), "text": (paths["text"], fp32)}
             self._vision_proj = self._text_proj = None
         else:
-            parts, projections = _mixed_graphs(ov, core, paths, cache, dtype)
-            self._vision_proj, self._text_proj = projections["vision"], projections["text"]
+            pieces = mixed_pieces(ov, core, Path(model_dir), paths, cache, dtype, pixel_norm)
+            self._vision_proj, self._text_proj = pieces.projections["vision"], pieces.projections["text"]
+            self._embed_source = pieces.graphs["embed"]
+            first = "embed_u8" if "embed_u8" in pieces.graphs else "embed"
             graphs = {
-                "embed": (parts["embed"], fp32),
-                "vision": (parts["vision"], core_cfg),
-                "text": (parts["text"], core_cfg),
+                first: (pieces.graphs[first], fp32),
+                "vision": (pieces.graphs["vision"], core_cfg),
+                "text": (pieces.graphs["text"], core_cfg),
             }
         # Compiling is native code that releases the GIL, so the graphs load side by side.
         with ThreadPoolExecutor(len(graphs)) as pool:
             compiled = dict(
                 zip(graphs, pool.map(lambda g: core.compile_model(_arg(g[0]), "CPU", g[1]), graphs.values()))
             )
-        self._embed = compiled.get("embed")
+        self._embed_u8 = compiled.get("embed_u8")
+        self._embed = compiled.get("embed")  # with uint8 crops coming, float input compiles it when first seen
         self._vision, self._text = compiled["vision"], compiled["text"]
         self._streams = count
+        self.accepts_uint8 = self._embed_u8 is not None
+
+    def _float_embed(self) -> Any:
+        with self._embed_lock:
+            if self._embed is None:
+                self._embed = self._core.compile_model(_arg(self._embed_source), "CPU", self._fp32)
+            return self._embed
 
     # A batch is cut into one part per stream and each part goes to its own infer request, started
     # asynchronously: OpenVINO then runs them at once on its streams' threads. (Blocking infer calls
     # from several Python threads instead lost 10% end to end in the bench's set-up.)
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(pixels, dtype=np.float32)
+        """``pixels``: float32 ``(N, 3, H, W)``, or (``accepts_uint8``) uint8 ``(N, H, W, 3)`` crops."""
+        uint8 = pixels.dtype == np.uint8
+        if uint8 and self._embed_u8 is None:
+            raise ValueError("this OpenVINO path takes float32 pixels, not uint8 crops")
+        x = np.ascontiguousarray(pixels) if uint8 else np.ascontiguousarray(pixels, dtype=np.float32)
         parts = [x[p] for p in row_parts(len(x), self._streams)]
-        if self._embed is None:
-            return np.concatenate(_run_parts(self._vision, [{"pixel_values": p} for p in parts]))
-        embedded = _run_parts(self._embed, [{"pixel_values": p} for p in parts])
+        if self._vision_proj is None:
+            return np.concatenate(_run_parts(self._vision, [[p] for p in parts]))
+        embed = self._embed_u8 if uint8 else self._float_embed()
+        embedded = _run_parts(embed, [[p] for p in parts])
         pooled = np.concatenate(_run_parts(self._vision, [[e] for e in embedded]))
-        assert self._vision_proj is not None  # the mixed path always cuts off the projection
         return np.asarray(pooled.astype(np.float32, copy=False) @ self._vision_proj)
 
     def text_features(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -131,11 +177,26 @@ def _run_parts(compiled: Any, inputs: list[Any]) -> list[np.ndarray]:
     return [np.array(r.get_output_tensor(0).data) for r in requests]
 
 
+def cache_root(model_dir: str | Path, cache_dir: str | Path | None) -> Path | None:
+    """The cache directory in use: ``cache_dir`` when given (None if it cannot be written: then
+    nothing is cached), else beside the ONNX files, else a temporary directory."""
+    if cache_dir:
+        return _writable(cache_dir)
+    return _writable(Path(model_dir) / ONNX_SUBDIR / CACHE_SUBDIR) or _writable(
+        Path(tempfile.gettempdir()) / "similarity-openvino-cache"
+    )
+
+
+def compiled_cache_dir(ov: Any, cache: Path) -> Path:
+    """Where OpenVINO keeps its compiled blobs: one directory per OpenVINO version and CPU type."""
+    return cache / f"ov{ov.get_version().split('-')[0]}-cpu{cpu_feature_key()}"
+
+
 def _writable(path: str | Path) -> Path | None:
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError:
-        return None  # read-only model directory: compile every time
+        return None  # read-only: compile every time
     return Path(path) if os.access(path, os.W_OK) else None
 
 
@@ -144,45 +205,131 @@ def _arg(graph: Any) -> Any:
     return str(graph) if isinstance(graph, Path) else graph
 
 
-def _mixed_graphs(
-    ov: Any, core: Any, paths: dict[str, Path], cache: Path | None, dtype: str
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The three graphs of the mixed-precision path (``dtype`` bf16 or int8 for the transformer
-    weights) and the two projection matrices. Cutting the graphs means reading ~600 MB of ONNX
-    (about 0.9 s), so the pieces are saved once as OpenVINO IR in the cache, keyed by the ONNX
-    files' size and mtime (a re-export makes a new key)."""
+class Pieces:
+    """The mixed path's graphs (IR file paths, or in-memory models when nothing could be saved)
+    and the two projection matrices."""
+
+    def __init__(self, graphs: dict[str, Any], projections: dict[str, np.ndarray]) -> None:
+        self.graphs, self.projections = graphs, projections
+
+
+def recipe(dtype: str, pixel_norm: PixelNorm | None) -> str:
+    """What the pieces' content depends on besides the ONNX files: precision, layers kept fp32,
+    cut version and (for the uint8 input) the normalisation."""
+    norm = "" if pixel_norm is None else "-u8" + hashlib.sha256(repr(pixel_norm).encode()).hexdigest()[:8]
+    return f"mixed-{dtype}-l{FP32_LAYERS[dtype]}v{CUT_VERSION}{norm}"
+
+
+def _export_key(paths: dict[str, Path]) -> str:
+    # A re-export writes new files, so their sizes and mtimes name one export.
     stats = [paths[t].stat() for t in ("vision", "text")]
+    return "-".join(f"{st.st_size:x}{st.st_mtime_ns:x}" for st in stats)
+
+
+def _load_pieces(d: Path, pixel_norm: PixelNorm | None) -> Pieces | None:
+    names = [n for n in _PIECES if n != "embed_u8" or pixel_norm is not None]
+    if not (d / "projections.npz").is_file() or not all((d / f"{n}.xml").is_file() for n in names):
+        return None
+    with np.load(d / "projections.npz") as npz:
+        return Pieces({n: d / f"{n}.xml" for n in names}, {"vision": npz["vision"], "text": npz["text"]})
+
+
+def exported_pieces_dir(model_dir: Path, paths: dict[str, Path], dtype: str, pixel_norm: PixelNorm | None) -> Path:
+    """Where ``write_pieces`` puts this export's pieces, beside the ONNX files."""
+    return model_dir / ONNX_SUBDIR / PIECES_SUBDIR / f"{recipe(dtype, pixel_norm)}-{_export_key(paths)}"
+
+
+def mixed_pieces(
+    ov: Any,
+    core: Any,
+    model_dir: Path,
+    paths: dict[str, Path],
+    cache: Path | None,
+    dtype: str,
+    pixel_norm: PixelNorm | None,
+) -> Pieces:
+    """The pieces written by export if they are there, else those cut earlier into ``cache``, else
+    cut now (and saved to ``cache`` when it is writable)."""
+    found = _load_pieces(exported_pieces_dir(model_dir, paths, dtype, pixel_norm), pixel_norm)
+    if found:
+        return found
     # One prefix per model directory (several models may share one cache directory), one key per export.
-    prefix = f"mixed-{dtype}-" + hashlib.sha256(str(paths["vision"].resolve()).encode()).hexdigest()[:12]
-    name = f"{prefix}-" + "-".join(f"{st.st_size:x}{st.st_mtime_ns:x}" for st in stats)
-    d = cache / name if cache else None
-    names = ("embed", "vision", "text")
-    if d and (d / "projections.npz").is_file():
-        with np.load(d / "projections.npz") as npz:
-            return {n: d / f"{n}.xml" for n in names}, {"vision": npz["vision"], "text": npz["text"]}
-    embed, vision, vision_proj = _split_vision(ov, core.read_model(str(paths["vision"])))
+    prefix = f"{recipe(dtype, pixel_norm)}-" + hashlib.sha256(str(paths["vision"].resolve()).encode()).hexdigest()[:12]
+    d = cache / f"{prefix}-{_export_key(paths)}" if cache else None
+    if d:
+        found = _load_pieces(d, pixel_norm)
+        if found:
+            return found
+    pieces = cut(ov, core, paths, dtype, pixel_norm)
+    if d and _save(ov, pieces, d):
+        for old in d.parent.glob(f"{prefix}-*"):  # this model's earlier exports
+            if old.name != d.name and ".tmp" not in old.name:
+                shutil.rmtree(old, ignore_errors=True)
+        saved = _load_pieces(d, pixel_norm)
+        if saved:
+            # Compile from the files from the start, so there is one compiled blob per graph.
+            return saved
+    return pieces
+
+
+def write_pieces(model_dir: str | Path, dtype: str = "bf16", pixel_norm: PixelNorm | None = None) -> Path | None:
+    """Cut the exported ONNX files and save the pieces beside them (``similarity model export``
+    calls this), so loads read them instead of cutting (the cut reads ~600 MB of ONNX). Returns
+    the directory, or None when it could not be written."""
+    ov = require_module("openvino", "openvino")
+    model_dir = Path(model_dir)
+    paths = require_onnx_files(model_dir, "fp32")
+    d = exported_pieces_dir(model_dir, paths, dtype, pixel_norm)
+    if _load_pieces(d, pixel_norm):
+        return d
+    if not _save(ov, cut(ov, ov.Core(), paths, dtype, pixel_norm), d):
+        return None
+    for old in d.parent.glob(f"{recipe(dtype, pixel_norm)}-*"):  # an earlier export's pieces
+        if old.name != d.name and ".tmp" not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def cut(ov: Any, core: Any, paths: dict[str, Path], dtype: str, pixel_norm: PixelNorm | None) -> Pieces:
+    """Cut both towers at their fp32 boundaries and give the rest reduced weights."""
+    embed, vision, vision_proj = _split_vision(ov, core.read_model(str(paths["vision"])), FP32_LAYERS[dtype])
     text, text_proj = _split_text(ov, core.read_model(str(paths["text"])))
     weights = _bf16_weights if dtype == "bf16" else _int8_weights
     weights(ov, vision)
     weights(ov, text)
-    graphs, projections = dict(zip(names, (embed, vision, text))), {"vision": vision_proj, "text": text_proj}
-    if d:
-        tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
-        try:
-            tmp.mkdir(exist_ok=True)
-            for n, g in graphs.items():
-                ov.save_model(g, str(tmp / f"{n}.xml"), compress_to_fp16=False)
-            np.savez(tmp / "projections.npz", vision=projections["vision"], text=projections["text"])
-            tmp.rename(d)  # whole or not at all, even with several processes loading at once
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in d.parent.glob(f"{prefix}-*"):  # this model's earlier exports
-            if old.name != d.name and not old.name.startswith(f"{d.name}.tmp"):
-                shutil.rmtree(old, ignore_errors=True)
-        if (d / "projections.npz").is_file():
-            # Compile from the files from the start, so there is one compiled blob per graph.
-            return {n: d / f"{n}.xml" for n in names}, projections
-    return graphs, projections
+    graphs = {"embed": embed, "vision": vision, "text": text}
+    if pixel_norm is not None:
+        graphs["embed_u8"] = _uint8_input(ov, embed.clone(), pixel_norm)
+    return Pieces(graphs, {"vision": vision_proj, "text": text_proj})
+
+
+def _save(ov: Any, pieces: Pieces, d: Path) -> bool:
+    """Write the pieces into ``d`` whole or not at all, even with several processes at once."""
+    tmp = d.with_name(f"{d.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for n, g in pieces.graphs.items():
+            ov.save_model(g, str(tmp / f"{n}.xml"), compress_to_fp16=False)
+        np.savez(tmp / "projections.npz", vision=pieces.projections["vision"], text=pieces.projections["text"])
+        tmp.rename(d)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (d / "projections.npz").is_file()
+
+
+def _uint8_input(ov: Any, model: Any, norm: PixelNorm) -> Any:
+    """``model`` taking its pixels as uint8 ``(N, H, W, 3)`` crops, converted, transposed and
+    normalised inside the graph: ``(x * r - mean) / std == (x - mean / r) / (std / r)``. Matches
+    numpy's normalisation to float rounding (~2e-6)."""
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    inp = ppp.input(0)
+    inp.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    inp.model().set_layout(ov.Layout("NCHW"))
+    r = norm.rescale
+    inp.preprocess().convert_element_type(ov.Type.f32).mean([m / r for m in norm.mean]).scale([s / r for s in norm.std])
+    return ppp.build()
 
 
 def _projection(model: Any, tower: str) -> tuple[Any, np.ndarray]:
@@ -203,14 +350,18 @@ def _split_text(ov: Any, model: Any) -> tuple[Any, np.ndarray]:
     return ov.Model([pooled], model.get_parameters(), "text_core"), proj
 
 
-def _split_vision(ov: Any, model: Any) -> tuple[Any, Any, np.ndarray]:
-    """(patch/position embedding graph, transformer graph, projection). The embedding ends where the
-    first layer norm (CLIP's pre-layernorm, an MVN op in OpenVINO) begins."""
+def _split_vision(ov: Any, model: Any, fp32_layers: int = 0) -> tuple[Any, Any, np.ndarray]:
+    """(the fp32 graph: patch/position embedding and the first ``fp32_layers`` encoder layers; the
+    rest of the transformer; the projection). Layer norms are MVN ops in OpenVINO: CLIP's
+    pre-layernorm, then two per encoder layer, then the post-layernorm. With no layer kept the cut
+    is where the pre-layernorm begins; with ``n``, at the residual stream entering layer ``n``,
+    where that layer's first norm begins."""
     pooled, proj = _projection(model, "vision")
-    mvn = next((op for op in model.get_ordered_ops() if op.get_type_name() == "MVN"), None)
-    if mvn is None:
+    mvns = [op for op in model.get_ordered_ops() if op.get_type_name() == "MVN"]
+    at = 0 if fp32_layers == 0 else 1 + 2 * fp32_layers
+    if len(mvns) < at + 2:  # the cut's own norm and the post-layernorm at least
         raise ModelIncomplete("vision ONNX graph has no layer norm to split at; re-run `similarity model export`")
-    emb = mvn.input_value(0)
+    emb = mvns[at].input_value(0)
     consumers = list(emb.get_target_inputs())  # taken before the embedding graph adds its own Result
     embed = ov.Model([emb], model.get_parameters(), "vision_embed")
     param = ov.opset13.parameter(emb.get_partial_shape(), emb.get_element_type(), name="embeddings")

@@ -15,10 +15,20 @@ from typing import Any
 import numpy as np
 
 from .. import backends
-from ..backends import Backend, BackendChoice, BackendName, BackendOptions, Device, DeviceChoice, Dtype, DtypeChoice
+from ..backends import (
+    Backend,
+    BackendChoice,
+    BackendName,
+    BackendOptions,
+    Device,
+    DeviceChoice,
+    Dtype,
+    DtypeChoice,
+    PixelNorm,
+)
 from ..errors import ModelNotFound
 from .directory import check_model_dir, max_caption_tokens, read_identity
-from .preprocess import PreprocessConfig, load_pixels
+from .preprocess import PreprocessConfig, load_pixels, normalise
 from .selection import resolve
 from .tokenizer import CaptionTokenizer
 
@@ -59,11 +69,20 @@ class ClipModel:
         self.preprocess = preprocess
         self.info = info
 
+    @property
+    def uint8_pixels(self) -> bool:
+        """Whether images go to the backend as uint8 crops (it normalises inside its graph)."""
+        return bool(getattr(self.backend, "accepts_uint8", False))
+
     def pixels(self, data: bytes) -> np.ndarray:
-        """Image bytes to this model's input (decode, convert, resize, crop, normalise)."""
-        return load_pixels(data, self.preprocess)
+        """Image bytes to this model's input (decode, convert, resize, crop, normalise): float32
+        ``(3, H, W)``, or the uint8 ``(H, W, 3)`` crop where the backend normalises it itself."""
+        return load_pixels(data, self.preprocess, uint8=self.uint8_pixels)
 
     def embed_images(self, pixels: np.ndarray) -> np.ndarray:
+        """``pixels``: float32 ``(N, 3, H, W)`` model input, or uint8 ``(N, H, W, 3)`` crops."""
+        if pixels.dtype == np.uint8 and not self.uint8_pixels:
+            pixels = normalise(pixels, self.preprocess)
         return _normalise(self.backend.image_features(pixels))
 
     def embed_texts(self, captions: list[str]) -> tuple[np.ndarray, list[bool]]:
@@ -79,11 +98,13 @@ def load_model(
     threads: int | None = None,
     streams: int | None = None,
     cache_dir: str | None = None,
+    jpeg_draft: int = 0,
 ) -> ClipModel:
     """Load CLIP from ``model_dir``; ``selection.resolve`` says what ``auto`` picks. ``threads``
     (default: every core) are split into ``streams`` (default: one per thread) that run the parts
     of each batch at once; the torch backend uses ``threads`` only. ``cache_dir``: where OpenVINO
-    keeps its compiled graphs (default: beside the ONNX files)."""
+    keeps its compiled graphs (default: beside the ONNX files). ``jpeg_draft``: opt-in JPEG draft
+    decoding (``PreprocessConfig.draft_factor``; 0, the default, is off: it moves scores)."""
     start = time.perf_counter()
     path = Path(model_dir)
     if not path.is_dir():
@@ -91,9 +112,10 @@ def load_model(
     chosen = resolve(backend, device, path, dtype)
     check_model_dir(path, need_weights=not backends.REGISTRY[chosen.backend].needs_onnx)
     tokenizer = CaptionTokenizer(path, max_caption_tokens(path))
-    preprocess = PreprocessConfig.from_model_dir(path)
+    preprocess = PreprocessConfig.from_model_dir(path, draft_factor=jpeg_draft)
+    norm = PixelNorm(preprocess.mean, preprocess.std, preprocess.rescale_factor)
     impl = backends.create(
-        chosen.backend, path, chosen.device, chosen.dtype, BackendOptions(threads, streams, cache_dir)
+        chosen.backend, path, chosen.device, chosen.dtype, BackendOptions(threads, streams, cache_dir, norm)
     )
     model_id, revision = read_identity(path)
     info = ModelInfo(

@@ -73,7 +73,9 @@ CROP_ONLY_FACTOR = 16
 #: Bump whenever decoding or preprocessing can give other pixels for the same bytes and config: the
 #: embedding cache keys image embeddings by it (similarity.cache.keys), and
 #: tests/unit/test_cache_keys.py holds the golden hash of each version's output on fixed images.
-PREPROCESS_VERSION = 1
+#: 2: an opted-in JPEG draft resizes the exact picture box (other pixels for sides not divisible by
+#: the DCT scale); draft decoding off by default.
+PREPROCESS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,13 @@ class PreprocessConfig:
     rescale_factor: float = 1 / 255
     #: None: the process's limit (``decode_limits()``: sized to its memory).
     max_pixels: int | None = None
-    #: JPEGs are decoded at a reduced DCT scale while their short side stays >= this many times the
-    #: target size; 0 turns draft decoding off. At 2x the bicubic resize still sees twice the
-    #: pixels it keeps, so the result stays close to a full decode (bench measures the effect).
-    draft_factor: int = 2
+    #: Opt-in JPEG draft decoding (``SIMILARITY_JPEG_DRAFT``): decode at a reduced DCT scale (1/2,
+    #: 1/4 or 1/8) while the reduced short side stays >= this many times the target size; 0, the
+    #: default, decodes every pixel. It is off because DCT scaling filters like a box, not like the
+    #: bicubic antialias CLIPImageProcessor applies: on the trained test model, with the geometry
+    #: kept exact, it moved similarities by up to 0.015-0.023 at 2, 0.004-0.007 at 3 and 0.004 at 4
+    #: (torch fp32, JPEG q92 shapes of 300-1100 px at 64 px input; docs/performance.md).
+    draft_factor: int = 0
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, **overrides: object) -> PreprocessConfig:
@@ -240,9 +245,9 @@ def open_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         if width * height > limit:
             raise TooManyPixels(f"{width}x{height} pixels exceeds the limit of {limit}")
         if cfg.draft_factor and im.format in ("JPEG", "MPO"):
-            target = cfg.draft_factor * max(cfg.shortest_edge, cfg.crop_height, cfg.crop_width)
-            if min(width, height) >= 2 * target:
-                im.draft(None, (target, target))
+            geometry = _draft(im, cfg)
+            if geometry:
+                im.info[DRAFT_GEOMETRY] = geometry
         return im
     except (DecodeError, TooManyPixels):
         raise
@@ -253,9 +258,13 @@ def open_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
 def load_rgb(im: Image.Image) -> Image.Image:
     """Decode an opened image (first frame of animations), apply EXIF orientation, convert to RGB."""
     try:
+        geometry = im.info.get(DRAFT_GEOMETRY)  # set by open_image; conversions need not keep info
         im.load()  # truncated data raises here
         ImageOps.exif_transpose(im, in_place=True)  # without in_place it copies every upright image
-        return to_rgb(im)
+        out = to_rgb(im)
+        if geometry:
+            out.info[DRAFT_GEOMETRY] = geometry
+        return out
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, ValueError, struct.error, ...
@@ -304,7 +313,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def preprocess(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB image to a float32 ``(3, crop_h, crop_w)`` array, as CLIPImageProcessor makes it."""
-    width, height = im.size
+    return normalise(crop_uint8(im, cfg), cfg)
+
+
+def crop_uint8(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """The resized centre crop as uint8 ``(crop_h, crop_w, 3)``: what ``normalise`` (or a backend
+    that normalises inside its graph) turns into model input."""
+    width, height, box = source_geometry(im)
     size = cfg.shortest_edge
     if width <= height:
         new_w, new_h = size, int(size * height / width)
@@ -313,20 +328,22 @@ def preprocess(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     top = (new_h - cfg.crop_height) // 2
     left = (new_w - cfg.crop_width) // 2
     if new_w * new_h > CROP_ONLY_FACTOR * cfg.crop_height * cfg.crop_width:
-        return _normalise(_resize_crop_only(im, cfg, new_w, new_h, top, left), cfg)
-    if (new_w, new_h) != (width, height):
+        return _resize_crop_only(im, cfg, new_w, new_h, top, left)
+    if box is not None:  # a draft: resize the picture's exact box to the full decode's size
+        im = im.resize((new_w, new_h), resample=cfg.resample, box=box)
+    elif (new_w, new_h) != (width, height):
         im = im.resize((new_w, new_h), resample=cfg.resample)
     if top >= 0 and left >= 0:
-        arr = np.asarray(im, dtype=np.uint8)[top : top + cfg.crop_height, left : left + cfg.crop_width]
-    else:  # smaller than the crop: pad with zeros around the centre, as the reference does
-        arr = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
-        src = np.asarray(im, dtype=np.uint8)
-        oy, ox = max(-top, 0), max(-left, 0)
-        sy, sx = max(top, 0), max(left, 0)
-        h = min(new_h - sy, cfg.crop_height - oy)
-        w = min(new_w - sx, cfg.crop_width - ox)
-        arr[oy : oy + h, ox : ox + w] = src[sy : sy + h, sx : sx + w]
-    return _normalise(arr, cfg)
+        return np.asarray(im, dtype=np.uint8)[top : top + cfg.crop_height, left : left + cfg.crop_width]
+    # smaller than the crop: pad with zeros around the centre, as the reference does
+    arr = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
+    src = np.asarray(im, dtype=np.uint8)
+    oy, ox = max(-top, 0), max(-left, 0)
+    sy, sx = max(top, 0), max(left, 0)
+    h = min(new_h - sy, cfg.crop_height - oy)
+    w = min(new_w - sx, cfg.crop_width - ox)
+    arr[oy : oy + h, ox : ox + w] = src[sy : sy + h, sx : sx + w]
+    return arr
 
 
 def _resize_crop_only(
@@ -338,32 +355,101 @@ def _resize_crop_only(
     full resize up to its rounding (box corners are passed to its C code as 32-bit floats): pixels
     move by a level or two, which is why only extreme aspect ratios come here.
     """
-    width, height = im.size
-    sx, sy = width / new_w, height / new_h
+    width, height, box = source_geometry(im)
+    bx, by, bw, bh = (
+        (0.0, 0.0, float(width), float(height)) if box is None else (box[0], box[1], box[2] - box[0], box[3] - box[1])
+    )
+    sx, sy = bw / new_w, bh / new_h
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + cfg.crop_width, new_w), min(top + cfg.crop_height, new_h)
-    part = im.resize((x1 - x0, y1 - y0), resample=cfg.resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    part = im.resize(
+        (x1 - x0, y1 - y0), resample=cfg.resample, box=(bx + x0 * sx, by + y0 * sy, bx + x1 * sx, by + y1 * sy)
+    )
     arr = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
     oy, ox = y0 - top, x0 - left  # > 0 only where the crop is larger than the resized image
     arr[oy : oy + (y1 - y0), ox : ox + (x1 - x0)] = np.asarray(part, dtype=np.uint8)
     return arr
 
 
-def _normalise(arr: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    out = arr.astype(np.float32).transpose(2, 0, 1)
+def normalise(arr: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 ``(..., H, W, 3)`` crops to float32 ``(..., 3, H, W)``: rescale, subtract the mean,
+    divide by the std (one crop or a batch: the same values to the bit)."""
+    out = np.moveaxis(arr.astype(np.float32), -1, -3)
     out *= np.float32(cfg.rescale_factor)
     out -= np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
     out /= np.asarray(cfg.std, dtype=np.float32)[:, None, None]
-    return out
+    return np.ascontiguousarray(out)
 
 
-def load_pixels(data: bytes, cfg: PreprocessConfig, budget: DecodeBudget | None = None) -> np.ndarray:
+#: ``Image.info`` key of a drafted JPEG: (full-decode size, the picture's box in the reduced image),
+#: both after EXIF orientation.
+DRAFT_GEOMETRY = "similarity.draft"
+
+
+def source_geometry(im: Image.Image) -> tuple[int, int, tuple[float, float, float, float] | None]:
+    """(width, height, box): the size a full decode has, and for a drafted JPEG the box of ``im``
+    that holds the picture (None: all of ``im``). Resizing must start from these, not ``im.size``."""
+    geometry = im.info.get(DRAFT_GEOMETRY)
+    if geometry is None:
+        return im.size[0], im.size[1], None
+    (width, height), box = geometry
+    return width, height, box
+
+
+def _draft(im: Image.Image, cfg: PreprocessConfig) -> tuple[tuple[int, int], tuple[float, float, float, float]] | None:
+    """Ask Pillow for a reduced DCT scale; (full size, picture box), oriented, when it took one.
+
+    The reduced grid rounds each side up to whole pixels (318x337 at 1/2 gives 159x169), so its
+    last row and column are partly outside the picture. Resizing that grid as it stands shifts the
+    centre crop by up to a pixel (0.15 in similarity on the test model at 64 px); resizing the exact
+    box ``draft`` reports, to the size a full decode would get, keeps the full decode's geometry.
+    """
+    width, height = im.size
+    target = cfg.draft_factor * max(cfg.shortest_edge, cfg.crop_height, cfg.crop_width)
+    if min(width, height) < 2 * target:
+        return None
+    drafted = im.draft(None, (target, target))
+    if drafted is None or im.size == (width, height):
+        return None
+    box = drafted[1]
+    orientation = im.getexif().get(0x0112, 1)  # what exif_transpose will apply after load
+    if orientation in (5, 6, 7, 8):  # the transposing ones swap the sides
+        return (height, width), _oriented_box(box, im.size, orientation)
+    return (width, height), _oriented_box(box, im.size, orientation)
+
+
+def _oriented_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], orientation: int
+) -> tuple[float, float, float, float]:
+    """``box`` of an image of ``size`` mapped through the EXIF orientation's transpose."""
+    w, h = size
+    maps = {
+        2: lambda x, y: (w - x, y),  # mirror
+        3: lambda x, y: (w - x, h - y),  # 180
+        4: lambda x, y: (x, h - y),  # flip
+        5: lambda x, y: (y, x),  # transpose
+        6: lambda x, y: (h - y, x),  # 90 clockwise
+        7: lambda x, y: (h - y, w - x),  # transverse
+        8: lambda x, y: (y, w - x),  # 90 counter-clockwise
+    }
+    f = maps.get(orientation)
+    if f is None:
+        return box
+    (x0, y0), (x1, y1) = f(box[0], box[1]), f(box[2], box[3])
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def load_pixels(
+    data: bytes, cfg: PreprocessConfig, budget: DecodeBudget | None = None, uint8: bool = False
+) -> np.ndarray:
     """Bytes straight to model input: decode, convert, preprocess. The decoded pixels are held
     under ``budget`` (default: the process's), so the threads that decode at once never hold
-    more than it allows."""
+    more than it allows. ``uint8``: the crop as uint8 ``(H, W, 3)`` instead, for a backend that
+    normalises inside its graph."""
     im = open_image(data, cfg)
     with (budget or decode_budget()).hold(decode_cost(im)):
-        out = preprocess(load_rgb(im), cfg)
+        rgb = load_rgb(im)
+        out = crop_uint8(rgb, cfg) if uint8 else preprocess(rgb, cfg)
         im.close()
         return out
 

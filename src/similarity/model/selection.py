@@ -7,7 +7,9 @@ with OpenVINO (needs the exported ONNX files) or else torch; else ONNX Runtime f
 exported files and onnxruntime are present (the Lambda image, which has neither torch nor
 OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path (fp16 on CUDA);
 ``--dtype fp32`` runs fp32 on CUDA too. int8 is never picked: it is opt-in, and ``--dtype int8``
-gets OpenVINO's int8 where the CPU has VNNI, else ONNX Runtime's.
+gets OpenVINO's int8 where the CPU has VNNI, else ONNX Runtime's; on CPUs with AMX, where bf16 is
+no int8 path measured faster, ``--dtype int8`` alone is refused with the figures (a named
+backend, ``--backend onnx --dtype int8``, still runs it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ from ..backends import (
 )
 from ..errors import BackendUnavailable
 from .directory import has_weights
+
+#: Why ``--dtype int8`` alone is refused on CPUs with AMX, with what was measured there.
+INT8_ON_AMX = (
+    "--dtype int8 is not offered on this CPU: it has AMX, where no int8 path measured faster than the bf16 "
+    "default (OpenVINO dynamic int8's image tower at 0.97-1.05x its speed in interleaved rounds on a 2-vCPU "
+    "Xeon with AMX, family 6 model 207), with 2-3x its drift (docs/performance.md). Leave --dtype at auto, "
+    "or name the backend to run int8 anyway: --backend onnx --dtype int8 (or --backend openvino)"
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ def _auto_backend(
 ) -> tuple[BackendName, DeviceChoice, DtypeChoice]:
     bf16_cpu = dtype in ("auto", "bf16") and device in ("auto", "cpu") and hardware.has_native_bf16()
     if dtype == "int8":
+        if hardware.has_amx():
+            raise BackendUnavailable(INT8_ON_AMX)
         ov_int8 = hardware.has_int8_dot() and runnable("openvino", model_dir)
         return ("openvino" if ov_int8 else "onnx"), "cpu", dtype
     if device == "cuda" or (device == "auto" and hardware.cuda_present()):

@@ -19,7 +19,11 @@ from ..model.directory import check_model_dir
 OPSET = 17
 
 
-def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True) -> list[Path]:
+def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True, openvino: bool = True) -> list[Path]:
+    """Write the ONNX files; with ``openvino`` (and OpenVINO installed), also the cut graphs of
+    OpenVINO's mixed bf16 path beside them, so loads read those instead of cutting the ONNX files
+    (the pieces do not depend on the CPU; the compiled blobs, which do, are made where the model
+    runs)."""
     import torch
     from transformers import CLIPModel
 
@@ -91,7 +95,23 @@ def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True) -> list[Pa
         for tower in ("vision", "text"):
             quantize_dynamic(str(fp32[tower]), str(q[tower]), weight_type=QuantType.QInt8, per_channel=True)
             written.append(q[tower])
+    if openvino:
+        written += _openvino_pieces(path)
     return written
+
+
+def _openvino_pieces(path: Path) -> list[Path]:
+    from ..backends import PixelNorm
+    from ..hardware import installed
+    from ..model.preprocess import PreprocessConfig
+
+    if not installed("openvino"):
+        return []
+    from ..backends.openvino import write_pieces
+
+    cfg = PreprocessConfig.from_model_dir(path)
+    d = write_pieces(path, "bf16", PixelNorm(cfg.mean, cfg.std, cfg.rescale_factor))
+    return sorted(d.iterdir()) if d else []
 
 
 def _weights_beside(path: Path) -> list[Path]:
