@@ -23,7 +23,9 @@ Ray (2.60) needs more:
 
 from __future__ import annotations
 
+import functools
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -104,6 +106,11 @@ def prepare_ray() -> None:
         raise RuntimeError("cannot keep Ray's node address on loopback; not starting it")
 
 
+@functools.cache
+def _process_token() -> str:
+    return secrets.token_hex(32)
+
+
 @contextmanager
 def local_ray(
     num_cpus: int = 2,
@@ -117,6 +124,11 @@ def local_ray(
     prepare_ray()
     import ray
 
+    # ray.init turns token auth on and keeps the token it made (in ~/.ray, the temporary HOME below)
+    # cached in this process; a second local cluster's GCS would not find it there. One token per
+    # process, handed to every cluster's processes, and Ray's variables put back afterwards.
+    ray_vars = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+    os.environ["RAY_AUTH_TOKEN"] = _process_token()  # ray.init still sets RAY_AUTH_MODE itself
     # Short: Ray's AF_UNIX socket paths live under it (108 bytes at most).
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     home = Path(tmp) / "home"
@@ -153,6 +165,9 @@ def local_ray(
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+        for k in [k for k in os.environ if k.startswith("RAY_") and k not in ray_vars]:
+            del os.environ[k]
+        os.environ.update(ray_vars)
 
 
 def _loopback_address(address: str) -> str:
