@@ -29,8 +29,16 @@ from typing import Any
 
 from ._version import __version__
 from .cache import cli as cache_cli
-from .config import Settings, load
-from .errors import BackendUnavailable, InputNotFound, ModelError, ModelFetchFailed, ModelIncomplete, RunError
+from .config import LogSettings, Settings, load, validated
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    InputNotFound,
+    ModelError,
+    ModelFetchFailed,
+    ModelIncomplete,
+    RunError,
+)
 from .model.directory import DEFAULT_MODEL_ID
 
 EXIT_OK = 0
@@ -539,9 +547,12 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("SIMILARITY_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        level = validated(LogSettings).level
+    except ConfigError as exc:
+        _err(f"error: {exc}")
+        return EXIT_INPUT
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handler = {c.name: c.run for c in COMMANDS}[args.command]
     try:

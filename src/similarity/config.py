@@ -258,6 +258,17 @@ class EngineSettings(Section):
     load_log_dir: str | None = Field(None, validation_alias="SIMILARITY_ENGINE_LOAD_LOG")
 
 
+class LogSettings(Section):
+    """The CLI's log level (the services log through powertools or ``SERVER_LOG_LEVEL``)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", validation_alias="SIMILARITY_LOG_LEVEL")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
 class Settings(Section):
     """The library's and the CLI's settings."""
 

@@ -279,6 +279,27 @@ def test_s3_path_writes_the_clis_bytes(
     assert s3_bytes.startswith(b"'@note," if excel_safe else b"@note,")
 
 
+@pytest.mark.parametrize("field", [None, False, True])
+def test_post_jobs_excel_safe_defaults_to_the_deployments_setting(env, server, monkeypatch, field) -> None:
+    """POST /jobs without ``excel_safe`` follows SIMILARITY_EXCEL_SAFE, as an S3 drop does; the
+    field, when given, decides."""
+    import handler.api as api
+
+    monkeypatch.setenv("SIMILARITY_EXCEL_SAFE", "1")
+    runtime.reset()
+    url = server.image("/jobs/xl-api.png", png_bytes(draw("red", "circle", random.Random(6))))
+    b = env["bucket"]
+    env["s3"].put_object(Bucket=b, Key="uploads/xl.csv", Body=f"@note,url,caption\n=1+1,{url},a red circle\n".encode())
+    req = {"input": f"s3://{b}/uploads/xl.csv", "output": f"s3://{b}/results/xl-{field}.csv"}
+    if field is not None:
+        req["excel_safe"] = field
+    status, out = _api_call(api, "api_jobs_start.json", req)
+    assert status == 202, out
+    drain(env)
+    data = env["s3"].get_object(Bucket=b, Key=f"results/xl-{field}.csv")["Body"].read()
+    assert data.startswith(b"@note," if field is False else b"'@note,"), data[:40]
+
+
 def test_duplicate_deliveries_and_lost_deletes(env, server, forbidden_server, tmp_path, tiny_clip_dir) -> None:
     body = make_csv(server, forbidden_server, rows=120)
     [job] = drop(env, "incoming/dupes.csv", body)["jobs"]

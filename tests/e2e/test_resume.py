@@ -168,6 +168,8 @@ def test_resume_refuses_a_changed_input_or_model(tmp_path, server, tiny_onnx_dir
     _kill_after(_cmd(inp, out, tiny_onnx_dir), partial, 60, signal.SIGKILL)
     r = _run(_cmd(inp, out, tiny_onnx_dir, "--resume", "--backend", "openvino"))
     assert r.returncode == 2 and "cannot resume" in r.stderr and "model: was" in r.stderr, r.stderr
+    r = _run(_cmd(inp, out, tiny_onnx_dir, "--resume", "--jpeg-draft", "2"))  # other pixels, same model
+    assert r.returncode == 2 and "cannot resume" in r.stderr and "preprocess: was" in r.stderr, r.stderr
     inp.write_text(inp.read_text().replace("a red circle", "a red disc", 1))
     r = _run(_cmd(inp, out, tiny_onnx_dir, "--resume"))
     assert r.returncode == 2 and "cannot resume" in r.stderr and "input_identity" in r.stderr, r.stderr

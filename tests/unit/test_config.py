@@ -83,3 +83,15 @@ def test_read_timeout_never_exceeds_the_deadline(monkeypatch) -> None:
     monkeypatch.setenv("SIMILARITY_FETCH_DEADLINE", "3")
     f = build(load(Settings)).fetcher.settings
     assert (f.deadline, f.read_timeout) == (3, 3)
+
+
+def test_cli_log_level_is_validated_with_its_name(monkeypatch, capsys) -> None:
+    from similarity.cli import main
+
+    monkeypatch.setenv("SIMILARITY_LOG_LEVEL", "loud")
+    assert main(["--version"]) == 2
+    assert "SIMILARITY_LOG_LEVEL" in capsys.readouterr().err
+    monkeypatch.setenv("SIMILARITY_LOG_LEVEL", "info")  # any case, as SERVER_LOG_LEVEL
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0

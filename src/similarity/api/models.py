@@ -25,7 +25,9 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: str = Field(pattern=S3_URI, description="s3://bucket/key of a CSV")
     output: str | None = Field(default=None, pattern=S3_URI)
-    excel_safe: bool = Field(default=False, description="prefix cells starting with = + - @ with '")
+    excel_safe: bool | None = Field(
+        default=None, description="prefix cells starting with = + - @ with '; default: SIMILARITY_EXCEL_SAFE"
+    )
 
 
 # ------------------------------------------------------------------------------- response bodies

@@ -194,7 +194,7 @@ class ApiService:
                 bucket,
                 key,
                 output=Location(bucket=out_bucket, key=out_key) if out_key else None,
-                excel_safe=req.excel_safe,
+                excel_safe=s.score.excel_safe if req.excel_safe is None else req.excel_safe,
             )
         except InputNotFound:
             raise NotFound(f"{req.input} does not exist") from None

@@ -27,6 +27,7 @@ from ..io.rows import RowReader, open_reader
 from ..io.sinks import EXTRA_COLUMN, RowSink, finish_parquet, make_sink
 from ..io.streams import Source, is_s3, open_source, s3_reason, split_s3
 from ..model import ClipModel
+from ..model.preprocess import PREPROCESS_VERSION
 from ..types import Record, ScoreResult, ScoreStats
 from .commits import PARTIAL_SUFFIX, Commit, Committer, Partial, stats_of
 from .scorer import Scorer
@@ -172,6 +173,12 @@ def _identity(
         "output_format": fmt_out.name,
         "options": options,
         "model": {"id": info.model_id, "revision": info.revision, "backend": info.backend, "dtype": info.dtype},
+        # How pixels are made (--jpeg-draft among it): rows scored otherwise must not be mixed in.
+        # The pixel limit only decides too_many_pixels and follows the machine's memory: left out.
+        "preprocess": {
+            "version": PREPROCESS_VERSION,
+            **{k: v for k, v in asdict(model.preprocess).items() if k != "max_pixels"},
+        },
     }
 
 
