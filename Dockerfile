@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
-# Targets:
-#   lambda (default) - the API, S3-event and worker functions: OpenVINO (mixed bf16 where the CPU has
+# Targets (always pass --target: without it Docker builds the last stage, serve-gpu):
+#   lambda           - the API, S3-event and worker functions: OpenVINO (mixed bf16 where the CPU has
 #                      AVX-512 BF16/AMX) and ONNX Runtime (exact fp32 elsewhere), no torch
 #   tools            - lambda + CPU torch/transformers/huggingface_hub: the model-sync function (fetch + ONNX export)
 #   gpu              - CUDA torch for the ECS GPU task (python -m handler.gpu_task)
+#   serve, serve-gpu - `similarity serve` on a CPU (OpenVINO/ONNX Runtime) or a GPU (deploy/k8s)
 # The model is never baked in: it lives on EFS (/mnt/models) and is put there by the model-sync function.
 # The wheel holds only the library (`similarity`); the entry points in src/handler are copied into
 # each image beside it (a top-level `handler` package in the wheel would collide in any Lambda).
@@ -55,7 +56,7 @@ ENTRYPOINT ["python", "-m", "handler.gpu_task"]
 # runAsUser), the model mounted at /models. serve-gpu: the same on the gpu image's CUDA torch.
 FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS serve
 COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[serve,cpu]" && rm -rf /wheels \
+RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[serve,cpu,cache]" && rm -rf /wheels \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin similarity
 ENV MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=8589934592 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 \
     CLIP_MODEL_DIR=/models/clip-vit-base-patch32

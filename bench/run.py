@@ -487,7 +487,7 @@ def _encoder_macs(d: int, f: int, n: int, t: float, pooled_only: bool) -> float:
 def image_tower_gflop(model_dir: Path, pooled_only: bool) -> float:
     """GFLOP per image of the vision tower (multiply-adds x 2): patch embedding, the encoder and
     the projection. ``pooled_only``: the last layer computes the class token only, as the exported
-    graphs do (similarity.clip_pooled); torch runs transformers' model, which computes all tokens."""
+    graphs do (similarity.tools.clip_pooled); torch runs transformers' model, which computes all tokens."""
     cfg = json.loads((model_dir / "config.json").read_text())
     v, proj = cfg.get("vision_config", {}), cfg.get("projection_dim", 512)
     d, f, n = v.get("hidden_size", 768), v.get("intermediate_size", 3072), v.get("num_hidden_layers", 12)

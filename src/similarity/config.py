@@ -172,7 +172,9 @@ class CacheConfig(Section):
             return "local"
         if word.lower().startswith(_CACHE_URLS):
             return word
-        raise ValueError("must be off, local, sqlite:///PATH, redis://HOST:PORT[/DB] or rediss://HOST:PORT")
+        raise ValueError(
+            "must be off, local, sqlite:///PATH, redis://HOST:PORT[/DB], rediss://HOST:PORT or unix://PATH"
+        )
 
 
 class ApiSettings(Section):

@@ -209,6 +209,10 @@ def test_dockerfile_serve_targets_match_the_manifests(rendered) -> None:
         assert f"USER {pod['securityContext']['runAsUser']}" in body  # non-root, the uid the pod runs as
         assert 'ENTRYPOINT ["similarity", "serve"]' in body and "EXPOSE 8080" in body
         assert "COPY models" not in body  # the model is a volume, never baked in
+        # The manifests may set SIMILARITY_CACHE=redis://...: without the extra the cache is off.
+        parent = re.search(rf"^FROM (\S+) AS {re.escape(target)}$", text, flags=re.M)
+        inherited = stages.get(parent.group(1), "") if parent else ""
+        assert re.search(r"\[[^\]]*\bcache\b[^\]]*\]", body + inherited), f"{target} installs the cache extra"
 
 
 # ---------------------------------------------------------------------------------------- KServe

@@ -492,6 +492,16 @@ def test_api_has_reserved_concurrency() -> None:
     assert "ReservedConcurrentExecutions" not in none  # 0 reserves none (it would throttle everything)
 
 
+def test_the_api_prices_jobs_at_the_workers_memory() -> None:
+    """GET /jobs/{id}'s cost comes from WORKER_MEMORY_MB, else the answering function's own memory:
+    the API must be told the workers' (its own may differ)."""
+    s = stack()
+    worker = s.resolve(s.resources["WorkerFunction"]["Properties"])
+    for name in ("ApiFunction", "WorkerFunction"):
+        env = s.resolve(s.resources[name]["Properties"])["Environment"]["Variables"]
+        assert env["WORKER_MEMORY_MB"] == str(worker["MemorySize"]), name
+
+
 def test_start_attempts_match_lambdas_retries_of_the_s3_event() -> None:
     s = stack()
     [cfg] = [

@@ -1,5 +1,5 @@
 """One reader interface over every format: a header, the URL and caption columns, and ``Record``s
-in file order, with the same row contract for each format (``tests/unit/test_formats.py``).
+in file order, with the same row contract for each format (``tests/integration/test_formats.py``).
 
 - CSV / TSV: ``csvfile.CsvReader`` (fields are strings).
 - JSON Lines: one JSON object per line; the header is the first object's keys. A missing key is
