@@ -60,7 +60,8 @@ def cli_rate(env: dict[str, str], csv_path: Path, tmp: Path) -> float:
     summary = tmp / "summary.json"
     subprocess.run(
         [sys.executable, "-m", "similarity", "score", str(csv_path), "-o", str(tmp / "out.csv"), "--no-progress"]
-        + ["--summary-json", str(summary)],
+        # No embedding cache: a second round would score every image from it (the server has none).
+        + ["--summary-json", str(summary), "--no-cache"],
         env=env,
         check=True,
         capture_output=True,

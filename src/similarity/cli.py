@@ -125,7 +125,11 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     again = s.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue an interrupted run from its committed rows")
     again.add_argument("--restart", action="store_true", help="discard an interrupted run's committed rows")
-    s.add_argument("--commit-rows", type=int, help="commit the output every N rows (default 1000; also every 5 s)")
+    s.add_argument(
+        "--commit-rows",
+        type=int,
+        help="commit the output every N rows (default 1000; also every 5 s), at the next window boundary",
+    )
     s.add_argument(
         "--only-errors",
         metavar="CODES",

@@ -28,6 +28,7 @@ from handler import runtime
 from handler.invoke import LocalContext
 from support.imageserver import png_bytes
 from support.shapes import draw
+from support.sqs_events import sqs_event
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "examples" / "airflow"
@@ -101,25 +102,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._invoke("POST")
 
 
-def _sqs_event(messages: list[dict]) -> dict:
-    return {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m.get("Attributes", {}),
-                "messageAttributes": {},
-                "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:chunks",
-                "awsRegion": "us-east-1",
-            }
-            for m in messages
-        ]
-    }
-
-
 @pytest.fixture(scope="module")
 def deployment(moto_endpoint, tiny_clip_dir) -> Iterator[dict]:
     from similarity.aws import make_client
@@ -159,7 +141,7 @@ def deployment(moto_endpoint, tiny_clip_dir) -> Iterator[dict]:
                 ).get("Messages", [])
                 if not msgs:
                     continue
-                resp = worker.lambda_handler(_sqs_event(msgs), LocalContext(timeout_s=300))
+                resp = worker.lambda_handler(sqs_event(msgs), LocalContext(timeout_s=300))
                 failed = {f["itemIdentifier"] for f in resp["batchItemFailures"]}
                 for m in msgs:
                     if m["MessageId"] not in failed:

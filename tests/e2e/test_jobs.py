@@ -26,6 +26,7 @@ from similarity.jobs import ChunkMessage, JobService, Location, MergeBusy, pipel
 from support.faultproxy import KINDS, FaultProxy
 from support.imageserver import png_bytes
 from support.shapes import COLOURS, SHAPES, draw
+from support.sqs_events import sqs_event
 
 pytestmark = pytest.mark.slow
 
@@ -130,29 +131,10 @@ def receive(env, n: int = 10, queue: str | None = None) -> list[dict]:
     )
 
 
-def as_event(messages: list[dict]) -> dict:
-    return {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m.get("Attributes", {}),
-                "messageAttributes": {},
-                "md5OfBody": m["MD5OfBody"],
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:chunks",
-                "awsRegion": "us-east-1",
-            }
-            for m in messages
-        ]
-    }
-
-
 def run_worker(env, messages: list[dict], timeout: float = 300, delete: bool = True, release: bool = True) -> list[str]:
     """As Lambda's SQS event source does: invoke, then delete what succeeded. ``release``: make
     failed messages visible at once (rather than after the delay the worker handed them back for)."""
-    resp = env["worker"].lambda_handler(as_event(messages), LocalContext(timeout_s=timeout))
+    resp = env["worker"].lambda_handler(sqs_event(messages), LocalContext(timeout_s=timeout))
     failed = {f["itemIdentifier"] for f in resp["batchItemFailures"]}
     for m in messages:
         if m["MessageId"] in failed:

@@ -43,6 +43,7 @@ from support.moto_iam import (
     without_action,
 )
 from support.shapes import draw
+from support.sqs_events import sqs_event
 
 pytestmark = pytest.mark.slow
 
@@ -251,21 +252,7 @@ class Deployment:
         failed: list[str] = []
         with self.acting_as(as_principal):
             for m in messages:
-                event = {
-                    "Records": [
-                        {
-                            "messageId": m["MessageId"],
-                            "receiptHandle": m["ReceiptHandle"],
-                            "body": m["Body"],
-                            "attributes": m.get("Attributes", {}),
-                            "messageAttributes": {},
-                            "md5OfBody": m["MD5OfBody"],
-                            "eventSource": "aws:sqs",
-                            "eventSourceARN": self.stack.resolve({"Fn::GetAtt": ["ChunkQueue", "Arn"]}),
-                            "awsRegion": "us-east-1",
-                        }
-                    ]
-                }
+                event = sqs_event([m], self.stack.resolve({"Fn::GetAtt": ["ChunkQueue", "Arn"]}))
                 resp = worker.lambda_handler(event, LocalContext(timeout_s=timeout))
                 if resp["batchItemFailures"]:
                     failed.append(m["MessageId"])

@@ -178,3 +178,49 @@ def test_a_poison_caption_or_image_costs_only_its_row(tiny_model, server, fetche
         if got.ok:
             assert abs(got.cosine - want.cosine) < 1e-6
     assert model.calls["text"] > 1 and model.calls["image"] > 1  # the failed batches were retried
+
+
+class _Recording:
+    """The real model, recording which images shared each image batch (by their first pixels)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.batches = model, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def embed_images(self, pixels: np.ndarray):
+        self.batches.append([p.tobytes()[:64] for p in pixels])
+        return self.model.embed_images(pixels)
+
+
+class _DelayedFetcher:
+    """Serves each URL's PNG after its own delay, so downloads finish in another order than the rows'."""
+
+    def __init__(self, images: dict[str, bytes], delays: dict[str, float]) -> None:
+        self.images, self.delays = images, delays
+
+    def fetch(self, url: str) -> bytes:
+        import time
+
+        time.sleep(self.delays.get(url, 0.0))
+        return self.images[url]
+
+
+def test_image_batches_form_in_row_order_whatever_order_downloads_finish(tiny_model) -> None:
+    """A row's embedding depends (in the 7th digit) on its batch-mates, so batches must not depend
+    on download timing: two runs whose downloads finish in opposite orders batch the same rows
+    together, and print the same scores (what makes a resumed run equal a clean one)."""
+    urls = [f"https://img.example/{i}.png" for i in range(12)]
+    images = {u: _img(i, ["red", "green", "blue"][i % 3], ["circle", "square"][i % 2]) for i, u in enumerate(urls)}
+    records = [Record(u, f"caption {i % 4}") for i, u in enumerate(urls)]
+    runs = []
+    for slow in (urls[:6], urls[6:]):  # first the early rows arrive last, then the late ones
+        model = _Recording(tiny_model)
+        fetcher = _DelayedFetcher(images, dict.fromkeys(slow, 0.15))
+        results = list(Scorer(model, fetcher, batch_size=4, workers=12).score(records))  # type: ignore[arg-type]
+        runs.append((model.batches, [(r.similarity, r.cosine) for r in results]))
+    (batches_a, scores_a), (batches_b, scores_b) = runs
+    in_rows = [[tiny_model.pixels(images[u]).tobytes()[:64] for u in urls[i : i + 4]] for i in range(0, 12, 4)]
+    assert batches_a == batches_b == in_rows
+    assert scores_a == scores_b

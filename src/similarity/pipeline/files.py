@@ -282,6 +282,7 @@ def score_file(
             "excel_safe": excel_safe,
             "max_field": max_field,
             "only_errors": sorted(only_errors.codes) if only_errors else None,
+            "batch_size": batch_size,  # which rows share a batch (see _Run.align)
         }
         identity = _identity(source, fmt_in, fmt_out, model, options)
         commit = Commit()
@@ -326,6 +327,7 @@ def score_file(
                 progress.start(total, unit, commit.rows)
             scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache)
             run.scorer = scorer.stats
+            run.align = scorer.window if rescore is None else 1  # --only-errors: windows of rescored rows only
             try:
                 if rescore is None:
                     for result in scorer.score(_rows(reader, commit.rows)):
@@ -333,7 +335,7 @@ def score_file(
                 else:
                     run.rescore(scorer, _rows(reader, commit.rows), rescore)
             except KeyboardInterrupt:
-                if out.committer is not None:
+                if out.committer is not None and run.at_boundary():
                     run.commit()  # what was written before Ctrl-C is kept for --resume
                 raise
             _merge_counts(totals, scorer.stats)
@@ -364,6 +366,12 @@ class _Run:
     reader: RowReader
     scorer: ScoreStats | None = None
     kept: int = 0
+    #: Commits fall on multiples of this many rows (the scorer's window), so a resumed run's windows,
+    #: and with them its batches, are the clean run's.
+    align: int = 1
+
+    def at_boundary(self) -> bool:
+        return self.rows % self.align == 0
 
     def _snapshot(self) -> ScoreStats:
         snap = ScoreStats(**{**asdict(self.totals), "errors": dict(self.totals.errors)})
@@ -378,7 +386,8 @@ class _Run:
     def _tick(self) -> None:
         self.rows += 1
         if self.out.committer is not None:
-            self.out.committer.maybe(self.rows, self.sink.flush, self._snapshot)
+            if self.at_boundary():
+                self.out.committer.maybe(self.rows, self.sink.flush, self._snapshot)
         elif self.out.line_flush:
             self.sink.flush()  # stdout: each row reaches the reader (``| head``) as it is scored
         if self.on_row is not None:

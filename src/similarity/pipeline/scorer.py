@@ -13,7 +13,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -109,14 +109,16 @@ class Scorer:
                     self._images.get(url)  # keep it recent: this window needs it
 
     def _embed_images(self, records: list[Record]) -> None:
-        wanted: dict[Future[Loaded], str] = {}
+        # Batches form in the window's row order, not in the order downloads finish: a row's
+        # embedding depends (in the 7th digit) on its batch-mates, so the same input gives the same
+        # bytes in every run, and a resumed run (commits fall on window boundaries) the clean one's.
+        wanted: dict[str, Future[Loaded]] = {}
         for rec in records:
             url = _clean(rec.url)
             if url and url in self._pending:
-                wanted[self._pending[url]] = url
+                wanted.setdefault(url, self._pending[url])
         batch: list[tuple[str, np.ndarray | Miss]] = []
-        for fut in as_completed(wanted):
-            url = wanted[fut]
+        for url, fut in wanted.items():
             value = fut.result()
             if isinstance(value, RowError):
                 self._image_errors.put(url, value)
