@@ -528,6 +528,10 @@ def test_jobs_api_start_and_status(env, server, forbidden_server, monkeypatch) -
     )
     assert _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/missing.csv"})[0] == 404
     assert _api_call(api, "api_jobs_start.json", {"input": "not-a-uri"})[0] == 400
+    # found by the schema fuzzer: a key that urlsplit emptied ("?" read as a query), and none at all
+    fuzzed = {"output": "s3://y3m/?\u00a3\u0080\u00fa\U000ea369", "input": "s3://03zgm-kr21i/\u001d`"}
+    assert _api_call(api, "api_jobs_start.json", fuzzed)[0] == 400
+    assert _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}//"})[0] == 400
 
 
 # ------------------------------------------------------------------------------ faults between boto3 and moto

@@ -96,14 +96,16 @@ def test_auto_on_a_gpu_machine(monkeypatch, exported, asked, expected) -> None:
 
 @pytest.mark.parametrize("missing", [(), ("openvino",)])
 def test_int8_alone_is_refused_where_amx_makes_bf16_faster(monkeypatch, exported, missing) -> None:
-    """On AMX CPUs no int8 path measured faster than the bf16 default: --dtype int8 alone says so,
+    """On AMX CPUs no int8 path was consistently faster than the bf16 default: --dtype int8 alone says so,
     with the figures, and a named backend still runs it."""
     monkeypatch.setattr(hardware, "has_native_bf16", lambda: True)
     monkeypatch.setattr(hardware, "has_int8_dot", lambda: True)
     monkeypatch.setattr(hardware, "has_amx", lambda: True)
     monkeypatch.setattr(hardware, "installed", lambda name: name not in missing)
     monkeypatch.setattr(hardware, "cuda_present", lambda: False)
-    with pytest.raises(BackendUnavailable, match=r"not offered on this CPU.*0\.97-1\.05x.*--backend onnx --dtype int8"):
+    with pytest.raises(
+        BackendUnavailable, match=r"not offered on this CPU.*0\.74x-1\.08x.*--backend onnx --dtype int8"
+    ):
         resolve("auto", "auto", exported, "int8")
     assert resolve("onnx", "auto", exported, "int8") == Selection("onnx", "cpu", "int8")
     assert resolve("openvino", "cpu", exported, "int8") == Selection("openvino", "cpu", "int8")

@@ -177,8 +177,11 @@ class ApiService:
         s = self.settings
         req: JobRequest = validate(JobRequest, parse_json(raw, s.api.max_body_bytes))
         jobs = self.jobs()
-        bucket, key = split_s3(req.input)
-        out_bucket, out_key = split_s3(req.output) if req.output else (bucket, None)
+        try:
+            bucket, key = split_s3(req.input)
+            out_bucket, out_key = split_s3(req.output) if req.output else (bucket, None)
+        except InputNotFound as exc:  # e.g. s3://bucket// : the pattern passes, no key is left
+            raise BadRequest(str(exc), fields=[{"field": "input/output", "message": "not s3://bucket/key"}]) from None
         if bucket != s.jobs.bucket or out_bucket != s.jobs.bucket:
             raise BadRequest(
                 f"input and output must be in s3://{s.jobs.bucket}/",

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
 from ..errors import InputNotFound, InputUnreadable
 from .formats import FileFormat
@@ -32,11 +31,12 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    parts = urlsplit(uri)
-    key = parts.path.lstrip("/")
-    if not parts.netloc or not key:
+    # Not urlsplit: "?" and "#" are ordinary characters of an S3 key, not a query or a fragment.
+    bucket, _, key = uri[len("s3://") :].partition("/") if is_s3(uri) else ("", "", "")
+    key = key.lstrip("/")
+    if not bucket or not key:
         raise InputNotFound(f"{uri!r} is not s3://bucket/key")
-    return parts.netloc, key
+    return bucket, key
 
 
 def s3_reason(exc: BaseException) -> str:

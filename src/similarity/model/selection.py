@@ -34,8 +34,8 @@ from .directory import has_weights
 
 #: Why ``--dtype int8`` alone is refused on CPUs with AMX, with what was measured there.
 INT8_ON_AMX = (
-    "--dtype int8 is not offered on this CPU: it has AMX, where no int8 path measured faster than the bf16 "
-    "default (OpenVINO dynamic int8 at 0.74x-1.08x its speed end to end in two runs on a 2-vCPU "
+    "--dtype int8 is not offered on this CPU: it has AMX, where no int8 path was consistently faster than the "
+    "bf16 default (OpenVINO dynamic int8 at 0.74x-1.08x its speed end to end in two runs on a 2-vCPU "
     "Xeon with AMX, family 6 model 207), with 2-3x its drift (docs/performance.md). Leave --dtype at auto, "
     "or name the backend to run int8 anyway: --backend onnx --dtype int8 (or --backend openvino)"
 )
