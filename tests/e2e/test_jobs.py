@@ -25,6 +25,7 @@ from similarity.cli import main as cli_main
 from similarity.jobs import ChunkMessage, JobService, Location, MergeBusy, pipeline_scorer
 from support.faultproxy import KINDS, FaultProxy
 from support.imageserver import png_bytes
+from support.moto_ecs import register_instance
 from support.shapes import COLOURS, SHAPES, draw
 from support.sqs_events import sqs_event
 
@@ -428,21 +429,7 @@ def gpu(env, monkeypatch):
 
     ecs, ec2 = make_client("ecs"), make_client("ec2")
     cluster = ecs.create_cluster(clusterName=f"gpu-{uuid.uuid4().hex[:6]}")["cluster"]["clusterName"]
-    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    inst = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]
-    doc = {
-        "instanceId": inst["InstanceId"],
-        "region": "us-east-1",
-        "availabilityZone": inst["Placement"]["AvailabilityZone"],
-        "instanceType": inst["InstanceType"],
-        "imageId": inst["ImageId"],
-        "privateIp": inst.get("PrivateIpAddress"),
-        "accountId": "123456789012",
-        "architecture": "x86_64",
-        "version": "2010-8-31",
-        "pendingTime": "2026-11-27T00:00:00Z",
-    }
-    ecs.register_container_instance(cluster=cluster, instanceIdentityDocument=json.dumps(doc))
+    register_instance(ecs, ec2, cluster)
     td = ecs.register_task_definition(
         family="gpu",
         networkMode="awsvpc",

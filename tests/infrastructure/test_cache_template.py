@@ -3,7 +3,6 @@ security group, and wired into every scoring function and the GPU task through S
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -95,26 +94,10 @@ def test_both_values_the_template_can_set_are_valid_settings() -> None:
     assert CacheConfig(store="").store == ""  # empty: the services' default, no cache
 
 
-def test_sam_transform_with_the_cache_on_lints_clean(tpl, tmp_path) -> None:
-    from samtranslator.translator.transform import transform
+def test_sam_transform_with_the_cache_on_lints_clean(tmp_path) -> None:
+    from support.aws_template import translate
 
-    doc = copy.deepcopy(tpl)
-    for r in doc["Resources"].values():
-        if r["Type"] == "AWS::Serverless::Function":
-            r["Properties"]["ImageUri"] = "123456789012.dkr.ecr.us-east-1.amazonaws.com/similarity:lambda"
-
-    class NoManagedPolicies:
-        def load(self) -> dict:
-            return {}
-
-    params = {
-        "VpcId": "vpc-0123456789abcdef0",
-        "SubnetA": "subnet-aaaa1111",
-        "SubnetB": "subnet-bbbb2222",
-        "GpuImageUri": "x/y:gpu",
-        "EmbeddingCacheEngine": "valkey",
-    }
-    out = transform(doc, params, NoManagedPolicies())
+    out = translate(ROOT / "template.yaml", {"GpuImageUri": "x/y:gpu", "EmbeddingCacheEngine": "valkey"})
     fns = {k: v for k, v in out["Resources"].items() if v["Type"] == "AWS::Lambda::Function"}
     for name in ("ApiFunction", "WorkerFunction"):
         assert fns[name]["Properties"]["Environment"]["Variables"]["SIMILARITY_CACHE"] == CACHE_URL

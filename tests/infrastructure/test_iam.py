@@ -33,6 +33,7 @@ from handler.invoke import LocalContext
 from similarity.jobs.objects import MIN_PART
 from support.aws_template import ACCOUNT_ID, Stack
 from support.imageserver import png_bytes
+from support.moto_ecs import register_instance
 from support.moto_iam import (
     allow_actions,
     client,
@@ -142,21 +143,7 @@ class Deployment:
         self.queue = self.queue_urls["ChunkQueue"]
         self.dlq = self.queue_urls["ChunkDeadLetterQueue"]
         self.cluster = self.ecs.create_cluster(clusterName=r.name("GpuCluster"))["cluster"]["clusterName"]
-        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-        inst = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]
-        doc = {
-            "instanceId": inst["InstanceId"],
-            "region": "us-east-1",
-            "availabilityZone": inst["Placement"]["AvailabilityZone"],
-            "instanceType": inst["InstanceType"],
-            "imageId": ami,
-            "privateIp": inst.get("PrivateIpAddress"),
-            "accountId": ACCOUNT_ID,
-            "architecture": "x86_64",
-            "version": "2010-8-31",
-            "pendingTime": "2026-11-27T00:00:00Z",
-        }
-        self.ecs.register_container_instance(cluster=self.cluster, instanceIdentityDocument=json.dumps(doc))
+        register_instance(self.ecs, ec2, self.cluster, ACCOUNT_ID)
         td = self.stack.resolve(self.stack.resources["GpuTaskDefinition"]["Properties"])
         [container] = td["ContainerDefinitions"]
         arn = self.ecs.register_task_definition(

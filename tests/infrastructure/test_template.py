@@ -167,29 +167,12 @@ def test_dockerfile_targets() -> None:
 
 
 @pytest.fixture(scope="module")
-def translated(tpl) -> dict:
-    """The template after the real SAM transform (offline), as `sam deploy` would submit it.
-    `sam build` fills in each function's ImageUri; we do the same with a placeholder."""
-    import copy
+def translated() -> dict:
+    """The template after the real SAM transform (offline), as `sam deploy` would submit it, with
+    a GPU image (support.aws_template fills in each function's ImageUri as `sam build` does)."""
+    from support.aws_template import translate
 
-    from samtranslator.translator.transform import transform
-
-    doc = copy.deepcopy(tpl)
-    for r in doc["Resources"].values():
-        if r["Type"] == "AWS::Serverless::Function":
-            r["Properties"]["ImageUri"] = "123456789012.dkr.ecr.us-east-1.amazonaws.com/similarity:lambda"
-
-    class NoManagedPolicies:  # every policy here is inline or a SAM policy template
-        def load(self) -> dict:
-            return {}
-
-    params = {
-        "VpcId": "vpc-0123456789abcdef0",
-        "SubnetA": "subnet-aaaa1111",
-        "SubnetB": "subnet-bbbb2222",
-        "GpuImageUri": "x/y:gpu",
-    }
-    return transform(doc, params, NoManagedPolicies())
+    return translate(TEMPLATE, {"GpuImageUri": "x/y:gpu"})
 
 
 def test_sam_transform_iam_on_every_route(translated) -> None:

@@ -121,15 +121,7 @@ def register_udf(
     from snowflake.snowpark.functions import pandas_udf
     from snowflake.snowpark.types import PandasDataFrameType, PandasSeriesType, StringType, VariantType
 
-    extra: dict[str, Any] = {}
-    if stage_location:
-        extra |= {"is_permanent": True, "stage_location": stage_location}
-    if imports:
-        extra["imports"] = list(imports)
-    if external_access_integrations:
-        extra["external_access_integrations"] = list(external_access_integrations)
-    if packages:
-        extra["packages"] = list(packages)
+    extra = _registration(stage_location, imports, packages, external_access_integrations)
     return pandas_udf(
         udf_handler(spec),
         return_type=PandasSeriesType(VariantType()),
@@ -140,6 +132,25 @@ def register_udf(
         session=session,
         **extra,
     )
+
+
+def _registration(
+    stage_location: str | None,
+    imports: Sequence[str],
+    packages: Sequence[str],
+    integrations: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The keywords a UDF and a procedure registration share; only what is given is passed."""
+    extra: dict[str, Any] = {}
+    if stage_location:
+        extra |= {"is_permanent": True, "stage_location": stage_location}
+    if imports:
+        extra["imports"] = list(imports)
+    if integrations:
+        extra["external_access_integrations"] = list(integrations)
+    if packages:
+        extra["packages"] = list(packages)
+    return extra
 
 
 def _column(columns: Sequence[str], wanted: str, missing: type[RunError]) -> str:
@@ -191,13 +202,7 @@ def register_procedure(
     """Register ``score_table`` as a stored procedure (permanent when ``stage_location`` is given)."""
     from snowflake.snowpark.types import StringType
 
-    extra: dict[str, Any] = {}
-    if stage_location:
-        extra |= {"is_permanent": True, "stage_location": stage_location}
-    if imports:
-        extra["imports"] = list(imports)
-    if packages:
-        extra["packages"] = list(packages)
+    extra = _registration(stage_location, imports, packages)
     return session.sproc.register(
         _without_hints(score_table),
         return_type=StringType(),

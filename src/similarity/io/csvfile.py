@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
 from ..errors import FieldTooLarge, MalformedCsv, NoCaptionColumn, NoUrlColumn, RaggedRow
 from ..types import Record, ScoreResult
@@ -171,14 +171,20 @@ class CsvWriter:
             self._writer.writerow(header_cells(header, excel_safe))
 
     def write(self, result: ScoreResult) -> None:
-        row = list(result.record.row)
-        base, extra = row[: self._width], row[self._width :]
-        base += [""] * (self._width - len(base))
-        sim = "" if result.similarity is None else f"{result.similarity:.4f}"
-        cos = "" if result.cosine_rounded is None else f"{result.cosine_rounded:.4f}"
-        trunc = "true" if result.truncated else ""
-        out = [_cell(v, self._excel_safe) for v in base] + [sim, cos, result.error_text, trunc]
-        self._writer.writerow(out + [_cell(v, self._excel_safe) for v in extra])
+        self._writer.writerow(row_cells(result, self._width, self._excel_safe))
+
+
+def row_cells(result: ScoreResult, width: int, excel_safe: bool = False, text: Callable[[Any], str] = str) -> list[str]:
+    """One output row's cells: the input's ``width`` fields (padded), the four score columns, then
+    a ragged row's extra fields. ``text`` turns a field into text (formats other than CSV)."""
+    row = list(result.record.row)
+    base, extra = row[:width], row[width:]
+    base += [""] * (width - len(base))
+    sim = "" if result.similarity is None else f"{result.similarity:.4f}"
+    cos = "" if result.cosine_rounded is None else f"{result.cosine_rounded:.4f}"
+    trunc = "true" if result.truncated else ""
+    scores = [sim, cos, result.error_text, trunc]
+    return [_cell(text(v), excel_safe) for v in base] + scores + [_cell(text(v), excel_safe) for v in extra]
 
 
 def read_all(stream: IO[str]) -> list[list[str]]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO, Protocol
 
 from ..types import ScoreResult
-from .csvfile import OUTPUT_COLUMNS, _cell
+from .csvfile import OUTPUT_COLUMNS, header_cells, row_cells
 from .formats import FileFormat, Format
 from .rows import KeyedRow, as_text, output_names, require_pyarrow
 
@@ -70,19 +70,10 @@ class TextSink:
         self._width = len(header)
         self._excel_safe = excel_safe
         if write_header:
-            self._writer.writerow([_cell(h, excel_safe) for h in header] + list(OUTPUT_COLUMNS))
-
-    def _cells(self, values: Sequence[Any]) -> list[str]:
-        return [_cell(as_text(v), self._excel_safe) for v in values]
+            self._writer.writerow(header_cells(header, excel_safe))
 
     def write(self, result: ScoreResult) -> None:
-        row = list(result.record.row)
-        base, extra = row[: self._width], row[self._width :]
-        base += [""] * (self._width - len(base))
-        sim = "" if result.similarity is None else f"{result.similarity:.4f}"
-        cos = "" if result.cosine_rounded is None else f"{result.cosine_rounded:.4f}"
-        self._writer.writerow([*self._cells(base), sim, cos, result.error_text, "true" if result.truncated else "",
-                               *self._cells(extra)])  # fmt: skip
+        self._writer.writerow(row_cells(result, self._width, self._excel_safe, as_text))
         if self._buf.tell() > _FLUSH_BYTES:
             self.flush()
 
