@@ -5,10 +5,11 @@
 
 Needs a CUDA device (CI and the dev machine have none; the README says where it last ran). Builds
 the same full-size random ViT-B/32 as bench/run.py, serves generated JPEGs from a loopback HTTP
-server in a separate process (so serving does not share this process's GIL), and prints, in one
-run: end-to-end pairs/s of the baseline (CLIPProcessor + CLIPModel fp32 on the GPU, batch 32) and
-of score_pairs as the GPU task calls it (fp16, batch 128, 32 workers), three interleaved rounds
-each; the towers alone; decode + preprocess alone and fetching alone on the CPU; agreement with
+server in separate processes sharing one port (so serving does not share this process's GIL),
+and prints, in one run: end-to-end pairs/s of the baseline (CLIPProcessor + CLIPModel fp32 on the
+GPU, batch 32), of score_pairs as the GPU task calls it (fp16, batch 128, 32 workers), and of the
+same with fetching and decoding in worker processes (``--processes``: SIMILARITY_PROCESSES), three
+interleaved rounds each; the towers alone; decode + preprocess alone and fetching alone on the CPU; agreement with
 the CPU fp32 reference; and cold start to the first score.
 """
 
@@ -34,14 +35,29 @@ import run as cpu_bench
 ROOT = cpu_bench.ROOT
 
 
-def _serve(routes: dict[str, bytes], conn) -> None:
+def _serve(routes: dict[str, bytes], conn, port: int = 0) -> None:
     from support.imageserver import ImageServer
 
-    srv = ImageServer("127.0.0.1")
+    srv = ImageServer("127.0.0.1", port=port, reuse_port=True)
     for path, data in routes.items():
         srv.image(path, data, "image/jpeg")
     conn.send(srv.base)
     srv.serve_forever()
+
+
+def start_servers(routes: dict[str, bytes], count: int) -> tuple[str, list]:
+    """``count`` server processes on one loopback port (SO_REUSEPORT): one Python process serves
+    far fewer images a second than 16 cores fetch."""
+    ctx = multiprocessing.get_context("fork")
+    procs, base, port = [], "", 0
+    for _ in range(max(1, count)):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(routes, child, port), daemon=True)
+        proc.start()
+        base = parent.recv()
+        port = int(base.rsplit(":", 1)[1])
+        procs.append(proc)
+    return base, procs
 
 
 def main() -> None:
@@ -49,6 +65,15 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=1024)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results-gpu.json"))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    cores = os.cpu_count() or 1
+    ap.add_argument("--server-processes", type=int, default=max(1, cores // 4), help="image server processes")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        nargs="*",
+        default=sorted({max(1, cores // 2), max(1, cores - 2)}),
+        help="SIMILARITY_PROCESSES values to time beside the threads (one row each)",
+    )
     args = ap.parse_args()
     import torch
 
@@ -86,14 +111,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     sizes = [(640, 480)] * 8 + [(480, 640), (800, 600), (3000, 2000), (1600, 1200)]
     photos = [cpu_bench.make_jpeg(rng, sizes[i % len(sizes)]) for i in range(48)]
     routes = {f"/img/{i}.jpg": photos[i % len(photos)] for i in range(args.pairs)}
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe()
-    server = ctx.Process(target=_serve, args=(routes, child), daemon=True)
-    server.start()
-    base_url = parent.recv()
+    base_url, servers = start_servers(routes, args.server_processes)
     pairs = [(base_url + path, cpu_bench.caption(rng, i)) for i, path in enumerate(routes)]
     policy = AddressPolicy(parse_networks("127.0.0.1/32"))
-    log(f"{len(pairs)} pairs served from {base_url} by a separate process")
+    results["server_processes"] = len(servers)
+    log(f"{len(pairs)} pairs served from {base_url} by {len(servers)} separate process(es)")
 
     model = load_model(model_dir, backend="torch", device=dev)
     info = model.info
@@ -145,8 +167,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         "decode + preprocess alone on the CPU: "
         + ", ".join(f"{k} {v:.0f} images/s" for k, v in results["decode_preprocess_per_s"].items())
     )
-    # Fetching alone, from this bench's one-process Python server: if it is near the end-to-end
-    # rate, the server or the fetch path, not decoding or the model, is what bounds end to end.
+    # Fetching alone, from this bench's server processes: if it is near the end-to-end rate, the
+    # server or the fetch path, not decoding or the model, is what bounds end to end.
     fetcher = Fetcher(FetchSettings(pool_size=64), policy)
     t = time.perf_counter()
     with ThreadPoolExecutor(32) as pool:
@@ -155,8 +177,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     fetcher.close()
     log(f"fetching alone, 32 threads: {results['fetch_alone_per_s_32_threads']:.0f} images/s")
 
-    def ours() -> tuple[float, list[float | None]]:  # as the GPU task calls it
-        return cpu_bench.ours(model, pairs, policy, batch=128, workers=32)
+    def ours(processes: int = 0) -> tuple[float, list[float | None]]:  # as the GPU task calls it
+        return cpu_bench.ours(model, pairs, policy, batch=128, workers=32, processes=processes)
 
     ours()  # warm: cuDNN/cuBLAS pick their kernels for these shapes
     rounds = []
@@ -164,14 +186,29 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         b_s, b_cos = cpu_bench.baseline(model_dir, pairs, device=dev)
         o_s, o_cos = ours()
         rounds.append({"baseline": len(pairs) / b_s, "ours": len(pairs) / o_s})
-        log(f"round: baseline {rounds[-1]['baseline']:.0f} pairs/s, ours {rounds[-1]['ours']:.0f} pairs/s")
+        for n in args.processes:  # SIMILARITY_PROCESSES=n: fetching and decoding in n worker processes
+            p_s, p_cos = ours(n)
+            diff = max(abs(a - b) for a, b in zip(p_cos, o_cos, strict=True))  # type: ignore[operator]
+            assert diff < 1e-3, f"worker processes gave other scores than the threads ({diff})"
+            rounds[-1][f"ours, processes={n}"] = len(pairs) / p_s
+        log("round: " + ", ".join(f"{k} {v:.0f} pairs/s" for k, v in rounds[-1].items()))
     assert all(c is not None for c in o_cos), "every pair must score"
     results["max_abs_similarity_diff_vs_baseline_e2e"] = max(abs(a - b) / 2 for a, b in zip(o_cos, b_cos))
     results["rounds"] = rounds
     results["baseline_pairs_per_s"] = float(np.median([r["baseline"] for r in rounds]))
     results["pairs_per_s"] = float(np.median([r["ours"] for r in rounds]))
     results["speedup"] = float(np.median([r["ours"] / r["baseline"] for r in rounds]))
-    server.terminate()
+    results["processes"] = {
+        str(n): {
+            "pairs_per_s": float(np.median([r[f"ours, processes={n}"] for r in rounds])),
+            "vs_threads": float(np.median([r[f"ours, processes={n}"] / r["ours"] for r in rounds])),
+        }
+        for n in args.processes
+    }
+    for n, row in results["processes"].items():
+        log(f"SIMILARITY_PROCESSES={n}: {row['pairs_per_s']:.0f} pairs/s, {row['vs_threads']:.2f}x the threads")
+    for proc in servers:
+        proc.terminate()
 
     results["cold_start_s"] = cpu_bench.cold_start(model_dir, "torch", "auto", reps=1)[0]  # auto: CUDA fp16 here
     log(

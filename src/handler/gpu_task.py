@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=run.workers,
             excel_safe=job.excel_safe,
             cache=run.cache,
+            processes=run.processes,
         )
 
     try:

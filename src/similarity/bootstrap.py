@@ -59,6 +59,10 @@ class Runtime:
         return self.settings.score.workers
 
     @property
+    def processes(self) -> int:
+        return self.settings.score.processes
+
+    @property
     def loaded(self) -> bool:
         return self._model is not None
 
@@ -90,6 +94,7 @@ class Runtime:
             batch_size=self.batch_size,
             workers=self.workers,
             cache=self.cache,
+            processes=self.processes,
         )
 
     def score_csv(self, input_uri: str, output_uri: str, **kwargs: Any) -> FileResult:
@@ -104,6 +109,7 @@ class Runtime:
             s3_client=s3,
             batch_size=self.batch_size,
             workers=self.workers,
+            processes=self.processes,
             **kwargs,
         )
 

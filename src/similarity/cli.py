@@ -68,6 +68,7 @@ FLAGS: dict[str, dict[str, str]] = {
     "score": {
         "batch_size": "--batch-size",
         "workers": "--workers",
+        "processes": "--processes",
         "excel_safe": "--excel-safe",
         "commit_rows": "--commit-rows",
     },
@@ -97,6 +98,12 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     s.add_argument("--batch-size", type=int, help="images/captions per model call (default 32)")
     s.add_argument("--workers", type=int, help="concurrent image downloads (default 16)")
+    s.add_argument(
+        "--processes",
+        type=int,
+        help="fetch and decode in this many worker processes, the downloads spread over them "
+        "(default 0: threads of this process; for many cores beside a GPU)",
+    )
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
     s.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
     s.add_argument(
@@ -176,6 +183,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         {
             "batch_size": args.batch_size,
             "workers": args.workers,
+            "processes": args.processes,
             "excel_safe": True if args.excel_safe else None,
             "commit_rows": args.commit_rows,
         },
@@ -328,6 +336,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
                 s3,
                 batch_size=settings.score.batch_size,
                 workers=settings.score.workers,
+                processes=settings.score.processes,
                 url_column=args.url_column,
                 caption_column=args.caption_column,
                 input_format=args.input_format,

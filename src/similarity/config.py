@@ -131,6 +131,9 @@ class ScoreSettings(Section):
     batch_size: int = Field(32, ge=1, le=4096, validation_alias="SIMILARITY_BATCH_SIZE")
     #: Concurrent image fetches and decodes.
     workers: int = Field(16, ge=1, le=1024, validation_alias="SIMILARITY_WORKERS")
+    #: Worker processes that fetch and decode (the workers' fetches spread over them); 0: threads
+    #: of this process. For hosts with many cores beside a GPU (pipeline.processes).
+    processes: int = Field(0, ge=0, le=256, validation_alias="SIMILARITY_PROCESSES")
     excel_safe: bool = Field(False, validation_alias="SIMILARITY_EXCEL_SAFE")
     #: A file output's rows are committed (flushed, fsync'd) after this many rows or seconds,
     #: whichever comes first: what a crash can lose and ``--resume`` scores again.

@@ -172,6 +172,13 @@ class InferenceError(RowError):
     meaning = "the model failed on this input"
 
 
+class WorkerCrashed(RowError):
+    """The worker process fetching and decoding this image died on it (``SIMILARITY_PROCESSES``)."""
+
+    code = "worker_crashed"
+    meaning = "the worker process fetching and decoding this image died on it (a decoder crash, the memory limit)"
+
+
 class InternalError(RowError):
     """A bug: an unexpected exception while handling this row, contained to the row."""
 
@@ -254,6 +261,12 @@ class ModelIncomplete(ModelError):
 
 class ModelFetchFailed(ModelError):
     code = "model_fetch_failed"
+
+
+class WorkersFailing(RunError):
+    """The image worker processes keep dying with no image to blame (they cannot start)."""
+
+    code = "workers_failing"
 
 
 class BackendUnavailable(RunError):

@@ -77,6 +77,19 @@ def test_http_urls_with_allow_network(tmp_path, tiny_clip_dir, server) -> None:
     assert env_ok.returncode == 0 and _rows(tmp_path / "in_scored.csv")[0]["error"] == ""
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path, tiny_clip_dir) -> None:
+    """``--processes 2``: local files, the challenge set's errors and all, as the threads write them."""
+    outs = []
+    for extra in ([], ["--processes", "2"]):
+        out = tmp_path / f"scored{len(extra)}.csv"
+        r = _run(
+            "score", "examples/challenge_set.csv", "-o", str(out), "--model", str(tiny_clip_dir), "--no-cache", *extra
+        )
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] and b"not_found" in outs[1]
+
+
 def test_no_local_paths_flag(tmp_path, tiny_clip_dir) -> None:
     out = tmp_path / "o.csv"
     r = _run("score", "examples/challenge_set.csv", "-o", str(out), "--model", str(tiny_clip_dir), "--no-local-paths")
@@ -411,6 +424,8 @@ def test_relative_image_paths_stdin_versus_file(tmp_path, tiny_onnx_dir) -> None
         (["--timeout", "0"], {}, "--timeout: Input should be greater than 0"),
         (["--workers", "0"], {}, "--workers: Input should be greater than or equal to 1"),
         (["--commit-rows", "0"], {}, "--commit-rows: Input should be greater than or equal to 1"),
+        (["--processes", "-1"], {}, "--processes: Input should be greater than or equal to 0"),
+        ([], {"SIMILARITY_PROCESSES": "many"}, "SIMILARITY_PROCESSES: Input should be a valid integer"),
         ([], {"SIMILARITY_BATCH_SIZE": "abc"}, "SIMILARITY_BATCH_SIZE: Input should be a valid integer"),
         ([], {"SIMILARITY_FETCH_DEADLINE": "-1"}, "SIMILARITY_FETCH_DEADLINE: Input should be greater than 0"),
         ([], {"SIMILARITY_COMMIT_SECONDS": "x"}, "SIMILARITY_COMMIT_SECONDS: Input should be a valid number"),

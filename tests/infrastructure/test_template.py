@@ -156,6 +156,17 @@ def test_gpu_path(tpl) -> None:
     [vol] = td["Volumes"]
     assert vol["EFSVolumeConfiguration"]["AuthorizationConfig"]["AccessPointId"] == {"Ref": "ModelAccessPoint"}
     assert c["LogConfiguration"]["LogDriver"] == "awslogs"
+    env = {e["Name"]: e["Value"] for e in c["Environment"]}
+    # worker processes are a deploy parameter, off by default, validated like the variable
+    assert env["SIMILARITY_PROCESSES"] == {"Ref": "GpuProcesses"}
+    param = tpl["Parameters"]["GpuProcesses"]
+    from similarity.config import ScoreSettings
+
+    field = ScoreSettings.model_fields["processes"]
+    assert param["Default"] == field.default == 0
+    assert (param["MinValue"], param["MaxValue"]) == (0, 256)
+    assert [m.ge for m in field.metadata if hasattr(m, "ge")] == [0]
+    assert [m.le for m in field.metadata if hasattr(m, "le")] == [256]
 
 
 def test_dockerfile_targets() -> None:

@@ -56,8 +56,11 @@ class ImageServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        super().__init__((host, 0), Handler)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
+        # reuse_port: several processes serve one port, the kernel spreading connections over them
+        # (bench/gpu.py: one Python process cannot serve as fast as many cores fetch).
+        self.allow_reuse_port = reuse_port
+        super().__init__((host, port), Handler)
         self.routes: dict[str, Route] = {}
         self.hits: defaultdict[str, int] = defaultdict(int)
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)

@@ -110,12 +110,13 @@ def score_stream(
     write_header: bool = True,
     on_row: Callable[[int], None] | None = None,
     cache: EmbeddingCache | None = None,
+    processes: int = 0,
 ) -> FileResult:
-    """CSV text in, CSV text out (the batch pipeline's chunks)."""
+    """CSV text in, CSV text out (the batch pipeline's chunks). ``processes``: see ``Scorer``."""
     start = time.perf_counter()
     reader = CsvReader(src, url_column=url_column, caption_column=caption_column, max_field=max_field)
     writer = CsvWriter(dst, reader.header, excel_safe=excel_safe, write_header=write_header)
-    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache)
+    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache, processes=processes)
     for result in scorer.score(reader):
         writer.write(result)
         if on_row is not None:
@@ -247,9 +248,10 @@ def score_file(
     on_row: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     cache: EmbeddingCache | None = None,
+    processes: int = 0,
 ) -> FileResult:
     """Score ``input_uri`` into ``output_uri`` (local paths, ``-``, ``s3://``; format by name or
-    extension). The output appears only when complete; until then rows are committed to
+    extension); ``processes``: see ``Scorer``. The output appears only when complete; until then rows are committed to
     ``partial_dir(output_uri)`` (``-``: streamed, no commits). ``on_partial``: what to do with an
     earlier run's partial output: continue it (``resume``), discard it (``restart``), or raise
     ``ResumeMismatch`` (``fail``, the CLI without ``--resume``/``--restart``)."""
@@ -325,7 +327,7 @@ def score_file(
             if progress is not None:
                 total, unit = _progress_total(source, reader)
                 progress.start(total, unit, commit.rows)
-            scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache)
+            scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, cache=cache, processes=processes)
             run.scorer = scorer.stats
             run.align = scorer.window if rescore is None else 1  # --only-errors: windows of rescored rows only
             try:

@@ -23,6 +23,7 @@ from ..errors import InferenceError, InternalError, InvalidCaption, MissingCapti
 from ..fetch import Fetcher
 from ..model import ClipModel
 from ..types import Record, ScoreResult, ScoreStats
+from .processes import Handle, LoaderSpec, ProcessLoader
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ class Scorer:
         window: int | None = None,
         cache_size: int = 20_000,
         cache: EmbeddingCache | None = None,
+        processes: int = 0,
     ) -> None:
+        """``processes``: fetch and decode in that many worker processes (``pipeline.processes``)
+        instead of this process's threads; 0, the default, keeps them here. With an embedding
+        cache they stay here: the cache decides per URL, in this process, what to fetch."""
         self.model = model
         self.fetcher = fetcher
         self.batch_size = max(1, batch_size)
@@ -80,8 +85,14 @@ class Scorer:
         self._image_errors: Lru[str, RowError] = Lru(cache_size)
         self._captions: Lru[str, tuple[np.ndarray, bool]] = Lru(cache_size)  # caption -> (embedding, truncated)
         self._caption_errors: Lru[str, RowError] = Lru(cache_size)
-        self._pending: dict[str, Future[Loaded]] = {}
+        self._pending: dict[str, Future[Loaded] | Handle] = {}
         self.cache: RunCache | None = cache.session(model) if cache is not None else None
+        if processes and cache is not None:
+            log.warning(
+                "SIMILARITY_PROCESSES=%d is ignored with the embedding cache on: images load in threads", processes
+            )
+        self.processes = processes if cache is None else 0
+        self._loader: ProcessLoader | None = None
 
     def _known_image(self, url: str) -> bool:
         return url in self._images or url in self._image_errors
@@ -100,26 +111,38 @@ class Scorer:
 
     # -- model side
     def _submit(self, pool: ThreadPoolExecutor, records: list[Record]) -> None:
+        new: dict[str, None] = {}  # for the worker processes, sent together below
         for rec in records:
             url = _clean(rec.url)
             if rec.error is None and url and _clean(rec.caption):
-                if url not in self._pending and not self._known_image(url):
-                    self._pending[url] = pool.submit(self._load, url)
+                if url not in self._pending and url not in new and not self._known_image(url):
+                    if self._loader is None:
+                        self._pending[url] = pool.submit(self._load, url)
+                    else:
+                        new[url] = None
                 elif url in self._images:
                     self._images.get(url)  # keep it recent: this window needs it
+        if self._loader is not None and new:
+            self._pending.update(zip(new, self._loader.load(list(new)), strict=True))
+
+    def _wait(self, pending: Future[Loaded] | Handle) -> Loaded:
+        if isinstance(pending, Handle):
+            assert self._loader is not None
+            return self._loader.result(pending)
+        return pending.result()
 
     def _embed_images(self, records: list[Record]) -> None:
         # Batches form in the window's row order, not in the order downloads finish: a row's
         # embedding depends (in the 7th digit) on its batch-mates, so the same input gives the same
         # bytes in every run, and a resumed run (commits fall on window boundaries) the clean one's.
-        wanted: dict[str, Future[Loaded]] = {}
+        wanted: dict[str, Future[Loaded] | Handle] = {}
         for rec in records:
             url = _clean(rec.url)
             if url and url in self._pending:
                 wanted.setdefault(url, self._pending[url])
         batch: list[tuple[str, np.ndarray | Miss]] = []
-        for url, fut in wanted.items():
-            value = fut.result()
+        for url, pending in wanted.items():
+            value = self._wait(pending)
             if isinstance(value, RowError):
                 self._image_errors.put(url, value)
                 self._pending.pop(url, None)
@@ -211,6 +234,19 @@ class Scorer:
         return ScoreResult(rec, cosine=cos, truncated=bool(txt[1]))
 
     def score(self, records: Iterable[Record]) -> Iterator[ScoreResult]:
+        if self.processes:
+            spec = LoaderSpec.of(
+                self.fetcher, self.model.preprocess, self.model.uint8_pixels, self.workers, self.processes
+            )
+            self._loader = ProcessLoader(spec, self.processes)
+        try:
+            yield from self._score(records)
+        finally:
+            if self._loader is not None:
+                self._loader.close()
+                self._loader = None
+
+    def _score(self, records: Iterable[Record]) -> Iterator[ScoreResult]:
         it = iter(records)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fetch") as pool:
             current = list(itertools.islice(it, self.window))
@@ -239,8 +275,10 @@ def score_pairs(
     window: int | None = None,
     stats_out: Callable[[ScoreStats], None] | None = None,
     cache: EmbeddingCache | None = None,
+    processes: int = 0,
 ) -> Iterator[ScoreResult]:
-    """Score (image, caption) records in input order with bounded memory.
+    """Score (image, caption) records in input order with bounded memory. ``processes``: fetch
+    and decode in that many worker processes (see ``Scorer``).
 
     >>> model = load_model("models/clip-vit-base-patch32")            # doctest: +SKIP
     >>> for r in score_pairs([Record("https://x/cat.jpg", "a cat")], model):  # doctest: +SKIP
@@ -248,7 +286,9 @@ def score_pairs(
     """
     own_fetcher = fetcher is None
     fetcher = fetcher or Fetcher()
-    scorer = Scorer(model, fetcher, batch_size=batch_size, workers=workers, window=window, cache=cache)
+    scorer = Scorer(
+        model, fetcher, batch_size=batch_size, workers=workers, window=window, cache=cache, processes=processes
+    )
     try:
         yield from scorer.score(records)
     finally:

@@ -1,0 +1,146 @@
+"""Fetching and decoding in worker processes (``processes=N``): the same rows, order, scores and
+errors as the threads of one process; a worker killed mid-download costs nothing, and an image that
+kills its worker on its own costs its own row (``worker_crashed``)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import multiprocessing
+import os
+import random
+import signal
+
+import pytest
+
+from similarity import Record, score_pairs
+from similarity.errors import WorkersFailing
+from similarity.model.preprocess import decode_limits
+from similarity.pipeline.processes import LoaderSpec, ProcessLoader
+from support.imageserver import Handler, huge_png_header, png_bytes
+from support.procs import pid_with_local_port
+from support.shapes import draw
+
+SHAPES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
+
+
+def _img(seed: int, fmt: str = "PNG") -> bytes:
+    colour, shape = SHAPES[seed % len(SHAPES)]
+    return png_bytes(draw(colour, shape, random.Random(seed)), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+
+
+def _scores(results) -> list[tuple[object, float | None, str | None]]:
+    return [(r.record.row, r.cosine, r.error_code) for r in results]
+
+
+def test_processes_give_what_threads_give(tiny_model, server, forbidden_server, fetcher, tmp_path) -> None:
+    local = tmp_path / "local.jpg"
+    local.write_bytes(_img(7, "JPEG"))
+    jpeg = _img(3, "JPEG")
+    urls = [server.image(f"/proc/{i}.png", _img(i)) for i in range(40)]
+    cases = [
+        *urls,
+        server.status("/proc/404.png", 404),
+        server.image("/proc/truncated.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"),
+        server.image("/proc/huge-header.png", huge_png_header(100_000, 100_000)),
+        server.image("/proc/not-image", b"<html>nope</html>", "image/png"),
+        server.redirect("/proc/to-internal", forbidden_server.image("/proc/secret.png", _img(1))),
+        "data:image/png;base64," + base64.b64encode(_img(2)).decode(),
+        str(local),
+        "ftp://example.invalid/a.png",
+        urls[0],  # a duplicate: fetched once
+    ]
+    records = [Record(url, f"a {SHAPES[i % 4][0]} {SHAPES[i % 4][1]}", row=[i]) for i, url in enumerate(cases)]
+    threads = _scores(score_pairs(records, tiny_model, fetcher, batch_size=4, workers=8))
+    hits = dict(server.hits)
+    procs = _scores(score_pairs(records, tiny_model, fetcher, batch_size=4, workers=8, processes=2))
+    assert procs == threads  # bit for bit: the same pixels, batched in the same row order
+    codes = [code for _, _, code in procs]
+    assert codes[40:] == [
+        "http_404",
+        "decode_error",
+        "too_many_pixels",
+        "not_an_image",
+        "blocked_address",
+        None,
+        None,
+        "unsupported_source",
+        None,
+    ]
+    assert all(code is None for code in codes[:40])
+    assert server.hits["/proc/0.png"] - hits["/proc/0.png"] == 1
+    assert forbidden_server.hits["/proc/secret.png"] == 0  # the workers carry the parent's guard
+
+
+def test_s3_urls_load_in_the_workers_own_clients(tiny_model, s3, bucket, fetcher) -> None:
+    """A client cannot cross processes: each worker makes its own from the same environment
+    (``similarity.aws.make_client``; here moto's endpoint in AWS_ENDPOINT_URL)."""
+    for i in range(6):
+        s3.put_object(Bucket=bucket, Key=f"img/{i}.png", Body=_img(i))
+    urls = [f"s3://{bucket}/img/{i}.png" for i in range(6)] + [f"s3://{bucket}/img/missing.png"]
+    records = [Record(u, "a green triangle", row=[i]) for i, u in enumerate(urls)]
+    threads = _scores(score_pairs(records, tiny_model, fetcher, batch_size=4))
+    procs = _scores(score_pairs(records, tiny_model, fetcher, batch_size=4, processes=2))
+    assert procs == threads
+    assert [code for _, _, code in procs] == [None] * 6 + ["not_found"]
+
+
+def _killing_route(data: bytes, kills: int):
+    """A route that SIGKILLs the worker process downloading it, its first ``kills`` times."""
+    seen = {"n": 0}
+
+    def route(h: Handler) -> None:
+        seen["n"] += 1
+        if seen["n"] <= kills:
+            pid = pid_with_local_port(h.client_address[1], [p.pid for p in multiprocessing.active_children()])
+            assert pid is not None and pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+            return
+        h.send_plain(200, data, "image/png")
+
+    return route
+
+
+def test_a_worker_killed_mid_download_loses_nothing(tiny_model, server, fetcher) -> None:
+    urls = [server.image(f"/kill1/{i}.png", _img(i)) for i in range(24)]
+    server.routes["/kill1/victim.png"] = _killing_route(_img(5), kills=1)
+    urls.insert(9, server.url("/kill1/victim.png"))
+    records = [Record(u, "a red circle", row=[i]) for i, u in enumerate(urls)]
+    server.image("/kill1/same-as-victim.png", _img(5))
+    plain = [Record(u.replace("victim", "same-as-victim"), r.caption, row=r.row) for u, r in zip(urls, records)]
+    expected = _scores(score_pairs(plain, tiny_model, fetcher, batch_size=4))
+    got = _scores(score_pairs(records, tiny_model, fetcher, batch_size=4, workers=4, processes=2))
+    assert got == expected
+    assert server.hits["/kill1/victim.png"] == 2  # killed once, then loaded alone
+
+
+def test_an_image_that_kills_its_worker_alone_gets_worker_crashed(tiny_model, server, fetcher) -> None:
+    urls = [server.image(f"/kill2/{i}.png", _img(i)) for i in range(24)]
+    server.routes["/kill2/poison.png"] = _killing_route(b"", kills=10**6)
+    urls.insert(13, server.url("/kill2/poison.png"))
+    records = [Record(u, "a blue square", row=[i]) for i, u in enumerate(urls)]
+    results = list(score_pairs(records, tiny_model, fetcher, batch_size=4, workers=4, processes=2))
+    assert [r.record.row for r in results] == [[i] for i in range(25)]
+    assert results[13].error_code == "worker_crashed"
+    assert "died" in (results[13].error_text or "")
+    assert all(r.ok for i, r in enumerate(results) if i != 13)  # its chunk-mates were sent again
+    assert server.hits["/kill2/poison.png"] == 2  # in its chunk, then alone: never more
+
+
+def test_workers_that_cannot_start_end_the_run(fetcher, tiny_model) -> None:
+    spec = LoaderSpec.of(fetcher, tiny_model.preprocess, uint8=False, threads=4, processes=1)
+    loader = ProcessLoader(dataclasses.replace(spec, threads=0), 1)  # the initializer raises in every worker
+    try:
+        handles = loader.load(["data:,x"])
+        with pytest.raises(WorkersFailing, match="3 times in a row"):
+            loader.result(handles[0])
+    finally:
+        loader.close()
+
+
+def test_workers_share_the_decode_budget(fetcher, tiny_model) -> None:
+    spec = LoaderSpec.of(fetcher, tiny_model.preprocess, uint8=True, threads=16, processes=4)
+    assert spec.limits.budget_megapixels == pytest.approx(decode_limits().budget_megapixels / 4)
+    assert spec.limits.max_pixels == decode_limits().max_pixels
+    assert spec.threads == 4 and spec.uint8
+    assert spec.policy == fetcher.policy and spec.fetch.deadline == fetcher.settings.deadline
