@@ -85,6 +85,53 @@ def test_s3_urls_load_in_the_workers_own_clients(tiny_model, s3, bucket, fetcher
     assert [code for _, _, code in procs] == [None] * 6 + ["not_found"]
 
 
+def test_the_workers_ask_the_embedding_cache_like_the_threads(tiny_model, server, fetcher, tmp_path) -> None:
+    """Each worker opens the run's store again (``EmbeddingCache.origin``); a rerun sees only
+    304s and embeds nothing, and the workers' counts reach the run's stats."""
+    from similarity.cache import open_cache
+    from similarity.config import CacheConfig
+    from support.conditional import ConditionalImages
+
+    images = ConditionalImages(server)
+    urls = [images.put(f"/proc-cache/{i}.png", _img(i)) for i in range(10)]
+    records = [Record(u, f"a {SHAPES[i % 4][0]} {SHAPES[i % 4][1]}") for i, u in enumerate(urls)]
+    fetched_by: list[int | None] = []  # which process made each request: the workers, not this one
+
+    def noting(route):
+        def wrapped(h: Handler) -> None:
+            children = [p.pid for p in multiprocessing.active_children()]
+            fetched_by.append(pid_with_local_port(h.client_address[1], [os.getpid(), *children]))
+            route(h)
+
+        return wrapped
+
+    for i in range(10):
+        server.routes[f"/proc-cache/{i}.png"] = noting(server.routes[f"/proc-cache/{i}.png"])
+    cache = open_cache(CacheConfig(store=f"sqlite:///{tmp_path / 'cache.db'}"))
+    assert cache is not None and cache.origin is not None
+
+    def run() -> tuple[list, dict]:
+        stats: list = []
+        out = _scores(score_pairs(records, tiny_model, fetcher, batch_size=4, processes=2, cache=cache, stats_out=stats.append))  # fmt: skip
+        return out, stats[0]
+
+    plain = _scores(score_pairs(records, tiny_model, fetcher, batch_size=4))  # the cache-less threads'
+    images.reset_log()
+    assert fetched_by == [os.getpid()] * 10
+    fetched_by.clear()
+    first, s1 = run()
+    assert first == plain
+    assert images.statuses() == [200] * 10
+    assert s1.images_embedded == 10 and s1.cache["image_misses"] == 10 and s1.cache["url_misses"] == 10
+    images.reset_log()
+    second, s2 = run()
+    assert second == first and images.statuses() == [304] * 10
+    assert s2.images_embedded == 0
+    assert (s2.cache["image_hits"], s2.cache["url_not_modified"]) == (10, 10)
+    assert len(fetched_by) == 20 and None not in fetched_by and os.getpid() not in fetched_by
+    cache.close()
+
+
 def _killing_route(data: bytes, kills: int):
     """A route that SIGKILLs the worker process downloading it, its first ``kills`` times."""
     seen = {"n": 0}

@@ -27,9 +27,13 @@ def pid_with_local_port(port: int, candidates: list[int]) -> int | None:
     for pid in candidates:
         fd_dir = Path(f"/proc/{pid}/fd")
         try:
-            links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+            fds = os.listdir(fd_dir)
         except OSError:
             continue
-        if links & inodes:
-            return pid
+        for fd in fds:
+            try:
+                if os.readlink(fd_dir / fd) in inodes:
+                    return pid
+            except OSError:  # closed since the listing
+                continue
     return None

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -139,6 +139,9 @@ class EmbeddingCache:
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._fingerprints: weakref.WeakKeyDictionary[ClipModel, tuple[Fingerprint, int]] = weakref.WeakKeyDictionary()
+        #: How to open this cache again in another process (``open_cache``'s arguments), or None
+        #: for a cache built from a store object: worker processes (pipeline.processes) need it.
+        self.origin: tuple[Any, str] | None = None
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({self.store.name}, dtype={self.dtype}, url_ttl={self.url_ttl})"
@@ -200,7 +203,7 @@ class EmbeddingCache:
 
 
 class RunCache:
-    def __init__(self, cache: EmbeddingCache, model: ClipModel, fp: Fingerprint, dim: int) -> None:
+    def __init__(self, cache: EmbeddingCache, model: ClipModel | None, fp: Fingerprint, dim: int) -> None:
         self.cache = cache
         self.model = model
         self.fingerprint = fp

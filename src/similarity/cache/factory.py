@@ -61,4 +61,6 @@ def open_cache(cfg: CacheConfig, default: str = "off") -> EmbeddingCache | None:
     except StoreUnavailable as exc:
         log.warning("embedding cache off for this run: %s", exc)
         return None
-    return EmbeddingCache(store, url_ttl=cfg.ttl, dtype=cfg.dtype)
+    cache = EmbeddingCache(store, url_ttl=cfg.ttl, dtype=cfg.dtype)
+    cache.origin = (cfg, default)
+    return cache

@@ -31,13 +31,25 @@ from typing import Any
 
 import numpy as np
 
+from ..cache.cache import Counts, Hit, Miss, RunCache
+from ..cache.keys import Fingerprint
 from ..errors import InternalError, RowError, WorkerCrashed, WorkersFailing
 from ..fetch import AddressPolicy, Fetcher, FetchSettings
 from ..model.preprocess import DecodeLimits, PreprocessConfig, decode_limits, load_pixels, set_decode_limits
 
 log = logging.getLogger(__name__)
 
-Loaded = np.ndarray | RowError
+#: A URL's result: model input, or why there is none; with the cache, its ``Hit`` or ``Miss``.
+Loaded = np.ndarray | RowError | Hit | Miss
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How a worker opens the parent's embedding cache (``open_cache``'s arguments) and keys it."""
+
+    origin: tuple[Any, str]
+    fingerprint: Fingerprint
+    dim: int
 
 
 @dataclass(frozen=True)
@@ -51,10 +63,17 @@ class LoaderSpec:
     threads: int
     limits: DecodeLimits
     base_dir: str | None = None
+    cache: CacheSpec | None = None
 
     @classmethod
     def of(
-        cls, fetcher: Fetcher, preprocess: PreprocessConfig, uint8: bool, threads: int, processes: int
+        cls,
+        fetcher: Fetcher,
+        preprocess: PreprocessConfig,
+        uint8: bool,
+        threads: int,
+        processes: int,
+        cache: CacheSpec | None = None,
     ) -> LoaderSpec:
         """The spec for ``processes`` workers loading as ``fetcher`` and ``preprocess`` do, with
         ``threads`` fetches in flight in all of them together."""
@@ -69,6 +88,7 @@ class LoaderSpec:
             threads=per_process,
             limits=limits,
             base_dir=str(fetcher.base_dir) if fetcher.base_dir is not None else None,
+            cache=cache,
         )
 
 
@@ -79,7 +99,18 @@ IDLE, TERMINATED = -1, -2
 #: the run with ``WorkersFailing`` rather than restarting for ever.
 MAX_GUILTLESS_RESTARTS = 3
 
-_worker: tuple[LoaderSpec, Fetcher, ThreadPoolExecutor, Any, int] | None = None
+
+@dataclass
+class _Worker:
+    spec: LoaderSpec
+    fetcher: Fetcher
+    pool: ThreadPoolExecutor
+    slots: Any
+    slot: int
+    cache: RunCache | None
+
+
+_worker: _Worker | None = None
 
 
 def _init(spec: LoaderSpec, slots: Any, claimed: Any) -> None:
@@ -97,14 +128,27 @@ def _init(spec: LoaderSpec, slots: Any, claimed: Any) -> None:
     signal.signal(signal.SIGTERM, terminated)
     set_decode_limits(spec.limits)
     fetcher = Fetcher(spec.fetch, spec.policy, base_dir=Path(spec.base_dir) if spec.base_dir else None)
-    _worker = (spec, fetcher, ThreadPoolExecutor(spec.threads, thread_name_prefix="load"), slots, slot)
+    run_cache = None
+    if spec.cache is not None:
+        from ..cache import open_cache
+
+        opened = open_cache(*spec.cache.origin)  # None (with a warning) if the store is out of reach
+        run_cache = RunCache(opened, None, spec.cache.fingerprint, spec.cache.dim) if opened is not None else None
+    pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="load")
+    _worker = _Worker(spec, fetcher, pool, slots, slot, run_cache)
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    assert _worker is not None
+    return load_pixels(data, _worker.spec.preprocess, uint8=_worker.spec.uint8)
 
 
 def _load_one(url: str) -> Loaded:
     assert _worker is not None
-    spec, fetcher = _worker[0], _worker[1]
     try:
-        return load_pixels(fetcher.fetch(url), spec.preprocess, uint8=spec.uint8)
+        if _worker.cache is not None:  # the same steps as the parent's threads take
+            return _worker.cache.load_image(url, _worker.fetcher, _pixels)
+        return _pixels(_worker.fetcher.fetch(url))
     except RowError as exc:
         return exc
     except Exception as exc:  # contained to the row, as in the parent's threads
@@ -112,14 +156,18 @@ def _load_one(url: str) -> Loaded:
         return InternalError(f"{type(exc).__name__} while loading image")
 
 
-def _load_chunk(chunk_id: int, urls: list[str]) -> list[Loaded]:
+def _load_chunk(chunk_id: int, urls: list[str]) -> tuple[list[Loaded], dict[str, int]]:
+    """The chunk's results, and the cache counts they took (the parent adds them to its own)."""
     assert _worker is not None
-    _, _, pool, slots, slot = _worker
-    slots[slot] = chunk_id
+    w = _worker
+    w.slots[w.slot] = chunk_id
     try:
-        return list(pool.map(_load_one, urls))
+        if w.cache is not None:
+            w.cache.counts = Counts()  # one chunk at a time per worker: these are this chunk's
+        results = list(w.pool.map(_load_one, urls))
+        return results, (w.cache.counts.as_dict() if w.cache is not None else {})
     finally:
-        slots[slot] = IDLE
+        w.slots[w.slot] = IDLE
 
 
 # -- parent side
@@ -127,7 +175,7 @@ def _load_chunk(chunk_id: int, urls: list[str]) -> list[Loaded]:
 class _Chunk:
     id: int
     urls: list[str]
-    future: Future[list[Loaded]]
+    future: Future[tuple[list[Loaded], dict[str, int]]]
     generation: int
     #: After its pool broke: where its URLs went (the same chunk again, or one chunk per URL).
     then: list[_Chunk] | None = None
@@ -159,9 +207,17 @@ class ProcessLoader:
     one per chunk, and a URL that kills a worker on its own gets ``WorkerCrashed``.
     """
 
-    def __init__(self, spec: LoaderSpec, processes: int, start_method: str = "spawn") -> None:
+    def __init__(
+        self,
+        spec: LoaderSpec,
+        processes: int,
+        start_method: str = "spawn",
+        counts: Counts | None = None,
+    ) -> None:
+        """``counts``: where the workers' cache counts go (the run's ``RunCache.counts``)."""
         # spawn: the parent may hold CUDA, OpenMP or OpenVINO threads that a fork would copy broken.
         self.spec = spec
+        self.counts = counts
         self.processes = max(1, processes)
         self._ctx = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
@@ -201,10 +257,13 @@ class ProcessLoader:
         fut.add_done_callback(lambda f: self._loaded(chunk_id, f))
         return chunk
 
-    def _loaded(self, chunk_id: int, fut: Future[list[Loaded]]) -> None:
+    def _loaded(self, chunk_id: int, fut: Future[tuple[list[Loaded], dict[str, int]]]) -> None:
         if not fut.cancelled() and fut.exception() is None:
             self._live.pop(chunk_id, None)
             self._guiltless = 0
+            if self.counts is not None:
+                for name, n in fut.result()[1].items():
+                    self.counts.add(name, n)
 
     def _restart_locked(self, broken: int) -> None:
         """Restart the pool of generation ``broken`` (once) and send what it held again."""
@@ -239,7 +298,7 @@ class ProcessLoader:
         while True:
             chunk = handle.chunk
             try:
-                return chunk.future.result()[handle.index]
+                return chunk.future.result()[0][handle.index]
             except BrokenProcessPool:
                 with self._lock:
                     if chunk.then is None:

@@ -23,7 +23,7 @@ from ..errors import InferenceError, InternalError, InvalidCaption, MissingCapti
 from ..fetch import Fetcher
 from ..model import ClipModel
 from ..types import Record, ScoreResult, ScoreStats
-from .processes import Handle, LoaderSpec, ProcessLoader
+from .processes import CacheSpec, Handle, LoaderSpec, ProcessLoader
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ class Scorer:
         processes: int = 0,
     ) -> None:
         """``processes``: fetch and decode in that many worker processes (``pipeline.processes``)
-        instead of this process's threads; 0, the default, keeps them here. With an embedding
-        cache they stay here: the cache decides per URL, in this process, what to fetch."""
+        instead of this process's threads; 0, the default, keeps them here. Each worker opens the
+        embedding cache again (a cache built from a store object rather than by ``open_cache``
+        cannot be, and keeps loading in threads, with a warning)."""
         self.model = model
         self.fetcher = fetcher
         self.batch_size = max(1, batch_size)
@@ -87,11 +88,15 @@ class Scorer:
         self._caption_errors: Lru[str, RowError] = Lru(cache_size)
         self._pending: dict[str, Future[Loaded] | Handle] = {}
         self.cache: RunCache | None = cache.session(model) if cache is not None else None
-        if processes and cache is not None:
-            log.warning(
-                "SIMILARITY_PROCESSES=%d is ignored with the embedding cache on: images load in threads", processes
-            )
-        self.processes = processes if cache is None else 0
+        self._cache_spec: CacheSpec | None = None
+        if processes and cache is not None and self.cache is not None:
+            if cache.origin is None:
+                log.warning("SIMILARITY_PROCESSES=%d: this embedding cache cannot be opened again in worker "
+                            "processes (not made by open_cache): images load in threads", processes)  # fmt: skip
+                processes = 0
+            else:
+                self._cache_spec = CacheSpec(cache.origin, self.cache.fingerprint, self.cache.dim)
+        self.processes = processes
         self._loader: ProcessLoader | None = None
 
     def _known_image(self, url: str) -> bool:
@@ -236,9 +241,14 @@ class Scorer:
     def score(self, records: Iterable[Record]) -> Iterator[ScoreResult]:
         if self.processes:
             spec = LoaderSpec.of(
-                self.fetcher, self.model.preprocess, self.model.uint8_pixels, self.workers, self.processes
+                self.fetcher,
+                self.model.preprocess,
+                self.model.uint8_pixels,
+                self.workers,
+                self.processes,
+                cache=self._cache_spec,
             )
-            self._loader = ProcessLoader(spec, self.processes)
+            self._loader = ProcessLoader(spec, self.processes, counts=self.cache.counts if self.cache else None)
         try:
             yield from self._score(records)
         finally:
