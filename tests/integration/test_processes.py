@@ -161,6 +161,16 @@ def test_a_worker_killed_mid_download_loses_nothing(tiny_model, server, fetcher)
     assert server.hits["/kill1/victim.png"] == 2  # killed once, then loaded alone
 
 
+def test_a_url_sent_alone_gets_a_second_try(tiny_model, server, fetcher) -> None:
+    """A small window sends one URL per chunk: a worker dying once under it is not the URL's fault yet."""
+    urls = [server.image(f"/kill3/{i}.png", _img(i)) for i in range(3)]
+    server.routes["/kill3/victim.png"] = _killing_route(_img(5), kills=1)
+    urls.insert(1, server.url("/kill3/victim.png"))
+    results = list(score_pairs([Record(u, "a red circle") for u in urls], tiny_model, fetcher, processes=2))
+    assert [r.error_code for r in results] == [None] * 4
+    assert server.hits["/kill3/victim.png"] == 2
+
+
 def test_an_image_that_kills_its_worker_alone_gets_worker_crashed(tiny_model, server, fetcher) -> None:
     urls = [server.image(f"/kill2/{i}.png", _img(i)) for i in range(24)]
     server.routes["/kill2/poison.png"] = _killing_route(b"", kills=10**6)

@@ -160,14 +160,13 @@ def _load_chunk(chunk_id: int, urls: list[str]) -> tuple[list[Loaded], dict[str,
     """The chunk's results, and the cache counts they took (the parent adds them to its own)."""
     assert _worker is not None
     w = _worker
+    # The id stays in the slot after returning: the pool pickles and sends the result after this,
+    # and a worker killed then must still name the chunk (the parent counts only undelivered ones).
     w.slots[w.slot] = chunk_id
-    try:
-        if w.cache is not None:
-            w.cache.counts = Counts()  # one chunk at a time per worker: these are this chunk's
-        results = list(w.pool.map(_load_one, urls))
-        return results, (w.cache.counts.as_dict() if w.cache is not None else {})
-    finally:
-        w.slots[w.slot] = IDLE
+    if w.cache is not None:
+        w.cache.counts = Counts()  # one chunk at a time per worker: these are this chunk's
+    results = list(w.pool.map(_load_one, urls))
+    return results, (w.cache.counts.as_dict() if w.cache is not None else {})
 
 
 # -- parent side
@@ -180,6 +179,8 @@ class _Chunk:
     #: After its pool broke: where its URLs went (the same chunk again, or one chunk per URL).
     then: list[_Chunk] | None = None
     split: bool = False
+    #: Sent on its own after it, or the chunk it came from, killed a worker: a death now is its own.
+    alone: bool = False
 
 
 @dataclass(eq=False)
@@ -245,14 +246,22 @@ class ProcessLoader:
                 handles.extend(Handle(chunk, i) for i in range(len(chunk.urls)))
         return handles
 
-    def _send_locked(self, urls: list[str]) -> _Chunk:
+    def _send_locked(self, urls: list[str], alone: bool = False) -> _Chunk:
         chunk_id = next(self._ids)
-        try:
-            fut = self._pool.executor.submit(_load_chunk, chunk_id, urls)
-        except BrokenProcessPool:  # it broke since the last look: restart it now
-            self._restart_locked(self._pool.generation)
-            fut = self._pool.executor.submit(_load_chunk, chunk_id, urls)
-        chunk = _Chunk(chunk_id, urls, fut, self._pool.generation)
+        while True:
+            try:
+                fut = self._pool.executor.submit(_load_chunk, chunk_id, urls)
+            except BrokenProcessPool:  # it broke since the last look: restart it and try again
+                self._restart_locked(self._pool.generation)
+                continue
+            # Python 3.11's pool fails its pending futures without the submit lock, so a submit
+            # racing the break can leave a future nothing will ever settle: treat it as refused.
+            if getattr(self._pool.executor, "_broken", False):
+                fut.cancel()
+                self._restart_locked(self._pool.generation)
+                continue
+            break
+        chunk = _Chunk(chunk_id, urls, fut, self._pool.generation, alone=alone)
         self._live[chunk_id] = chunk
         fut.add_done_callback(lambda f: self._loaded(chunk_id, f))
         return chunk
@@ -271,7 +280,7 @@ class ProcessLoader:
             return
         old = self._pool
         old.executor.shutdown(wait=True, cancel_futures=True)  # joins the workers: every slot is final
-        guilty = {v for v in old.slots if v >= 0}
+        guilty = {v for v in old.slots if v in self._live}  # delivered chunks left _live already
         self._guiltless = 0 if guilty else self._guiltless + 1
         if self._guiltless >= MAX_GUILTLESS_RESTARTS:
             raise WorkersFailing(
@@ -286,12 +295,12 @@ class ProcessLoader:
         for chunk in [c for c in self._live.values() if c.generation == broken]:
             self._live.pop(chunk.id, None)
             chunk.split = chunk.id in guilty
-            if chunk.split and len(chunk.urls) == 1:
+            if chunk.split and chunk.alone:
                 chunk.then = []  # it killed a worker on its own
-            elif chunk.split:
-                chunk.then = [self._send_locked([u]) for u in chunk.urls]
+            elif chunk.split:  # each URL again on its own (one sent alone first time gets a second try)
+                chunk.then = [self._send_locked([u], alone=True) for u in chunk.urls]
             else:
-                chunk.then = [self._send_locked(chunk.urls)]
+                chunk.then = [self._send_locked(chunk.urls, alone=chunk.alone)]
 
     def result(self, handle: Handle) -> Loaded:
         """The URL's model input or row error, once loaded; waits, and follows it through restarts."""
