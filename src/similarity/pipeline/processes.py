@@ -31,16 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from ..cache.cache import Counts, Hit, Miss, RunCache
+from ..cache.cache import Counts, RunCache
 from ..cache.keys import Fingerprint
-from ..errors import InternalError, RowError, WorkerCrashed, WorkersFailing
+from ..errors import InternalError, WorkerCrashed, WorkersFailing
 from ..fetch import AddressPolicy, Fetcher, FetchSettings
 from ..model.preprocess import DecodeLimits, PreprocessConfig, decode_limits, load_pixels, set_decode_limits
+from .loading import Loaded, load_image
 
 log = logging.getLogger(__name__)
-
-#: A URL's result: model input, or why there is none; with the cache, its ``Hit`` or ``Miss``.
-Loaded = np.ndarray | RowError | Hit | Miss
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class LoaderSpec:
         limits = dataclasses.replace(parent, budget_megapixels=parent.budget_megapixels / max(processes, 1))
         per_process = max(2, -(-threads // max(processes, 1)))
         return cls(
-            fetch=dataclasses.replace(fetcher.settings, pool_size=max(per_process, 2)),
+            fetch=dataclasses.replace(fetcher.settings, pool_size=per_process),
             policy=fetcher.policy,
             preprocess=preprocess,
             uint8=uint8,
@@ -145,15 +143,7 @@ def _pixels(data: bytes) -> np.ndarray:
 
 def _load_one(url: str) -> Loaded:
     assert _worker is not None
-    try:
-        if _worker.cache is not None:  # the same steps as the parent's threads take
-            return _worker.cache.load_image(url, _worker.fetcher, _pixels)
-        return _pixels(_worker.fetcher.fetch(url))
-    except RowError as exc:
-        return exc
-    except Exception as exc:  # contained to the row, as in the parent's threads
-        log.exception("unexpected error loading %s", url[:200])
-        return InternalError(f"{type(exc).__name__} while loading image")
+    return load_image(url, _worker.fetcher, _pixels, _worker.cache)
 
 
 def _load_chunk(chunk_id: int, urls: list[str]) -> tuple[list[Loaded], dict[str, int]]:

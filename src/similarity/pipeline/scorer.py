@@ -23,6 +23,7 @@ from ..errors import InferenceError, InternalError, InvalidCaption, MissingCapti
 from ..fetch import Fetcher
 from ..model import ClipModel
 from ..types import Record, ScoreResult, ScoreStats
+from .loading import Loaded, load_image
 from .processes import CacheSpec, Handle, LoaderSpec, ProcessLoader
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,6 @@ class Lru(Generic[K, V]):
         if value is not None:
             self._items.move_to_end(key)
         return value
-
-
-#: What the fetch pool hands back for one URL: the model's input, or why there is none; with a
-#: cache, the cached embedding (``Hit``) or the input and where its embedding goes (``Miss``).
-Loaded = np.ndarray | RowError | Hit | Miss
 
 
 class Scorer:
@@ -104,15 +100,7 @@ class Scorer:
 
     # -- worker side: runs in the pool
     def _load(self, url: str) -> Loaded:
-        try:
-            if self.cache is not None:
-                return self.cache.load_image(url, self.fetcher, self.model.pixels)
-            return self.model.pixels(self.fetcher.fetch(url))
-        except RowError as exc:
-            return exc
-        except Exception as exc:
-            log.exception("unexpected error loading %s", url[:200])
-            return InternalError(f"{type(exc).__name__} while loading image")
+        return load_image(url, self.fetcher, self.model.pixels, self.cache)
 
     # -- model side
     def _submit(self, pool: ThreadPoolExecutor, records: list[Record]) -> None:
