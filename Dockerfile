@@ -45,7 +45,7 @@ CMD ["handler.model_sync.lambda_handler"]
 FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS gpu
 COPY --from=wheel /wheels /wheels
 # PyPI's Linux torch wheel bundles CUDA; the ECS GPU-optimised AMI supplies the driver.
-RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch,cache]" && rm -rf /wheels
+RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch,cache,gpu]" && rm -rf /wheels
 WORKDIR /app
 COPY src/handler /app/handler
 ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch SIMILARITY_BATCH_SIZE=128 SIMILARITY_WORKERS=32

@@ -8,9 +8,12 @@ the same full-size random ViT-B/32 as bench/run.py, serves generated JPEGs from 
 server in separate processes sharing one port (so serving does not share this process's GIL),
 and prints, in one run: end-to-end pairs/s of the baseline (CLIPProcessor + CLIPModel fp32 on the
 GPU, batch 32), of score_pairs as the GPU task calls it (fp16, batch 128, 32 workers), and of the
-same with fetching and decoding in worker processes (``--processes``: SIMILARITY_PROCESSES), three
-interleaved rounds each; the towers alone; decode + preprocess alone and fetching alone on the CPU; agreement with
-the CPU fp32 reference; and cold start to the first score.
+same with fetching and decoding in worker processes (``--processes``: SIMILARITY_PROCESSES) and with
+the device pixel paths (``--pixels``: SIMILARITY_PIXELS=torch, the resize on the GPU; nvjpeg, JPEG
+decoding there too), three interleaved rounds each, with this process's CPU per pair; the towers
+alone; decode + preprocess alone and fetching alone on the CPU; agreement with the CPU fp32
+reference; on the trained test model, whether the torch pixel path gives Pillow's pixels to the bit
+on this GPU and how far nvJPEG's pixels move scores; and cold start to the first score.
 """
 
 from __future__ import annotations
@@ -60,6 +63,55 @@ def start_servers(routes: dict[str, bytes], count: int) -> tuple[str, list]:
     return base, procs
 
 
+def with_pixels(model, path: str, device: str):
+    """``model`` (its backend shared) with the ``path`` pixel path; ``--device cpu`` runs nvjpeg's
+    code on nvImageCodec's CPU backend, as the tests do. None where nvImageCodec is missing."""
+    from similarity.model import ClipModel
+    from similarity.model.device_pixels import DevicePixels
+
+    try:
+        dp = DevicePixels(
+            model.preprocess,
+            device,
+            uint8=model.uint8_pixels,
+            decoder="nvjpeg" if path == "nvjpeg" else "pillow",
+            nvjpeg_on_gpu=device == "cuda",
+        )
+    except Exception as exc:  # noqa: BLE001 - reported, and that row left out
+        cpu_bench.log(f"SIMILARITY_PIXELS={path}: not available here ({exc})")
+        return None
+    return ClipModel(model.backend, model.tokenizer, model.preprocess, model.info, path, dp)  # type: ignore[arg-type]
+
+
+def pixel_fidelity(device: str) -> dict:
+    """On the trained test model (torch fp32 on ``device``): how many of the test bed's files
+    (large JPEGs, EXIF-rotated ones, odd PNGs) the torch pixel path gives other pixels for than
+    Pillow (0 expected: the arithmetic is exact); nvJPEG's drift in similarity against Pillow's
+    pixels; and what nvJPEG makes of a truncated JPEG (Pillow refuses it)."""
+    from similarity.model import load_model
+    from support.parity import large_images, parity_inputs, similarities
+
+    tiny = load_model(ROOT / "tests" / "fixtures" / "tiny-clip", backend="torch", device=device, dtype="fp32")
+    files = large_images(64)
+    caps = parity_inputs(tiny.preprocess)[1]
+    want = [tiny.pixels(f) for f in files]
+    out: dict = {}
+    torch_model = with_pixels(tiny, "torch", device)
+    assert torch_model is not None
+    out["torch_pixels_differ"] = sum(not np.array_equal(torch_model.pixels(f), w) for f, w in zip(files, want))
+    nv = with_pixels(tiny, "nvjpeg", device)
+    if nv is not None:
+        got = np.stack([nv.pixels(f) for f in files])
+        base = similarities(tiny, np.stack(want), caps)
+        out["nvjpeg_decoded_on_device"] = nv.device_pixels.decoded_on_device  # type: ignore[union-attr]
+        out["nvjpeg_max_abs_similarity_diff"] = float(np.abs(similarities(tiny, got, caps) - base).max())
+        jpeg = next(f for f in files if f[:2] == b"\xff\xd8")
+        decoder = nv.device_pixels.nvjpeg  # type: ignore[union-attr]
+        cut = decoder(jpeg[: len(jpeg) // 2])
+        out["nvjpeg_truncated_jpeg"] = "refused (Pillow reports it)" if cut is None else "decoded (Pillow refuses it)"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=1024)
@@ -73,6 +125,13 @@ def main() -> None:
         nargs="*",
         default=sorted({max(1, cores // 2), max(1, cores - 2)}),
         help="SIMILARITY_PROCESSES values to time beside the threads (one row each)",
+    )
+    ap.add_argument(
+        "--pixels",
+        nargs="*",
+        default=["torch", "nvjpeg"],
+        choices=["torch", "nvjpeg"],
+        help="SIMILARITY_PIXELS paths to time beside Pillow's (one row each; nvjpeg needs nvImageCodec)",
     )
     args = ap.parse_args()
     import torch
@@ -134,6 +193,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         + ", ".join(f"{k} {v:.5f}" for k, v in results["agreement_vs_cpu_fp32"].items())
     )
 
+    results["pixel_fidelity_test_model"] = pixel_fidelity(dev)
+    log(
+        "pixel paths on the test model: "
+        + ", ".join(f"{k} {v}" for k, v in results["pixel_fidelity_test_model"].items())
+    )
+    pixel_models = {p: m for p in args.pixels if (m := with_pixels(model, p, dev)) is not None}
+
     big_px = np.concatenate([pixels] * 4)  # batch 128, as the GPU task runs
     big_caps = caps * 2
     img_s, cap_s = cpu_bench.model_only(model, big_px, big_caps, reps=5)
@@ -155,14 +221,17 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"towers alone, batch 128: fp16 image {img_s:.0f}/s captions {cap_s:.0f}/s; fp32 image {img32:.0f}/s captions {cap32:.0f}/s"
     )
 
-    def decode_all(workers: int) -> float:
+    def decode_all(workers: int, load=lambda data: load_pixels(data, cfg)) -> float:
         t = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda i: load_pixels(photos[i % len(photos)], cfg), range(len(pairs))))
+            list(pool.map(lambda i: load(photos[i % len(photos)]), range(len(pairs))))
         return len(pairs) / (time.perf_counter() - t)
 
     decode_all(32)
     results["decode_preprocess_per_s"] = {"1 thread": decode_all(1), "32 threads": decode_all(32)}
+    for p, m in pixel_models.items():
+        decode_all(32, m.pixels)
+        results["decode_preprocess_per_s"][f"pixels={p}, 32 threads"] = decode_all(32, m.pixels)
     log(
         "decode + preprocess alone on the CPU: "
         + ", ".join(f"{k} {v:.0f} images/s" for k, v in results["decode_preprocess_per_s"].items())
@@ -177,20 +246,38 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     fetcher.close()
     log(f"fetching alone, 32 threads: {results['fetch_alone_per_s_32_threads']:.0f} images/s")
 
-    def ours(processes: int = 0) -> tuple[float, list[float | None]]:  # as the GPU task calls it
-        return cpu_bench.ours(model, pairs, policy, batch=128, workers=32, processes=processes)
+    def ours(processes: int = 0, m=model) -> tuple[float, list[float | None]]:  # as the GPU task calls it
+        return cpu_bench.ours(m, pairs, policy, batch=128, workers=32, processes=processes)
+
+    cpu_ms: dict[str, list[float]] = {}
+
+    def timed(name: str, f):  # the row's pairs/s, and this process's CPU per pair (servers excluded)
+        cpu = sum(os.times()[:2])
+        secs, cos = f()
+        cpu_ms.setdefault(name, []).append((sum(os.times()[:2]) - cpu) * 1000 / len(pairs))
+        return len(pairs) / secs, cos
 
     ours()  # warm: cuDNN/cuBLAS pick their kernels for these shapes
+    for m in pixel_models.values():
+        ours(m=m)
     rounds = []
     for _ in range(3):
         b_s, b_cos = cpu_bench.baseline(model_dir, pairs, device=dev)
-        o_s, o_cos = ours()
-        rounds.append({"baseline": len(pairs) / b_s, "ours": len(pairs) / o_s})
+        o_rate, o_cos = timed("ours", ours)
+        rounds.append({"baseline": len(pairs) / b_s, "ours": o_rate})
         for n in args.processes:  # SIMILARITY_PROCESSES=n: fetching and decoding in n worker processes
-            p_s, p_cos = ours(n)
+            name = f"ours, processes={n}"
+            rate, p_cos = timed(name, lambda n=n: ours(n))
             diff = max(abs(a - b) for a, b in zip(p_cos, o_cos, strict=True))  # type: ignore[operator]
             assert diff < 1e-3, f"worker processes gave other scores than the threads ({diff})"
-            rounds[-1][f"ours, processes={n}"] = len(pairs) / p_s
+            rounds[-1][name] = rate
+        for p, m in pixel_models.items():  # SIMILARITY_PIXELS=p
+            name = f"ours, pixels={p}"
+            rate, p_cos = timed(name, lambda m=m: ours(m=m))
+            diff = max(abs(a - b) for a, b in zip(p_cos, o_cos, strict=True))  # type: ignore[operator]
+            assert p != "torch" or diff < 1e-3, f"the torch pixel path gave other scores than Pillow's ({diff})"
+            results.setdefault("pixels_max_abs_cosine_diff_vs_pillow", {})[p] = diff
+            rounds[-1][name] = rate
         log("round: " + ", ".join(f"{k} {v:.0f} pairs/s" for k, v in rounds[-1].items()))
     assert all(c is not None for c in o_cos), "every pair must score"
     results["max_abs_similarity_diff_vs_baseline_e2e"] = max(abs(a - b) / 2 for a, b in zip(o_cos, b_cos))
@@ -207,6 +294,17 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     }
     for n, row in results["processes"].items():
         log(f"SIMILARITY_PROCESSES={n}: {row['pairs_per_s']:.0f} pairs/s, {row['vs_threads']:.2f}x the threads")
+    results["pixels"] = {
+        p: {
+            "pairs_per_s": float(np.median([r[f"ours, pixels={p}"] for r in rounds])),
+            "vs_pillow": float(np.median([r[f"ours, pixels={p}"] / r["ours"] for r in rounds])),
+        }
+        for p in pixel_models
+    }
+    for p, row in results["pixels"].items():
+        log(f"SIMILARITY_PIXELS={p}: {row['pairs_per_s']:.0f} pairs/s, {row['vs_pillow']:.2f}x Pillow's")
+    results["cpu_ms_per_pair"] = {k: float(np.median(v)) for k, v in cpu_ms.items()}
+    log("CPU of this process per pair: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results["cpu_ms_per_pair"].items()))
     for proc in servers:
         proc.terminate()
 

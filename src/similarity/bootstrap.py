@@ -83,6 +83,7 @@ class Runtime:
                     streams=m.streams,
                     cache_dir=m.ov_cache_dir,
                     jpeg_draft=m.jpeg_draft,
+                    pixels=m.pixels,
                 )
             return self._model
 

@@ -58,6 +58,7 @@ FLAGS: dict[str, dict[str, str]] = {
         "threads": "--threads",
         "streams": "--streams",
         "jpeg_draft": "--jpeg-draft",
+        "pixels": "--pixels",
     },
     "fetch": {
         "deadline": "--timeout",
@@ -117,6 +118,12 @@ def _add_score(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "model's input (faster; moves scores by up to 0.023 at 2, 0.007 at 3-4; default 0: off)",
     )
     s.add_argument(
+        "--pixels",
+        choices=["pillow", "torch", "nvjpeg"],
+        help="where images become model input: pillow on the CPU (default); torch: resized on the model's "
+        "device, the same values to the bit; nvjpeg: JPEGs decoded on the GPU too (other pixels)",
+    )
+    s.add_argument(
         "--allow-network",
         action="append",
         default=[],
@@ -164,6 +171,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "threads": args.threads,
             "streams": args.streams,
             "jpeg_draft": args.jpeg_draft,
+            "pixels": args.pixels,
         },
         FLAGS["model"],
     )

@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .fetch.guard import IPNetwork, parse_networks
 from .fetch.settings import FetchSettings
 from .hardware import cpu_count, memory_limit_bytes
+from .model.device_pixels import PixelPath
 from .model.directory import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ID
 from .model.preprocess import DecodeLimits
 
@@ -73,6 +74,10 @@ class ModelSettings(Section):
     #: similarities by up to 0.015-0.023 at 2 and 0.004-0.007 at 3-4 on the test model
     #: (docs/performance.md).
     jpeg_draft: int = Field(0, ge=0, le=64, validation_alias="SIMILARITY_JPEG_DRAFT")
+    #: Where image bytes become model input: ``pillow`` (the CPU); ``torch``: Pillow decodes, the
+    #: model's device resizes, crops and normalises, to the bit as ``pillow`` (for a GPU host whose
+    #: CPU is the limit); ``nvjpeg``: JPEGs are decoded on the GPU too (other pixels; opt-in).
+    pixels: PixelPath = Field("pillow", validation_alias="SIMILARITY_PIXELS")
 
 
 class FetchConfig(Section):

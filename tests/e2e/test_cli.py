@@ -90,6 +90,22 @@ def test_worker_processes_write_the_same_bytes(tmp_path, tiny_clip_dir) -> None:
     assert outs[0] == outs[1] and b"not_found" in outs[1]
 
 
+def test_device_pixels_write_the_same_bytes(tmp_path, tiny_clip_dir) -> None:
+    """``--pixels torch`` (the resize on the model's device, here the CPU) writes what Pillow's path
+    writes, errors and all; processes with it are refused, naming both."""
+    outs = []
+    for extra in ([], ["--pixels", "torch"]):
+        out = tmp_path / f"scored{len(extra)}.csv"
+        r = _run("score", "examples/challenge_set.csv", "-o", str(out), "--model", str(tiny_clip_dir), "--no-cache",
+                 "--backend", "torch", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] and b"not_found" in outs[1]
+    both = _run("score", "examples/challenge_set.csv", "-o", str(tmp_path / "x.csv"), "--model", str(tiny_clip_dir),
+                "--backend", "torch", "--pixels", "torch", "--processes", "2")  # fmt: skip
+    assert both.returncode == 2 and "SIMILARITY_PROCESSES=2 with SIMILARITY_PIXELS=torch" in both.stderr
+
+
 def test_no_local_paths_flag(tmp_path, tiny_clip_dir) -> None:
     out = tmp_path / "o.csv"
     r = _run("score", "examples/challenge_set.csv", "-o", str(out), "--model", str(tiny_clip_dir), "--no-local-paths")
@@ -426,6 +442,7 @@ def test_relative_image_paths_stdin_versus_file(tmp_path, tiny_onnx_dir) -> None
         (["--commit-rows", "0"], {}, "--commit-rows: Input should be greater than or equal to 1"),
         (["--processes", "-1"], {}, "--processes: Input should be greater than or equal to 0"),
         ([], {"SIMILARITY_PROCESSES": "many"}, "SIMILARITY_PROCESSES: Input should be a valid integer"),
+        ([], {"SIMILARITY_PIXELS": "gpu"}, "SIMILARITY_PIXELS: Input should be 'pillow', 'torch' or 'nvjpeg'"),
         ([], {"SIMILARITY_BATCH_SIZE": "abc"}, "SIMILARITY_BATCH_SIZE: Input should be a valid integer"),
         ([], {"SIMILARITY_FETCH_DEADLINE": "-1"}, "SIMILARITY_FETCH_DEADLINE: Input should be greater than 0"),
         ([], {"SIMILARITY_COMMIT_SECONDS": "x"}, "SIMILARITY_COMMIT_SECONDS: Input should be a valid number"),

@@ -129,3 +129,33 @@ def test_gpu_task_on_cuda_matches_cpu(
     codes = {r[col["error"]].split(":")[0] for r in gpu[1:] if r[col["error"]]}
     assert codes == {"http_404", "blocked_address", "missing_caption"}
     assert forbidden_server.hits["/gpu/internal.png"] == 0
+
+
+def test_torch_pixels_on_the_gpu_are_pillows_to_the_bit(tiny_clip_dir) -> None:
+    """The resize's float64 integer arithmetic is exact on any device: the GPU gives Pillow's bytes."""
+    from similarity.model.device_pixels import DevicePixels
+    from similarity.model.preprocess import PreprocessConfig, load_pixels
+    from support.parity import large_images
+
+    cfg = PreprocessConfig.from_model_dir(tiny_clip_dir)
+    dp = DevicePixels(cfg, "cuda")
+    for data in large_images(64):
+        assert np.array_equal(dp(data), load_pixels(data, cfg))
+
+
+def test_nvjpeg_pixels_score_within_the_bed_bound(tiny_clip_dir) -> None:
+    """nvJPEG decodes the test bed's JPEGs on the GPU. Its pixels are not libjpeg-turbo's, so the
+    similarities are held to 0.01 only: that catches a wrong decode (channels, orientation, a shifted
+    grid), not the drift itself, which bench/gpu.py prints."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from similarity.model import load_model
+    from support.parity import large_images
+
+    ref = load_model(tiny_clip_dir, backend="torch", device="cuda", dtype="fp32")
+    nv = load_model(tiny_clip_dir, backend="torch", device="cuda", dtype="fp32", pixels="nvjpeg")
+    files = large_images(64)
+    caps = parity_inputs(ref.preprocess)[1]
+    want = similarities(ref, np.stack([ref.pixels(f) for f in files]), caps)
+    got = similarities(nv, np.stack([nv.pixels(f) for f in files]), caps)
+    assert nv.device_pixels.decoded_on_device >= 48
+    assert float(np.abs(got - want).max()) < 0.01

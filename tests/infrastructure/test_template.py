@@ -167,6 +167,14 @@ def test_gpu_path(tpl) -> None:
     assert (param["MinValue"], param["MaxValue"]) == (0, 256)
     assert [m.ge for m in field.metadata if hasattr(m, "ge")] == [0]
     assert [m.le for m in field.metadata if hasattr(m, "le")] == [256]
+    # so is the pixel path: the same closed set as the setting
+    from similarity.config import ModelSettings
+    from similarity.model import PIXEL_PATHS
+
+    assert env["SIMILARITY_PIXELS"] == {"Ref": "GpuPixels"}
+    pixels = tpl["Parameters"]["GpuPixels"]
+    assert pixels["Default"] == ModelSettings.model_fields["pixels"].default == "pillow"
+    assert tuple(pixels["AllowedValues"]) == PIXEL_PATHS
 
 
 def test_dockerfile_targets() -> None:
@@ -175,6 +183,8 @@ def test_dockerfile_targets() -> None:
     for target in ("AS lambda", "AS tools", "AS gpu"):
         assert target in text
     assert "COPY models" not in text and "/mnt/models" in text  # model never baked in
+    gpu_stage = text.split("AS gpu", 1)[1].split("\nFROM ", 1)[0]
+    assert "[torch,cache,gpu]" in gpu_stage  # SIMILARITY_PIXELS=nvjpeg's nvImageCodec, in the GPU task's image
 
 
 @pytest.fixture(scope="module")

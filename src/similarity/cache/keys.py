@@ -93,6 +93,8 @@ def fingerprint(model: ClipModel) -> Fingerprint:
         "preprocess_version": PREPROCESS_VERSION,
         "preprocess": dataclasses.asdict(model.preprocess),
     }
+    if model.pixel_path == "nvjpeg":  # other pixels for the same bytes; torch's are Pillow's to the bit
+        image["decoder"] = "nvjpeg"
     text = {**base, "tokenizer": _file_hashes(root, _TOKENIZER), "max_length": model.tokenizer.max_length}
     return Fingerprint(image=_digest("image", _json(image)), text=_digest("text", _json(text)), parts=base)
 

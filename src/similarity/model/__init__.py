@@ -2,6 +2,7 @@
 the ``ClipModel`` facade that ties them together."""
 
 from .clip import ClipModel, ModelInfo, load_model
+from .device_pixels import PIXEL_PATHS, PixelPath
 from .directory import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ID, MODEL_META_FILE, check_model_dir, read_identity
 from .preprocess import PreprocessConfig
 from .selection import Selection, resolve
@@ -10,8 +11,10 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "DEFAULT_MODEL_ID",
     "MODEL_META_FILE",
+    "PIXEL_PATHS",
     "ClipModel",
     "ModelInfo",
+    "PixelPath",
     "PreprocessConfig",
     "Selection",
     "check_model_dir",

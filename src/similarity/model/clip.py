@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from ..backends import (
     DtypeChoice,
     PixelNorm,
 )
-from ..errors import ModelNotFound
+from ..errors import BackendUnavailable, ModelNotFound
+from .device_pixels import PixelPath
 from .directory import check_model_dir, max_caption_tokens, read_identity
 from .preprocess import PreprocessConfig, load_pixels, normalise
 from .selection import resolve
@@ -63,11 +65,23 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 class ClipModel:
     """Preprocessing, tokenizer and a backend, with unit-norm embeddings out."""
 
-    def __init__(self, backend: Backend, tokenizer: CaptionTokenizer, preprocess: PreprocessConfig, info: ModelInfo):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: CaptionTokenizer,
+        preprocess: PreprocessConfig,
+        info: ModelInfo,
+        pixel_path: PixelPath = "pillow",
+        device_pixels: Callable[[bytes], np.ndarray] | None = None,
+    ):
+        """``device_pixels``: what ``pixels`` runs for the ``torch`` and ``nvjpeg`` pixel paths
+        (``DevicePixels``); None: Pillow on the CPU."""
         self.backend = backend
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.info = info
+        self.pixel_path: PixelPath = pixel_path if device_pixels is not None else "pillow"
+        self.device_pixels = device_pixels
 
     @property
     def uint8_pixels(self) -> bool:
@@ -77,6 +91,8 @@ class ClipModel:
     def pixels(self, data: bytes) -> np.ndarray:
         """Image bytes to this model's input (decode, convert, resize, crop, normalise): float32
         ``(3, H, W)``, or the uint8 ``(H, W, 3)`` crop where the backend normalises it itself."""
+        if self.device_pixels is not None:
+            return self.device_pixels(data)
         return load_pixels(data, self.preprocess, uint8=self.uint8_pixels)
 
     def embed_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -99,12 +115,16 @@ def load_model(
     streams: int | None = None,
     cache_dir: str | None = None,
     jpeg_draft: int = 0,
+    pixels: PixelPath = "pillow",
 ) -> ClipModel:
     """Load CLIP from ``model_dir``; ``selection.resolve`` says what ``auto`` picks. ``threads``
     (default: every core) are split into ``streams`` (default: one per thread) that run the parts
     of each batch at once; the torch backend uses ``threads`` only. ``cache_dir``: where OpenVINO
     keeps its compiled graphs (default: beside the ONNX files). ``jpeg_draft``: opt-in JPEG draft
-    decoding (``PreprocessConfig.draft_factor``; 0, the default, is off: it moves scores)."""
+    decoding (``PreprocessConfig.draft_factor``; 0, the default, is off: it moves scores).
+    ``pixels``: where image bytes become model input (``device_pixels.PixelPath``): ``torch``
+    resizes on the model's device, to the bit as ``pillow`` does; ``nvjpeg`` also decodes JPEGs
+    on the GPU, and needs the model there."""
     start = time.perf_counter()
     path = Path(model_dir)
     if not path.is_dir():
@@ -117,6 +137,20 @@ def load_model(
     impl = backends.create(
         chosen.backend, path, chosen.device, chosen.dtype, BackendOptions(threads, streams, cache_dir, norm)
     )
+    device_pixels = None
+    if pixels != "pillow":
+        from .device_pixels import DevicePixels
+
+        if pixels == "nvjpeg" and impl.device != "cuda":
+            raise BackendUnavailable(
+                f"SIMILARITY_PIXELS=nvjpeg decodes JPEGs on the GPU: it needs the model on CUDA, not {impl.device}"
+            )
+        device_pixels = DevicePixels(
+            preprocess,
+            device=impl.device,
+            uint8=bool(getattr(impl, "accepts_uint8", False)),
+            decoder="nvjpeg" if pixels == "nvjpeg" else "pillow",
+        )
     model_id, revision = read_identity(path)
     info = ModelInfo(
         model_id=model_id,
@@ -127,4 +161,4 @@ def load_model(
         dtype=impl.dtype,
         load_seconds=time.perf_counter() - start,
     )
-    return ClipModel(impl, tokenizer, preprocess, info)
+    return ClipModel(impl, tokenizer, preprocess, info, pixels, device_pixels)

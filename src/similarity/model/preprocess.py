@@ -316,10 +316,24 @@ def preprocess(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return normalise(crop_uint8(im, cfg), cfg)
 
 
-def crop_uint8(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """The resized centre crop as uint8 ``(crop_h, crop_w, 3)``: what ``normalise`` (or a backend
-    that normalises inside its graph) turns into model input."""
-    width, height, box = source_geometry(im)
+@dataclass(frozen=True)
+class ResizePlan:
+    """Where an image of a given size goes: the shortest-edge resize (long edge truncated to int,
+    as the reference does) and the centre crop's corner in it (negative: the crop pads)."""
+
+    new_w: int
+    new_h: int
+    top: int
+    left: int
+    #: Only the cropped part is resized (extreme aspect ratios: ``CROP_ONLY_FACTOR``).
+    crop_only: bool
+
+    @property
+    def pads(self) -> bool:
+        return self.top < 0 or self.left < 0
+
+
+def resize_plan(width: int, height: int, cfg: PreprocessConfig) -> ResizePlan:
     size = cfg.shortest_edge
     if width <= height:
         new_w, new_h = size, int(size * height / width)
@@ -327,7 +341,17 @@ def crop_uint8(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         new_w, new_h = int(size * width / height), size
     top = (new_h - cfg.crop_height) // 2
     left = (new_w - cfg.crop_width) // 2
-    if new_w * new_h > CROP_ONLY_FACTOR * cfg.crop_height * cfg.crop_width:
+    crop_only = new_w * new_h > CROP_ONLY_FACTOR * cfg.crop_height * cfg.crop_width
+    return ResizePlan(new_w, new_h, top, left, crop_only)
+
+
+def crop_uint8(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """The resized centre crop as uint8 ``(crop_h, crop_w, 3)``: what ``normalise`` (or a backend
+    that normalises inside its graph) turns into model input."""
+    width, height, box = source_geometry(im)
+    plan = resize_plan(width, height, cfg)
+    new_w, new_h, top, left = plan.new_w, plan.new_h, plan.top, plan.left
+    if plan.crop_only:
         return _resize_crop_only(im, cfg, new_w, new_h, top, left)
     if box is not None:  # a draft: resize the picture's exact box to the full decode's size
         im = im.resize((new_w, new_h), resample=cfg.resample, box=box)

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from ..cache import EmbeddingCache, Hit, Miss, RunCache
-from ..errors import InferenceError, InternalError, InvalidCaption, MissingCaption, MissingUrl, RowError
+from ..errors import ConfigError, InferenceError, InternalError, InvalidCaption, MissingCaption, MissingUrl, RowError
 from ..fetch import Fetcher
 from ..model import ClipModel
 from ..types import Record, ScoreResult, ScoreStats
@@ -83,6 +83,11 @@ class Scorer:
         self._captions: Lru[str, tuple[np.ndarray, bool]] = Lru(cache_size)  # caption -> (embedding, truncated)
         self._caption_errors: Lru[str, RowError] = Lru(cache_size)
         self._pending: dict[str, Future[Loaded] | Handle] = {}
+        if processes and model.pixel_path != "pillow":
+            raise ConfigError(
+                f"SIMILARITY_PROCESSES={processes} with SIMILARITY_PIXELS={model.pixel_path}: the worker processes "
+                "decode and resize with Pillow, the device pixel path runs in this process; choose one"
+            )
         self.cache: RunCache | None = cache.session(model) if cache is not None else None
         self._cache_spec: CacheSpec | None = None
         if processes and cache is not None and self.cache is not None:
