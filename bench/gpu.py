@@ -109,6 +109,54 @@ def pixel_fidelity(device: str) -> dict:
         decoder = nv.device_pixels.nvjpeg  # type: ignore[union-attr]
         cut = decoder(jpeg[: len(jpeg) // 2])
         out["nvjpeg_truncated_jpeg"] = "refused (Pillow reports it)" if cut is None else "decoded (Pillow refuses it)"
+        damaged = bytearray(jpeg)  # a broken entropy-coded stream behind a sound header
+        damaged[len(damaged) // 2 : len(damaged) // 2 + 50] = b"\xff" * 50
+        broken = decoder(bytes(damaged))
+        out["nvjpeg_damaged_jpeg"] = "refused (Pillow reports it)" if broken is None else "decoded (Pillow refuses it)"
+    return out
+
+
+#: Run in a fresh interpreter: where the GPU task's cold start goes, phase by phase, and whether
+#: starting CUDA in a thread while transformers imports (on the CPU) overlaps the two.
+_PHASES = r"""
+import json, sys, threading, time
+t0 = time.perf_counter(); marks = {}
+def mark(name): marks[name] = round(time.perf_counter() - t0, 3)
+import torch; mark("import torch")
+dev = sys.argv[2]
+def cuda_up():
+    if dev == "cuda":
+        torch.cuda.init(); x = torch.ones(64, 64, device="cuda", dtype=torch.float16); (x @ x).sum().item()
+    mark("CUDA context and first cuBLAS fp16 matmul")
+overlap = sys.argv[3] == "overlap"
+th = threading.Thread(target=cuda_up)
+if overlap: th.start()
+else: cuda_up()
+from transformers import CLIPModel; mark("import transformers' CLIPModel")
+if overlap: th.join(); mark("joined the CUDA thread")
+from similarity import load_model
+m = load_model(sys.argv[1], backend="torch", device=dev); mark("load_model (checkpoint to the device)")
+m.embed_images(__import__("numpy").zeros((1, 3, 224, 224), "float32")); mark("first image batch")
+m.embed_texts(["a photo"]); mark("first caption batch")
+print("PHASES" + json.dumps(marks))
+"""
+
+
+def cold_start_phases(model_dir: Path, device: str) -> dict:
+    """``_PHASES`` in fresh processes, sequential and with CUDA started in a thread (the seconds
+    since the interpreter started at the end of each phase)."""
+    import subprocess
+
+    out = {}
+    for mode in ("sequential", "overlap"):
+        r = subprocess.run(
+            [sys.executable, "-c", _PHASES, str(model_dir), device, mode],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+        out[mode] = json.loads(r.stdout.split("PHASES", 1)[1])
     return out
 
 
@@ -309,6 +357,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         proc.terminate()
 
     results["cold_start_s"] = cpu_bench.cold_start(model_dir, "torch", "auto", reps=1)[0]  # auto: CUDA fp16 here
+    results["cold_start_phases_s"] = cold_start_phases(model_dir, dev)
+    for mode, marks in results["cold_start_phases_s"].items():
+        log(f"cold start phases ({mode}, seconds since start): " + ", ".join(f"{k} {v}" for k, v in marks.items()))
     log(
         f"cold start to first score on the GPU: {results['cold_start_s']:.2f}s; e2e max |dsim| vs baseline "
         f"{results['max_abs_similarity_diff_vs_baseline_e2e']:.5f}"

@@ -175,6 +175,19 @@ def test_gpu_path(tpl) -> None:
     pixels = tpl["Parameters"]["GpuPixels"]
     assert pixels["Default"] == ModelSettings.model_fields["pixels"].default == "pillow"
     assert tuple(pixels["AllowedValues"]) == PIXEL_PATHS
+    # and the two cannot be combined at deploy time, as the scorer refuses them at run time
+    [rule] = tpl["Rules"]["GpuPixelsWithoutProcesses"]["Assertions"]
+
+    def holds(expr, params):  # the three intrinsics the rule uses, as CloudFormation evaluates them
+        if isinstance(expr, dict) and "Fn::Or" in expr:
+            return any(holds(e, params) for e in expr["Fn::Or"])
+        if isinstance(expr, dict) and "Fn::Equals" in expr:
+            a, b = (params[e["Ref"]] if isinstance(e, dict) else str(e) for e in expr["Fn::Equals"])
+            return a == b
+        raise AssertionError(expr)
+
+    for px, procs, ok in (("pillow", "0", True), ("pillow", "4", True), ("torch", "0", True), ("nvjpeg", "2", False)):
+        assert holds(rule["Assert"], {"GpuPixels": px, "GpuProcesses": procs}) is ok, (px, procs)
 
 
 def test_dockerfile_targets() -> None:
@@ -194,6 +207,10 @@ def translated() -> dict:
     from support.aws_template import translate
 
     return translate(TEMPLATE, {"GpuImageUri": "x/y:gpu"})
+
+
+def test_sam_transform_keeps_the_rules(translated) -> None:
+    assert "GpuPixelsWithoutProcesses" in translated["Rules"]
 
 
 def test_sam_transform_iam_on_every_route(translated) -> None:

@@ -85,12 +85,36 @@ def test_the_probe_tells_the_pass_orders_apart() -> None:
 
 
 def test_coefficients_are_pillows_integers() -> None:
-    """Each row sums to one in 22-bit fixed point, up to the rounding of each coefficient."""
-    k = coefficients(3000, 224, int(Image.Resampling.BICUBIC))
-    assert np.array_equal(k, np.round(k)) and not k.flags.writeable
-    assert np.all(np.abs(k.sum(axis=1) - (1 << 22)) <= k.shape[1])
+    """Each output's taps sum to one in 22-bit fixed point, up to the rounding of each; the banded
+    blocks hold exactly those taps, in their place; an unsupported filter is refused by name."""
+    from similarity.model.resize import BLOCK, Banded, taps
+
+    for in_size, out_size in ((3000, 224), (224, 224), (50, 301), (37, 1), (1, 5)):
+        xmin, count, fixed = taps(in_size, out_size, int(Image.Resampling.BICUBIC))
+        assert np.array_equal(fixed, np.round(fixed)) and not fixed.flags.writeable
+        assert np.all(np.abs(fixed.sum(axis=1) - (1 << 22)) <= fixed.shape[1])
+        dense = coefficients(in_size, out_size, int(Image.Resampling.BICUBIC))
+        band = Banded(torch, "cpu", in_size, out_size, int(Image.Resampling.BICUBIC))
+        rebuilt = np.zeros_like(dense)
+        for b in range(band.nblocks):
+            for i, col in enumerate(band.index[b].tolist()):
+                for o in range(BLOCK):
+                    if b * BLOCK + o < out_size and band.k[b, i, o] != 0:
+                        rebuilt[b * BLOCK + o, col] = band.k[b, i, o]
+        assert np.array_equal(rebuilt, dense), (in_size, out_size)
     with pytest.raises(BackendUnavailable, match="resample filter 1"):
-        coefficients(10, 5, int(Image.Resampling.LANCZOS))
+        taps(10, 5, int(Image.Resampling.LANCZOS))
+
+
+def test_the_device_check_catches_other_arithmetic(monkeypatch) -> None:
+    """``check_device`` passes where the arithmetic is exact and refuses a device whose sums are off."""
+    import similarity.model.resize as rz
+
+    coeffs = Coefficients(torch, "cpu", int(Image.Resampling.BICUBIC))
+    rz.check_device(coeffs, pillow_pass_order(int(Image.Resampling.BICUBIC)))
+    monkeypatch.setattr(rz, "_HALF", rz._HALF - 2**20)  # as if the device rounded differently
+    with pytest.raises(BackendUnavailable, match="other bytes than Pillow on cpu"):
+        rz.check_device(Coefficients(torch, "cpu", int(Image.Resampling.BICUBIC)), "larger-reduction-first")
 
 
 def _files() -> list[bytes]:
@@ -104,6 +128,13 @@ def _files() -> list[bytes]:
         exif[0x0112] = orientation
         img.save(buf, "JPEG", quality=90, exif=exif.tobytes())
         out.append(buf.getvalue())
+    xmp = (  # an orientation only XMP carries: Pillow reads it, and so must the device path
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    buf = io.BytesIO()
+    draw("yellow", "triangle", rng, 300, 500).save(buf, "JPEG", quality=90, xmp=xmp)
+    out.append(buf.getvalue())
     base = draw("blue", "circle", rng, 200, 300)
     for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("I;16", "PNG"), ("L", "PNG")):
         buf = io.BytesIO()
@@ -164,22 +195,47 @@ def test_bad_images_give_the_cpu_paths_errors(cfg, decoder) -> None:
         assert str(got.value) == str(want.value)
 
 
-def test_a_device_failure_falls_back_to_the_cpu(cfg, monkeypatch, caplog) -> None:
-    """A device that fails (out of memory, say) costs speed, not rows: the CPU path's pixels, one warning."""
+def test_running_out_of_device_memory_costs_speed_not_rows(cfg, monkeypatch, caplog) -> None:
+    """An image the device has no memory for goes through Pillow (the decode it already did is
+    reused): the CPU path's pixels, one warning, and the device path stays on for the next."""
     import similarity.model.device_pixels as dpm
 
-    def fail(*args, **kwargs):
-        raise RuntimeError("CUDA out of memory")  # what torch raises
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")  # torch.cuda.OutOfMemoryError's text
 
     dp = DevicePixels(cfg, "cpu")
-    monkeypatch.setattr(dpm, "resize", fail)
+    monkeypatch.setattr(dpm, "resize", out_of_memory)
     files = large_images(64, n=3)
     with caplog.at_level(logging.WARNING, logger="similarity.model.device_pixels"):
         for data in files:
             assert np.array_equal(dp(data), load_pixels(data, cfg))
-    assert dp.fallbacks == len(files)
-    assert [r.getMessage() for r in caplog.records if "device pixel path failed" in r.getMessage()] != []
-    assert len(caplog.records) == 1
+    assert len(calls) == len(files) and dp.enabled
+    assert dp.counts["out_of_memory"] == dp.counts["cpu"] == len(files)
+    assert len(caplog.records) == 1 and "out of memory" in caplog.records[0].getMessage()
+
+
+def test_another_device_failure_turns_the_device_path_off(cfg, monkeypatch, caplog) -> None:
+    """A device error that is not memory (a driver fault, a bug) would fail every image the same
+    way: after the first, the run goes on in Pillow without trying the device again."""
+    import similarity.model.device_pixels as dpm
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    dp = DevicePixels(cfg, "cpu")
+    monkeypatch.setattr(dpm, "resize", broken)
+    files = large_images(64, n=3)
+    with caplog.at_level(logging.WARNING, logger="similarity.model.device_pixels"):
+        for data in files:
+            assert np.array_equal(dp(data), load_pixels(data, cfg))
+    assert len(calls) == 1 and not dp.enabled and dp.counts["cpu"] == len(files)
+    assert [r.levelname for r in caplog.records] == ["ERROR"] and "illegal memory access" in caplog.text
 
 
 def test_drafts_take_the_cpu_path(cfg) -> None:
@@ -190,10 +246,13 @@ def test_drafts_take_the_cpu_path(cfg) -> None:
 
 
 def test_decoding_holds_the_decode_budget(cfg) -> None:
+    """The decode budget counts the packed copy that goes to the device too (3 bytes a pixel on
+    Pillow's 5), and is given back."""
     data = large_images(64, n=1)[0]
     budget = DecodeBudget(1000.0)
     DevicePixels(cfg, "cpu")(data, budget=budget)
-    assert budget.peak == decode_cost(open_image(data, cfg)) and budget.in_use == 0
+    cost = decode_cost(open_image(data, cfg))
+    assert budget.peak == cost + -(-cost * 3 // 5) and budget.in_use == 0
 
 
 def test_load_model_pixel_paths(tiny_clip_dir) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import random
 
@@ -194,18 +195,25 @@ def test_uint8_crop_is_the_same_input_before_normalising() -> None:
 
 def test_large_files_equal_reference_on_every_path(tiny_clip_dir) -> None:
     """Large JPEGs (some EXIF-rotated) and odd-sized PNGs through the whole loading path, float and
-    uint8, against transformers' processor on Pillow's own full decode."""
+    uint8, and the device pixel path, against transformers' processor on Pillow's own full decode."""
     from transformers import CLIPImageProcessorPil
 
     from support.parity import large_images
 
     cfg = PreprocessConfig.from_model_dir(tiny_clip_dir)
     reference = CLIPImageProcessorPil.from_pretrained(str(tiny_clip_dir))
+    device = None
+    if importlib.util.find_spec("torch") is not None:
+        from similarity.model.device_pixels import DevicePixels
+
+        device = DevicePixels(cfg, "cpu")
     for data in large_images(64, n=4):
         upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
         ref = reference(images=upright, return_tensors="np")["pixel_values"][0]
         assert np.abs(load_pixels(data, cfg) - ref).max() < 1e-5
         assert np.abs(normalise(load_pixels(data, cfg, uint8=True), cfg) - ref).max() < 1e-5
+        if device is not None:  # SIMILARITY_PIXELS=torch, here on the CPU
+            assert np.abs(device(data) - ref).max() < 1e-5
 
 
 # ------------------------------------------------------------------ extreme aspect ratios

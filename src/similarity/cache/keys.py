@@ -94,7 +94,8 @@ def fingerprint(model: ClipModel) -> Fingerprint:
         "preprocess": dataclasses.asdict(model.preprocess),
     }
     if model.pixel_path == "nvjpeg":  # other pixels for the same bytes; torch's are Pillow's to the bit
-        image["decoder"] = "nvjpeg"
+        decoder = getattr(model.device_pixels, "nvjpeg", None)
+        image["decoder"] = getattr(decoder, "identity", "nvjpeg")
     text = {**base, "tokenizer": _file_hashes(root, _TOKENIZER), "max_length": model.tokenizer.max_length}
     return Fingerprint(image=_digest("image", _json(image)), text=_digest("text", _json(text)), parts=base)
 

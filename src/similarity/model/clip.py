@@ -6,6 +6,7 @@ puts them there on a machine with network).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from .directory import check_model_dir, max_caption_tokens, read_identity
 from .preprocess import PreprocessConfig, load_pixels, normalise
 from .selection import resolve
 from .tokenizer import CaptionTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ def load_model(
         if pixels == "nvjpeg" and impl.device != "cuda":
             raise BackendUnavailable(
                 f"SIMILARITY_PIXELS=nvjpeg decodes JPEGs on the GPU: it needs the model on CUDA, not {impl.device}"
+            )
+        if impl.device == "cpu":
+            log.warning(
+                "SIMILARITY_PIXELS=%s on the CPU: the same pixels as pillow, but slower (it is for a GPU)", pixels
             )
         device_pixels = DevicePixels(
             preprocess,

@@ -1,15 +1,17 @@
-"""Pillow's convolution resize, bit for bit, as two matrix products on a torch device.
+"""Pillow's convolution resize, bit for bit, as batched matrix products on a torch device.
 
 ``CLIPImageProcessor`` resizes with Pillow, whose 8-bit resample is a separable convolution in
 fixed point: each pass sums ``pixel * coefficient`` with the coefficients scaled to 22-bit integers,
 adds half a unit and keeps the clamped top bits. ``resize`` reproduces that arithmetic exactly:
-Pillow's coefficients (the same double-precision steps as its ``precompute_coeffs``) become a dense
-``(out, in)`` matrix of integers, and each pass is one float64 matrix product. Every product and
-partial sum is an integer below 2**53, so float64 holds them exactly and the result does not depend
-on the summation order: the same bytes on the CPU and on a GPU. Pillow rounds to 8 bits between the
-passes and (in recent releases) runs the vertical pass first when the height shrinks by more than
-twice the width's reduction; ``pillow_pass_order`` finds out which rule the installed Pillow follows
-rather than trusting its version number.
+Pillow's coefficients (the same double-precision steps as its ``precompute_coeffs``) are grouped
+into blocks of ``BLOCK`` outputs, each block a small dense matrix over the run of inputs it reads,
+and each pass is one batched float64 matrix product over those blocks. Every product and partial
+sum is an integer below 2**53, so float64 holds them exactly and the result does not depend on the
+summation order: the same bytes on the CPU and on a GPU. Pillow rounds to 8 bits between the passes
+and (in recent releases) runs the vertical pass first when the height shrinks by more than twice
+the width's reduction; ``pillow_pass_order`` finds out which rule the installed Pillow follows, and
+``check_device`` compares a set of resizes with Pillow's on the device itself before it is used
+(float64 arithmetic that is not IEEE, emulated or fused differently, would show there).
 
 This is for moving the resize off the CPU (``DevicePixels``); on the CPU itself Pillow's C loop is
 faster.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +34,13 @@ from ..errors import BackendUnavailable
 PRECISION_BITS = 22
 _HALF = float(1 << (PRECISION_BITS - 1))
 _UNIT = float(1 << PRECISION_BITS)
+#: Outputs per block. Each block's matrix spans the inputs its outputs read, about BLOCK x the
+#: scale plus the filter's support: a few times Pillow's own multiply-adds, against the hundreds a
+#: single dense matrix per axis costs on a large image.
+BLOCK = 16
+#: float64 elements one pass gathers at a time (32 MB): large images run in slices, so each thread
+#: holds little beyond the uint8 image and the (small) results on the device.
+CHUNK_ELEMENTS = 1 << 22
 
 PassOrder = Literal["horizontal-first", "larger-reduction-first"]
 
@@ -50,16 +59,17 @@ def _bilinear(x: np.ndarray) -> np.ndarray:
 
 
 #: Pillow's filters this module reproduces: resample code -> (filter, support).
-FILTERS: dict[int, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
+FILTERS = {
     int(Image.Resampling.BICUBIC): (_bicubic, 2.0),
     int(Image.Resampling.BILINEAR): (_bilinear, 1.0),
 }
 
 
-@functools.lru_cache(maxsize=256)
-def coefficients(in_size: int, out_size: int, resample: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def taps(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pillow's fixed-point coefficients for resizing ``in_size`` pixels to ``out_size`` (the whole
-    axis, no box) as a dense float64 ``(out_size, in_size)`` matrix of integers. Read-only."""
+    axis, no box): for each output the first input it reads, how many it reads, and the integer
+    coefficients (``(out_size, ksize)`` float64, zero past the count). Read-only arrays."""
     if resample not in FILTERS:
         raise BackendUnavailable(f"resample filter {resample} has no exact device resize (only bicubic, bilinear)")
     filt, base_support = FILTERS[resample]
@@ -70,88 +80,126 @@ def coefficients(in_size: int, out_size: int, resample: int) -> np.ndarray:
     ksize = int(np.ceil(support)) * 2 + 1
     center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
     xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
-    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
-    taps = np.arange(ksize, dtype=np.int64)
-    valid = taps[None, :] < xmax[:, None]
-    w = filt((((taps[None, :] + xmin[:, None]).astype(np.float64) - center[:, None]) + 0.5) * inv)
-    w = np.where(valid, w, 0.0)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    j = np.arange(ksize, dtype=np.int64)
+    valid = j[None, :] < count[:, None]
+    w = np.where(valid, filt((((j[None, :] + xmin[:, None]).astype(np.float64) - center[:, None]) + 0.5) * inv), 0.0)
     total = np.zeros(out_size, dtype=np.float64)
-    for j in range(ksize):  # in order, as the C loop adds them (numpy's sum is pairwise)
-        total += w[:, j]
+    for k in range(ksize):  # in order, as the C loop adds them (numpy's sum is pairwise)
+        total += w[:, k]
     w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
     fixed = np.where(w < 0, np.trunc(-0.5 + w * _UNIT), np.trunc(0.5 + w * _UNIT))
+    for a in (xmin, count, fixed):
+        a.flags.writeable = False
+    return xmin, count, fixed
+
+
+def coefficients(in_size: int, out_size: int, resample: int) -> np.ndarray:
+    """``taps`` as one dense ``(out_size, in_size)`` matrix (for checking; ``Banded`` is what runs)."""
+    xmin, count, fixed = taps(in_size, out_size, resample)
     out = np.zeros((out_size, in_size), dtype=np.float64)
-    rows = np.broadcast_to(np.arange(out_size)[:, None], fixed.shape)
-    cols = np.minimum(taps[None, :] + xmin[:, None], in_size - 1)
-    out[rows[valid], cols[valid]] = fixed[valid]
-    out.flags.writeable = False
+    for o in range(out_size):
+        out[o, xmin[o] : xmin[o] + count[o]] = fixed[o, : count[o]]
     return out
 
 
-def _clip8(t: Any, torch: Any) -> Any:
-    """Pillow's ``clip8``: the integer part above the fixed point, clamped to 0..255."""
-    return torch.clamp(torch.floor(t / _UNIT), 0.0, 255.0)
+class Banded:
+    """One axis's coefficients on a device, in blocks of ``BLOCK`` outputs: block ``b`` reads the
+    ``span`` inputs from ``starts[b]`` on, through its ``(span, BLOCK)`` matrix."""
+
+    def __init__(self, torch: Any, device: Any, in_size: int, out_size: int, resample: int) -> None:
+        xmin, count, fixed = taps(in_size, out_size, resample)
+        nblocks = -(-out_size // BLOCK)
+        pad = nblocks * BLOCK - out_size  # the last block's spare outputs read nothing
+        first = np.concatenate([xmin, np.full(pad, xmin[-1])]).reshape(nblocks, BLOCK)
+        last = np.concatenate([xmin + count, np.full(pad, xmin[-1])]).reshape(nblocks, BLOCK)
+        starts = first.min(axis=1)
+        span = int(min(in_size, max(1, int((last.max(axis=1) - starts).max()))))
+        starts = np.minimum(starts, in_size - span)  # keep every window inside the axis
+        k = np.zeros((nblocks, span, BLOCK), dtype=np.float64)
+        o = np.arange(out_size)
+        for j in range(fixed.shape[1]):
+            m = j < count
+            k[o[m] // BLOCK, xmin[m] + j - starts[o[m] // BLOCK], o[m] % BLOCK] = fixed[m, j]
+        self.out_size, self.nblocks, self.span = out_size, nblocks, span
+        self.k = torch.from_numpy(k).to(device)
+        self.index = torch.from_numpy(starts[:, None] + np.arange(span)).to(device)
+        if self.k.device.type == "cuda":  # shared with every thread's stream: the copies must be done
+            torch.cuda.current_stream(self.k.device).synchronize()
+
+    def used_on_this_stream(self, torch: Any) -> None:
+        """Evicted while this stream still reads it, its memory must wait for the stream."""
+        if self.k.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.k.device)
+            self.k.record_stream(stream)
+            self.index.record_stream(stream)
 
 
 class Coefficients:
-    """``coefficients`` as float64 tensors on one device, kept for the sizes seen recently."""
+    """``Banded`` coefficients on one device for the sizes seen recently (a few MB each)."""
 
     def __init__(self, torch: Any, device: Any, resample: int, maxsize: int = 128) -> None:
-        self.torch, self.device, self.resample = torch, device, resample
-        self._get = functools.lru_cache(maxsize=maxsize)(self._make)
+        self.torch, self.device, self.resample, self.maxsize = torch, device, resample, maxsize
+        self._items: OrderedDict[tuple[int, int], Banded] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _make(self, in_size: int, out_size: int) -> Any:
-        k = self.torch.from_numpy(np.array(coefficients(in_size, out_size, self.resample))).to(self.device)
-        if k.device.type == "cuda":  # cached for every thread's stream: the copy must be done first
-            self.torch.cuda.current_stream(k.device).synchronize()
-        return k
-
-    def __call__(self, in_size: int, out_size: int) -> Any:
+    def __call__(self, in_size: int, out_size: int) -> Banded:
+        key = (in_size, out_size)
         with self._lock:
-            k = self._get(in_size, out_size)
-        if k.device.type == "cuda":  # evicted while this stream still reads it, its memory must wait
-            k.record_stream(self.torch.cuda.current_stream(k.device))
-        return k
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+        if found is None:  # built outside the lock: a slow build never stalls the other threads
+            found = Banded(self.torch, self.device, in_size, out_size, self.resample)
+            with self._lock:
+                self._items[key] = found
+                while len(self._items) > self.maxsize:
+                    self._items.popitem(last=False)
+        found.used_on_this_stream(self.torch)
+        return found
 
 
-#: Elements of float64 one pass converts at a time (128 MB): a large image's first pass runs in
-#: slices, so the device never holds more than this beside the uint8 image and the result.
-CHUNK_ELEMENTS = 1 << 24
+def _along_last(x: Any, band: Banded, torch: Any) -> Any:
+    """One pass along ``x``'s last axis: ``(..., L)`` of 0..255 integers (any dtype) to float64
+    ``(..., out)``, Pillow's sum, half-unit rounding and clamp."""
+    lead, length = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, length)
+    n = rows.shape[0]
+    out = torch.empty((n, band.out_size), dtype=torch.float64, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // (band.nblocks * band.span))
+    for r in range(0, n, step):
+        gathered = rows[r : r + step][:, band.index].to(torch.float64)  # (rows, blocks, span)
+        y = torch.bmm(gathered.transpose(0, 1), band.k)  # (blocks, rows, BLOCK)
+        y = y.transpose(0, 1).reshape(gathered.shape[0], band.nblocks * BLOCK)[:, : band.out_size]
+        out[r : r + step] = y.add_(_HALF).div_(_UNIT).floor_().clamp_(0.0, 255.0)  # Pillow's clip8
+    return out.reshape(*lead, band.out_size)
 
 
 def resize(pixels: Any, size: tuple[int, int], coeffs: Coefficients, order: PassOrder) -> Any:
     """Resize a ``(3, H, W)`` tensor of 0..255 integers (uint8, or any dtype holding them) to
     ``size`` (width, height) as Pillow resizes the same RGB image: float64 ``(3, h, w)`` of integers."""
     torch = coeffs.torch
-    channels, height, width = pixels.shape
+    _, height, width = pixels.shape
     new_w, new_h = size
 
-    def horizontal(x: Any) -> Any:  # rows are independent: slice them
-        h, w = x.shape[1], x.shape[2]
-        if new_w == w:
-            return x.double()
-        k = coeffs(w, new_w).T
-        out = torch.empty((channels, h, new_w), dtype=torch.float64, device=x.device)
-        step = max(1, CHUNK_ELEMENTS // max(1, channels * w))
-        for r in range(0, h, step):
-            out[:, r : r + step] = _clip8(torch.matmul(x[:, r : r + step].double(), k) + _HALF, torch)
-        return out
+    def horizontal(x: Any) -> Any:
+        w = x.shape[2]
+        return x.double() if new_w == w else _along_last(x, coeffs(w, new_w), torch)
 
-    def vertical(x: Any) -> Any:  # columns are independent: slice them
-        h, w = x.shape[1], x.shape[2]
+    def vertical(x: Any) -> Any:
+        h = x.shape[1]
         if new_h == h:
             return x.double()
-        k = coeffs(h, new_h)
-        out = torch.empty((channels, new_h, w), dtype=torch.float64, device=x.device)
-        step = max(1, CHUNK_ELEMENTS // max(1, channels * h))
-        for c in range(0, w, step):
-            out[:, :, c : c + step] = _clip8(torch.matmul(k, x[:, :, c : c + step].double()) + _HALF, torch)
-        return out
+        return _along_last(x.transpose(1, 2), coeffs(h, new_h), torch).transpose(1, 2)
 
     shrink_h, shrink_w = height - new_h, width - new_w
     vertical_first = order == "larger-reduction-first" and shrink_h > 0 and shrink_h > shrink_w * 2
     return horizontal(vertical(pixels)) if vertical_first else vertical(horizontal(pixels))
+
+
+#: ``check_device``'s resizes: (source size, target size), both pass orders, shrinking and
+#: enlarging, blocks partly filled, one axis unchanged.
+CHECKS = (((97, 23), (19, 11)), ((23, 97), (11, 19)), ((301, 211), (64, 83)), ((40, 30), (91, 67)), ((50, 9), (50, 4)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,8 +208,7 @@ def pillow_pass_order(resample: int) -> PassOrder:
     image shrunk mostly in height, where the two orders round differently)."""
     import torch
 
-    rng = np.random.default_rng(7)
-    probe = rng.integers(0, 256, (97, 23, 3), dtype=np.uint8)
+    probe = np.random.default_rng(7).integers(0, 256, (97, 23, 3), dtype=np.uint8)
     size = (19, 11)
     want = np.asarray(Image.fromarray(probe).resize(size, resample=resample), dtype=np.uint8)
     coeffs = Coefficients(torch, "cpu", resample)
@@ -175,3 +222,23 @@ def pillow_pass_order(resample: int) -> PassOrder:
         f"the installed Pillow ({PIL.__version__}) resizes in a way the device resize does not reproduce; "
         "use SIMILARITY_PIXELS=pillow"
     )
+
+
+def check_device(coeffs: Coefficients, order: PassOrder) -> None:
+    """``CHECKS`` on ``coeffs``' device against Pillow, on noise and on hard edges (0/255): any
+    byte that differs means this device's arithmetic is not what the exactness rests on."""
+    torch = coeffs.torch
+    rng = np.random.default_rng(11)
+    for (w, h), size in CHECKS:
+        for image in (
+            rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            rng.choice([0, 255], (h, w, 3)).astype(np.uint8),
+        ):
+            want = np.asarray(Image.fromarray(image).resize(size, resample=coeffs.resample), dtype=np.uint8)
+            x = torch.from_numpy(image).permute(2, 0, 1).to(coeffs.device)
+            got = resize(x, size, coeffs, order).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+            if not np.array_equal(got, want):
+                raise BackendUnavailable(
+                    f"the exact resize gives other bytes than Pillow on {coeffs.device} ({(w, h)} -> {size}); "
+                    "use SIMILARITY_PIXELS=pillow"
+                )
