@@ -24,12 +24,14 @@ COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,openvino,lambda,cache]" && rm -rf /wheels
 COPY src/handler ${LAMBDA_TASK_ROOT}/handler
 # glibc would mmap/munmap large activation buffers on every forward; keep them in the heap.
+# A sandbox loads the model once onto an empty /tmp, so OpenVINO's compiled blobs (~0.36 GB) would
+# be written and never read: SIMILARITY_OV_CACHE_DIR=off (docs/performance.md, cold start).
 ENV MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=8589934592 \
     OMP_NUM_THREADS=2 \
     HF_HUB_OFFLINE=1 \
     SIMILARITY_BACKEND=auto \
-    SIMILARITY_OV_CACHE_DIR=/tmp/openvino-cache \
+    SIMILARITY_OV_CACHE_DIR=off \
     CLIP_MODEL_DIR=/mnt/models/clip-vit-base-patch32
 # The template sets the command per function (ImageConfig.Command); this is the default.
 CMD ["handler.api.lambda_handler"]

@@ -321,7 +321,9 @@ def cold_starts(model_dir: Path, tmp: Path, default: tuple[str, str], reps: int 
     """Median cold start of each path and OpenVINO cache state, the states interleaved round by round:
     ONNX fp32; OpenVINO with the cut pieces `model export` wrote and a warm compiled-blob cache (a
     Lambda sandbox with the cache on EFS, or a warm /tmp); with the pieces but an empty cache (a new
-    Lambda sandbox with the cache in /tmp); with neither (ONNX files only: cut and compile)."""
+    sandbox with the cache in /tmp: the compile, and writing the blobs); with the pieces and the blob
+    cache off (a new sandbox of the Lambda image: the compile only); with neither (ONNX files only:
+    cut and compile)."""
     pieces = model_dir / "onnx" / "openvino"
     hidden = model_dir / "onnx" / "openvino.hidden"
     fresh = iter(range(10_000))
@@ -351,6 +353,9 @@ def cold_starts(model_dir: Path, tmp: Path, default: tuple[str, str], reps: int 
         )
         states[f"{backend}-{dtype}, pieces only (empty blob cache)"] = lambda: cold_start(
             model_dir, backend, dtype, 1, empty
+        )
+        states[f"{backend}-{dtype}, pieces, blob cache off (the Lambda image)"] = lambda: cold_start(
+            model_dir, backend, dtype, 1, lambda: "off"
         )
         if pieces.is_dir():
             states[f"{backend}-{dtype}, nothing cached (ONNX only)"] = nothing

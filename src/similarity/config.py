@@ -67,7 +67,8 @@ class ModelSettings(Section):
     streams: int | None = Field(None, ge=1, validation_alias="SIMILARITY_STREAMS")
     #: Where OpenVINO keeps its compiled graphs, one subdirectory per OpenVINO version and CPU type,
     #: and the cut graphs when `model export` did not write them (default: beside the ONNX files,
-    #: else a temporary directory).
+    #: else a temporary directory); ``off`` caches nothing (a process that loads once on an empty
+    #: disk, like a Lambda sandbox, only pays for writing them).
     ov_cache_dir: str | None = Field(None, validation_alias="SIMILARITY_OV_CACHE_DIR")
     #: Opt-in JPEG draft decoding: decode large JPEGs at a reduced DCT scale while the short side
     #: stays at least this many times the model's input; 0 (the default) is off. It moves

@@ -202,6 +202,26 @@ def test_unwritable_cache_still_loads(exported, tiny_model, tmp_path) -> None:
     assert model.uint8_pixels  # the in-memory pieces take uint8 crops too
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cache_off_writes_nothing(exported, tiny_model, tmp_path, monkeypatch, dtype) -> None:
+    """``off`` (the Lambda image's setting): no compiled blobs and no cut pieces anywhere, not even
+    in a directory named "off" or the temporary directory, and the same scores."""
+    import tempfile
+
+    px, caps = parity_inputs(tiny_model.preprocess)
+    cached = similarities(load_model(exported, backend="openvino", dtype=dtype), px, caps)
+    shutil.rmtree(exported / "onnx" / "openvino-cache")
+    work, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    model = load_model(exported, backend="openvino", dtype=dtype, cache_dir="off")
+    np.testing.assert_allclose(similarities(model, px, caps), cached, atol=1e-6)
+    assert not (exported / "onnx" / "openvino-cache").exists()
+    assert list(work.iterdir()) == [] and list(tmp.iterdir()) == []
+
+
 @needs_bf16
 def test_a_graph_without_projection_is_a_clear_error(exported) -> None:
     """ONNX files from another exporter: a named error that says how to fix it, not a wrong score."""

@@ -55,6 +55,9 @@ CUT_VERSION = 2
 PIECES_SUBDIR = "openvino"
 #: The default cache directory, beside the ONNX files (a temporary directory where that is read-only).
 CACHE_SUBDIR = "openvino-cache"
+#: ``cache_dir`` value that caches nothing: for a process that loads once on a disk that starts
+#: empty (a Lambda sandbox's /tmp), where writing the compiled blobs only costs time.
+NO_CACHE = "off"
 _PIECES = ("embed", "embed_u8", "vision", "text")
 
 
@@ -178,8 +181,10 @@ def _run_parts(compiled: Any, inputs: list[Any]) -> list[np.ndarray]:
 
 
 def cache_root(model_dir: str | Path, cache_dir: str | Path | None) -> Path | None:
-    """The cache directory in use: ``cache_dir`` when given (None if it cannot be written: then
-    nothing is cached), else beside the ONNX files, else a temporary directory."""
+    """The cache directory in use: ``cache_dir`` when given (None if it is ``NO_CACHE`` or cannot be
+    written: then nothing is cached), else beside the ONNX files, else a temporary directory."""
+    if str(cache_dir or "").strip().lower() == NO_CACHE:
+        return None
     if cache_dir:
         return _writable(cache_dir)
     return _writable(Path(model_dir) / ONNX_SUBDIR / CACHE_SUBDIR) or _writable(
