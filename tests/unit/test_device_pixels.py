@@ -195,23 +195,33 @@ def test_bad_images_give_the_cpu_paths_errors(cfg, decoder) -> None:
         assert str(got.value) == str(want.value)
 
 
-def test_running_out_of_device_memory_costs_speed_not_rows(cfg, monkeypatch, caplog) -> None:
-    """An image the device has no memory for goes through Pillow (the decode it already did is
-    reused): the CPU path's pixels, one warning, and the device path stays on for the next."""
+def _score_with_failing_resize(cfg, monkeypatch, caplog, message: str):
+    """Three large images through a device path whose resize raises ``message``; each must still
+    come out as the CPU path's pixels. Returns the resize calls made, the path and the files."""
     import similarity.model.device_pixels as dpm
 
     calls = []
 
-    def out_of_memory(*args, **kwargs):
+    def failing(*args, **kwargs):
         calls.append(1)
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")  # torch.cuda.OutOfMemoryError's text
+        raise RuntimeError(message)
 
     dp = DevicePixels(cfg, "cpu")
-    monkeypatch.setattr(dpm, "resize", out_of_memory)
+    monkeypatch.setattr(dpm, "resize", failing)
     files = large_images(64, n=3)
     with caplog.at_level(logging.WARNING, logger="similarity.model.device_pixels"):
         for data in files:
             assert np.array_equal(dp(data), load_pixels(data, cfg))
+    return calls, dp, files
+
+
+def test_running_out_of_device_memory_costs_speed_not_rows(cfg, monkeypatch, caplog) -> None:
+    """An image the device has no memory for goes through Pillow (the decode it already did is
+    reused): the CPU path's pixels, one warning, and the device path stays on for the next."""
+    # torch.cuda.OutOfMemoryError's text
+    calls, dp, files = _score_with_failing_resize(
+        cfg, monkeypatch, caplog, "CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
     assert len(calls) == len(files) and dp.enabled
     assert dp.counts["out_of_memory"] == dp.counts["cpu"] == len(files)
     assert len(caplog.records) == 1 and "out of memory" in caplog.records[0].getMessage()
@@ -220,20 +230,9 @@ def test_running_out_of_device_memory_costs_speed_not_rows(cfg, monkeypatch, cap
 def test_another_device_failure_turns_the_device_path_off(cfg, monkeypatch, caplog) -> None:
     """A device error that is not memory (a driver fault, a bug) would fail every image the same
     way: after the first, the run goes on in Pillow without trying the device again."""
-    import similarity.model.device_pixels as dpm
-
-    calls = []
-
-    def broken(*args, **kwargs):
-        calls.append(1)
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    dp = DevicePixels(cfg, "cpu")
-    monkeypatch.setattr(dpm, "resize", broken)
-    files = large_images(64, n=3)
-    with caplog.at_level(logging.WARNING, logger="similarity.model.device_pixels"):
-        for data in files:
-            assert np.array_equal(dp(data), load_pixels(data, cfg))
+    calls, dp, files = _score_with_failing_resize(
+        cfg, monkeypatch, caplog, "CUDA error: an illegal memory access was encountered"
+    )
     assert len(calls) == 1 and not dp.enabled and dp.counts["cpu"] == len(files)
     assert [r.levelname for r in caplog.records] == ["ERROR"] and "illegal memory access" in caplog.text
 
