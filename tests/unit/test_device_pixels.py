@@ -237,6 +237,17 @@ def test_another_device_failure_turns_the_device_path_off(cfg, monkeypatch, capl
     assert [r.levelname for r in caplog.records] == ["ERROR"] and "illegal memory access" in caplog.text
 
 
+def test_a_decoder_that_disagrees_with_the_header_is_not_counted(cfg) -> None:
+    """A device decode whose size is not the header's goes to Pillow and is counted there, not as
+    decoded on the device (the figure bench/gpu.py reports)."""
+    dp = DevicePixels(cfg, "cpu")
+    dp.nvjpeg = lambda data: torch.zeros((5, 7, 3), dtype=torch.uint8)  # stands in for nvJPEG
+    files = [f for f in large_images(64, n=6) if Image.open(io.BytesIO(f)).format == "JPEG"][:2]
+    for data in files:
+        assert np.array_equal(dp(data), load_pixels(data, cfg))
+    assert dp.decoded_on_device == 0 and dp.fallbacks == len(files) == 2
+
+
 def test_drafts_take_the_cpu_path(cfg) -> None:
     drafted = cfg.__class__(**{**cfg.__dict__, "draft_factor": 2})
     dp = DevicePixels(drafted, "cpu")

@@ -39,11 +39,10 @@ from .preprocess import (
     DecodeBudget,
     PreprocessConfig,
     ResizePlan,
-    crop_uint8,
     decode_budget,
     decode_cost,
     load_rgb,
-    normalise,
+    model_input,
     open_image,
     resize_plan,
 )
@@ -196,6 +195,8 @@ class DevicePixels:
     def __call__(self, data: bytes, budget: DecodeBudget | None = None) -> np.ndarray:
         cfg = self.cfg
         im = open_image(data, cfg)  # the header checks, limits and their row errors: Pillow's
+        # Held before it is known whether nvJPEG takes the image (then the host holds no pixels):
+        # counted as a Pillow decode and its upload copy, the larger, so a refusal never overdraws.
         cost = decode_cost(im)
         cost += math.ceil(cost * UPLOAD_BYTES_PER_PIXEL / BYTES_PER_PIXEL)
         decoded: list[Image.Image] = []  # what Pillow decoded, for the CPU path if the device fails
@@ -209,8 +210,7 @@ class DevicePixels:
                     except RuntimeError as exc:
                         self._failed(exc)
                 self._count("cpu")
-                crop = crop_uint8(decoded[0] if decoded else load_rgb(im), cfg)
-                return crop if self.uint8 else normalise(crop, cfg)
+                return model_input(decoded[0] if decoded else load_rgb(im), cfg, self.uint8)
         finally:
             im.close()
 
@@ -252,7 +252,7 @@ class DevicePixels:
                 stored = self.nvjpeg(data)
                 if stored is not None:
                     pixels = _orient(stored, orientation, self.torch)
-                    self._count("decoded_on_device")
+            on_device = pixels is not None
             if pixels is None:
                 rgb = load_rgb(im)  # raises the row's DecodeError as the CPU path does
                 decoded.append(rgb)
@@ -260,6 +260,8 @@ class DevicePixels:
             if tuple(pixels.shape) != (height, width, 3):
                 return None  # a decoder that disagrees with the header: let Pillow decide
             out = self._crop(pixels, plan)
+            if on_device:
+                self._count("decoded_on_device")
             self._count("resized_on_device")
             return out
 

@@ -316,6 +316,12 @@ def preprocess(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return normalise(crop_uint8(im, cfg), cfg)
 
 
+def model_input(rgb: Image.Image, cfg: PreprocessConfig, uint8: bool) -> np.ndarray:
+    """A decoded RGB image as the model takes it: the uint8 crop, or ``preprocess``'s float32."""
+    crop = crop_uint8(rgb, cfg)
+    return crop if uint8 else normalise(crop, cfg)
+
+
 @dataclass(frozen=True)
 class ResizePlan:
     """Where an image of a given size goes: the shortest-edge resize (long edge truncated to int,
@@ -472,8 +478,7 @@ def load_pixels(
     normalises inside its graph."""
     im = open_image(data, cfg)
     with (budget or decode_budget()).hold(decode_cost(im)):
-        rgb = load_rgb(im)
-        out = crop_uint8(rgb, cfg) if uint8 else preprocess(rgb, cfg)
+        out = model_input(load_rgb(im), cfg, uint8)
         im.close()
         return out
 
