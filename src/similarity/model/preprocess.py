@@ -318,8 +318,7 @@ def preprocess(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 def model_input(rgb: Image.Image, cfg: PreprocessConfig, uint8: bool) -> np.ndarray:
     """A decoded RGB image as the model takes it: the uint8 crop, or ``preprocess``'s float32."""
-    crop = crop_uint8(rgb, cfg)
-    return crop if uint8 else normalise(crop, cfg)
+    return crop_uint8(rgb, cfg) if uint8 else preprocess(rgb, cfg)
 
 
 @dataclass(frozen=True)
