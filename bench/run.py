@@ -166,8 +166,10 @@ def make_jpeg(rng: random.Random, size: tuple[int, int]) -> bytes:
         x, y, r = rng.randrange(w), rng.randrange(h), rng.randrange(10, max(11, min(w, h) // 4))
         d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
     img = img.filter(ImageFilter.GaussianBlur(1.2))
-    noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, 6, (h, w, 3))
-    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    # float32 throughout: float64 noise made a 3000x2000 image cost 1.6 s, a tenth of the synthesis.
+    px = np.asarray(img, dtype=np.float32)
+    px += np.random.default_rng(rng.randrange(1 << 30)).standard_normal((h, w, 3), dtype=np.float32) * 6
+    img = Image.fromarray(np.clip(px, 0, 255, out=px).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=88)
     return buf.getvalue()
@@ -323,7 +325,7 @@ def cold_starts(model_dir: Path, tmp: Path, default: tuple[str, str], reps: int 
     Lambda sandbox with the cache on EFS, or a warm /tmp); with the pieces but an empty cache (a new
     sandbox with the cache in /tmp: the compile, and writing the blobs); with the pieces and the blob
     cache off (a new sandbox of the Lambda image: the compile only); with neither (ONNX files only:
-    cut and compile)."""
+    cut and compile, timed once)."""
     pieces = model_dir / "onnx" / "openvino"
     hidden = model_dir / "onnx" / "openvino.hidden"
     fresh = iter(range(10_000))
@@ -362,9 +364,11 @@ def cold_starts(model_dir: Path, tmp: Path, default: tuple[str, str], reps: int 
     elif default != ("onnx", "fp32"):
         states[f"{backend}-{dtype}"] = lambda: cold_start(model_dir, backend, dtype, 1)
     runs: dict[str, list[float]] = {k: [] for k in states}
+    worst = f"{backend}-{dtype}, nothing cached (ONNX only)"
     for _ in range(reps):
         for k, f in states.items():
-            runs[k] += f()
+            if k != worst or not runs[k]:  # the worst case (no target; 2-3x the others) is timed once
+                runs[k] += f()
     out = {k: float(np.median(v)) for k, v in runs.items()}
     out["torch-fp32"] = float(np.median(cold_start(model_dir, "torch", "fp32", 1)))
     return out
@@ -593,9 +597,9 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     policy = AddressPolicy(parse_networks("127.0.0.1/32"))
     log(f"{len(pairs)} pairs served from {server.base} (10/12 at 640x480-800x600, 1/12 3000x2000, 1/12 1600x1200)")
 
-    base_s, base_cos = baseline(model_dir, pairs)
-    results["baseline_pairs_per_s"] = len(pairs) / base_s
-    log(f"baseline (CLIPProcessor + CLIPModel fp32 eager): {results['baseline_pairs_per_s']:.1f} pairs/s")
+    # One batch first, untimed: the baseline's own first-call costs stay out of the paired rounds.
+    # Its rate comes from those rounds (below), each timing it right before ours.
+    baseline(model_dir, pairs[:32])
     rates = matmul_rates()
     base_rate = rates["fp32 (MKL sgemm, the baseline's)"]
     results["matmul_gflops"] = rates
@@ -639,25 +643,20 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
             log(f"{key}: unavailable ({exc})")
             continue
         img_s, cap_s = model_only(m, pixels, caps)
-        e2e_s, cos = ours(m, pairs, policy)
         agree = agreement(ref_i, ref_t, m.embed_images(pixels), m.embed_texts(caps)[0])
-        row = {
-            "image_per_s": img_s,
-            "caption_per_s": cap_s,
-            "pairs_per_s": len(pairs) / e2e_s,
-            "speedup": (len(pairs) / e2e_s) / results["baseline_pairs_per_s"],
-            **agree,
-        }
-        if key == "onnx-fp32":
-            diffs = [abs((a + 1) / 2 - (b + 1) / 2) for a, b in zip(cos, base_cos) if a is not None]
-            row["max_abs_similarity_diff_vs_baseline_e2e"] = max(diffs)
+        row = {"image_per_s": img_s, "caption_per_s": cap_s, **agree}
+        # The paired rounds time these end to end (onnx-fp32: the Lambda's path without bf16);
+        # the others get one pass here.
+        in_rounds = key in (default_key, int8_key, "onnx-fp32")
+        if not in_rounds:
+            row["pairs_per_s"] = len(pairs) / ours(m, pairs, policy)[0]
         results["backends"][key] = row
+        e2e = "in the rounds" if in_rounds else f"{row['pairs_per_s']:6.1f} pairs/s"
         log(
-            f"{key:14s} image {img_s:6.1f}/s  captions {cap_s:6.1f}/s  e2e {row['pairs_per_s']:6.1f} pairs/s "
-            f"({row['speedup']:.2f}x)  random model: img cos min {agree['image_cos_min']:.6f}  "
-            f"max|dsim| {agree['max_abs_similarity_diff']:.5f}"
+            f"{key:14s} image {img_s:6.1f}/s  captions {cap_s:6.1f}/s  e2e {e2e}  random model: img cos min "
+            f"{agree['image_cos_min']:.6f}  max|dsim| {agree['max_abs_similarity_diff']:.5f}"
         )
-        if key in (default_key, int8_key, "onnx-fp32"):  # onnx-fp32: the Lambda's path without bf16
+        if in_rounds:
             repeated[key] = m
         elif m is not ref:
             del m
@@ -671,10 +670,15 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     # the default's and the int8 path's figures come from three rounds, each running the baseline
     # and then ours right after it, and each ratio is the median of the three paired ratios.
     rounds = []
+    cosines: dict[str, list[float | None]] = {}  # the first round's, baseline against onnx-fp32
     for _ in range(3):
-        r = {"baseline": len(pairs) / baseline(model_dir, pairs)[0]}
+        secs, cos = baseline(model_dir, pairs)
+        cosines.setdefault("baseline", cos)
+        r = {"baseline": len(pairs) / secs}
         for key, m in repeated.items():
-            r[key] = len(pairs) / ours(m, pairs, policy)[0]
+            secs, cos = ours(m, pairs, policy)
+            cosines.setdefault(key, cos)
+            r[key] = len(pairs) / secs
             if key == one_stream:
                 continue  # only its end-to-end rate is compared
             if key == default_key:  # the same model with twice the batch (SIMILARITY_BATCH_SIZE=64)
@@ -687,8 +691,17 @@ def run(args: argparse.Namespace, results: dict, tmp: Path) -> None:
     default_uint8 = repeated[default_key].uint8_pixels
     repeated.clear()
     base = [r["baseline"] for r in rounds]
-    results["baseline_runs_pairs_per_s"] = [len(pairs) / base_s, *base]
+    results["baseline_runs_pairs_per_s"] = base
     results["baseline_pairs_per_s"] = float(np.median(results["baseline_runs_pairs_per_s"]))
+    log(
+        f"baseline (CLIPProcessor + CLIPModel fp32 eager), paired rounds: {results['baseline_pairs_per_s']:.1f} "
+        f"pairs/s (runs {', '.join(f'{b:.1f}' for b in base)})"
+    )
+    if "onnx-fp32" in cosines:  # exact fp32 through our pipeline against the baseline, row by row
+        pairs_cos = zip(cosines["onnx-fp32"], cosines["baseline"])
+        results["backends"]["onnx-fp32"]["max_abs_similarity_diff_vs_baseline_e2e"] = max(
+            abs(a - b) / 2 for a, b in pairs_cos if a is not None and b is not None
+        )
     kernel = {"fp32": "fp32 (MKL sgemm, the baseline's)", "bf16": "bf16", "int8": "int8 (VNNI)"}
     for key, row in results["backends"].items():
         backend, dtype = key.split("-")
