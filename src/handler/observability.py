@@ -11,7 +11,10 @@ SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME", "text-image-similarity")
 NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "TextImageSimilarity")
 
 logger = Logger(service=SERVICE)
-tracer = Tracer(service=SERVICE)
+# AWS SDK calls only. Patching everything X-Ray supports would also trace every image fetch
+# (requests and http.client) and every local-store query (sqlite3): one subsegment each, sent by
+# UDP as it ends, thousands per chunk, +0.3-0.5 ms of CPU per fetch on a ~1.1 ms loopback fetch (Zen 4).
+tracer = Tracer(service=SERVICE, patch_modules=("botocore",))
 
 
 def metrics_for(function: str) -> Metrics:
