@@ -319,13 +319,67 @@ def cold_start(
     return times
 
 
+# The API function as Lambda starts it: the init phase imports the handler (which loads the model:
+# preload), then the first request arrives. The variables are the ones the Lambda runtime and the
+# image set; tracing is on, its daemon a socket of the bench on loopback.
+API_COLD_START = """
+import time;t=time.perf_counter()
+import base64,io,json,sys
+import handler.api as api
+from PIL import Image;b=io.BytesIO();Image.new('RGB',(64,64),(9,9,9)).save(b,'PNG')
+u='data:image/png;base64,'+base64.b64encode(b.getvalue()).decode()
+ev=json.load(open(sys.argv[1]));ev['body']=json.dumps({'pairs':[{'image':u,'caption':'a photo'}]});ev['isBase64Encoded']=False
+class Ctx:
+    function_name='ApiFunction';memory_limit_in_mb=4096;aws_request_id='r'
+    invoked_function_arn='arn:aws:lambda:us-east-1:123456789012:function:ApiFunction'
+    def get_remaining_time_in_millis(self):return 29000
+r=api.lambda_handler(ev,Ctx());assert r['statusCode']==200 and json.loads(r['body'])['results'][0]['cosine'] is not None,r
+print('ok')
+"""
+
+
+def api_cold_start(model_dir: Path) -> list[float]:
+    """Seconds from `python` starting to the API function's first /score answer, one fresh process
+    with the Lambda image's settings (``SIMILARITY_OV_CACHE_DIR=off``, ``SIMILARITY_BACKEND=auto``)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(("127.0.0.1", 0))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT / "src"),
+            "AWS_LAMBDA_FUNCTION_NAME": "ApiFunction",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "4096",
+            "LAMBDA_TASK_ROOT": str(ROOT / "src"),
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "_X_AMZN_TRACE_ID": "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
+            "AWS_XRAY_DAEMON_ADDRESS": f"127.0.0.1:{daemon.getsockname()[1]}",
+            "CLIP_MODEL_DIR": str(model_dir),
+            "SIMILARITY_BACKEND": "auto",
+            "SIMILARITY_OV_CACHE_DIR": "off",
+            "OMP_NUM_THREADS": "2",
+            "MALLOC_MMAP_THRESHOLD_": "33554432",
+            "MALLOC_TRIM_THRESHOLD_": "8589934592",
+        }
+        env.pop("POWERTOOLS_TRACE_DISABLED", None)
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", API_COLD_START, str(ROOT / "events" / "api_score.json")],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+        return [time.perf_counter() - t]
+
+
 def cold_starts(model_dir: Path, tmp: Path, default: tuple[str, str], reps: int = 3) -> dict[str, float]:
     """Median cold start of each path and OpenVINO cache state, the states interleaved round by round:
     ONNX fp32; OpenVINO with the cut pieces `model export` wrote and a warm compiled-blob cache (a
     Lambda sandbox with the cache on EFS, or a warm /tmp); with the pieces but an empty cache (a new
     sandbox with the cache in /tmp: the compile, and writing the blobs); with the pieces and the blob
     cache off (a new sandbox of the Lambda image: the compile only); with neither (ONNX files only:
-    cut and compile, timed once)."""
+    cut and compile, timed once); and the API function itself with the Lambda image's settings
+    (its handler's imports, tracer and settings on top of the compile)."""
     pieces = model_dir / "onnx" / "openvino"
     hidden = model_dir / "onnx" / "openvino.hidden"
     fresh = iter(range(10_000))
@@ -363,6 +417,9 @@ def cold_starts(model_dir: Path, tmp: Path, default: tuple[str, str], reps: int 
             states[f"{backend}-{dtype}, nothing cached (ONNX only)"] = nothing
     elif default != ("onnx", "fp32"):
         states[f"{backend}-{dtype}"] = lambda: cold_start(model_dir, backend, dtype, 1)
+    states["the API function (Lambda image settings: handler import, model load, first /score)"] = lambda: (
+        api_cold_start(model_dir)
+    )
     runs: dict[str, list[float]] = {k: [] for k in states}
     worst = f"{backend}-{dtype}, nothing cached (ONNX only)"
     for _ in range(reps):
