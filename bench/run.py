@@ -326,14 +326,11 @@ API_COLD_START = """
 import time;t=time.perf_counter()
 import base64,io,json,sys
 import handler.api as api
+from handler.invoke import LocalContext
 from PIL import Image;b=io.BytesIO();Image.new('RGB',(64,64),(9,9,9)).save(b,'PNG')
 u='data:image/png;base64,'+base64.b64encode(b.getvalue()).decode()
 ev=json.load(open(sys.argv[1]));ev['body']=json.dumps({'pairs':[{'image':u,'caption':'a photo'}]});ev['isBase64Encoded']=False
-class Ctx:
-    function_name='ApiFunction';memory_limit_in_mb=4096;aws_request_id='r'
-    invoked_function_arn='arn:aws:lambda:us-east-1:123456789012:function:ApiFunction'
-    def get_remaining_time_in_millis(self):return 29000
-r=api.lambda_handler(ev,Ctx());assert r['statusCode']==200 and json.loads(r['body'])['results'][0]['cosine'] is not None,r
+r=api.lambda_handler(ev,LocalContext(function_name='ApiFunction'));assert r['statusCode']==200 and json.loads(r['body'])['results'][0]['cosine'] is not None,r
 print('ok')
 """
 
