@@ -23,6 +23,9 @@ FROM public.ecr.aws/lambda/python:${PYTHON_VERSION} AS lambda
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[onnx,openvino,lambda,cache]" && rm -rf /wheels
 COPY src/handler ${LAMBDA_TASK_ROOT}/handler
+# pip byte-compiled the library; the handlers need it too: Lambda's /var/task is read-only, so
+# without their bytecode in the image every cold start would compile them again.
+RUN python -m compileall -q ${LAMBDA_TASK_ROOT}/handler
 # glibc would mmap/munmap large activation buffers on every forward; keep them in the heap.
 # A sandbox loads the model once onto an empty /tmp, so OpenVINO's compiled blobs (~0.36 GB) would
 # be written and never read: SIMILARITY_OV_CACHE_DIR=off (docs/performance.md, cold start).
@@ -50,6 +53,7 @@ COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch,cache,gpu]" && rm -rf /wheels
 WORKDIR /app
 COPY src/handler /app/handler
+RUN python -m compileall -q /app/handler
 ENV HF_HUB_OFFLINE=1 SIMILARITY_DEVICE=cuda SIMILARITY_BACKEND=torch SIMILARITY_BATCH_SIZE=128 SIMILARITY_WORKERS=32
 ENTRYPOINT ["python", "-m", "handler.gpu_task"]
 

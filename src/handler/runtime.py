@@ -18,10 +18,13 @@ from similarity.bootstrap import Runtime, build
 from similarity.config import ServiceSettings, load
 from similarity.jobs import JobService, make_service
 
+from .observability import logger, trace_aws_sdk
+
 
 @dataclass
 class Clients:
-    """AWS clients, each made on first use by ``similarity.aws`` (the one place they are made)."""
+    """AWS clients, each made on first use by ``similarity.aws`` (the one place they are made),
+    their calls traced from the first."""
 
     _made: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -29,6 +32,7 @@ class Clients:
     def get(self, service: str) -> Any:
         with self._lock:
             if service not in self._made:
+                trace_aws_sdk()
                 self._made[service] = make_client(service)
             return self._made[service]
 
@@ -74,8 +78,6 @@ def in_lambda() -> bool:
 def preload() -> None:
     """Load the model during the Lambda init phase (cold start) so the first request does not pay
     for it. Failures are left for /readyz and the first request to report."""
-    from .observability import logger
-
     try:
         s = services()
         if s.settings.api.preload_model:

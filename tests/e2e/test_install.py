@@ -75,6 +75,43 @@ def test_dockerfile_copies_the_handlers_into_each_image_that_runs_them() -> None
     assert "WORKDIR /app" in gpu and "COPY src/handler /app/handler" in gpu and '"-m", "handler.gpu_task"' in gpu
 
 
+@pytest.mark.parametrize(("stage", "where"), [("lambda", "${LAMBDA_TASK_ROOT}/handler"), ("gpu", "/app/handler")])
+def test_images_hold_the_handlers_bytecode(tmp_path, stage: str, where: str) -> None:
+    """Lambda's /var/task is read-only: without bytecode in the image, each cold start compiled
+    the handlers again. The stage's own compile command, run on a copy, leaves bytecode that an
+    import with the sources read-only uses (the library's comes from pip installing the wheel)."""
+    import shutil
+
+    text = (ROOT / "Dockerfile").read_text()
+    body = next(s for s in re.split(r"^FROM ", text, flags=re.M) if s.split()[2] == stage)
+    commands = [line[4:] for line in body.splitlines() if line.startswith("RUN ") and "compileall" in line]
+    assert len(commands) == 1, f"the {stage} stage does not byte-compile its handlers"
+    command = commands[0]
+    assert where in command
+    task = tmp_path / "task"
+    shutil.copytree(ROOT / "src" / "handler", task / "handler", ignore=shutil.ignore_patterns("__pycache__"))
+    argv = command.replace(where, str(task / "handler")).split()
+    assert argv[:3] == ["python", "-m", "compileall"], argv
+    subprocess.run([sys.executable, *argv[1:]], check=True, timeout=120)
+    for path in [*(task / "handler").glob("*.py"), task / "handler"]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    # Every module the import system compiles from source is recorded; the handlers' must be none.
+    probe = f"""
+import importlib.machinery as m, importlib, pkgutil, sys
+compiled, compile = [], m.SourceFileLoader.source_to_code
+m.SourceFileLoader.source_to_code = lambda self, data, path, **kw: compiled.append(path) or compile(self, data, path, **kw)
+import handler
+for info in pkgutil.iter_modules(handler.__path__):
+    importlib.import_module("handler." + info.name)
+print(len(sys.modules), *[p for p in compiled if p.startswith({str(task)!r})])
+"""
+    env = {"PYTHONPATH": f"{task}:{ROOT / 'src'}", "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded, *from_source = r.stdout.split()
+    assert int(loaded) > 100 and from_source == [], from_source
+
+
 @pytest.mark.parametrize(
     "missing",
     [
