@@ -33,7 +33,7 @@ from .directory import read_json
 #: The formats we decode, each with the Pillow plugin that opens it. Content is sniffed by Pillow;
 #: the server's Content-Type is never trusted. Only these plugins are imported: ``Image.init()``
 #: imports all of Pillow's (~45, ~30 ms of every cold start), and ``Image.open`` calls it when
-#: one of the formats asked for is not registered yet.
+#: one of the formats asked for is not registered yet. (MPO files open through the JPEG plugin.)
 _PLUGINS = {
     "JPEG": "JpegImagePlugin",
     "MPO": "MpoImagePlugin",
