@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import functools
 import glob
 import io
 import json
@@ -299,7 +300,7 @@ def cold_start(
     """Seconds from `python` starting to the first score printed, in fresh processes. ``cache``
     gives each process its OpenVINO cache directory (made fresh, or kept warm)."""
     code = (
-        "import time,base64,io,sys;t=time.perf_counter();"
+        "import base64,io,sys;"
         "from similarity import load_model, score_pairs, Record, Fetcher;"
         f"m=load_model({str(model_dir)!r}, backend={backend!r}, dtype={dtype!r}, cache_dir=sys.argv[1] or None);"
         "from PIL import Image;b=io.BytesIO();Image.new('RGB',(64,64),(9,9,9)).save(b,'PNG');"
@@ -311,6 +312,7 @@ def cold_start(
     return [seconds_to_ok([sys.executable, "-c", code, (cache() if cache else None) or ""], env) for _ in range(reps)]
 
 
+@functools.cache
 def byte_compile_sources() -> None:
     """Write the bytecode of ``src`` the way installing the wheel does in every image (the
     Dockerfile compiles the handlers): a source tree run under ``PYTHONDONTWRITEBYTECODE`` would
@@ -341,7 +343,6 @@ def seconds_to_ok(cmd: list[str], env: dict[str, str]) -> float:
 # preload), then the first request arrives. The variables are the ones the Lambda runtime and the
 # image set; tracing is on, its daemon a socket of the bench on loopback.
 API_COLD_START = """
-import time;t=time.perf_counter()
 import base64,io,json,sys
 import handler.api as api
 from handler.invoke import LocalContext

@@ -16,12 +16,10 @@ tracer = Tracer(service=SERVICE, auto_patch=False)
 
 
 def trace_aws_sdk() -> None:
-    """Trace AWS SDK calls; the composition root calls this before it makes a client. Not at
-    import: the patch imports botocore, ~0.1 s of each cold start (Zen 4) of a function whose
-    requests may need no AWS call (the API's /score). Only botocore: patching everything X-Ray
-    supports would also trace every image fetch (requests and http.client) and every local-store
-    query (sqlite3), one subsegment each, sent by UDP as it ends, thousands per chunk, +0.3-0.5 ms
-    of CPU per fetch on a ~1.1 ms loopback fetch (Zen 4). Patching twice is a no-op."""
+    """Trace AWS SDK calls; the composition root calls this before it makes a client (idempotent).
+    Not at import: the patch imports botocore, ~0.1 s of a cold start whose requests may need no
+    AWS call (the API's /score). Only botocore: patching all X-Ray supports would also trace every
+    image fetch and local-store query, +0.3-0.5 ms of CPU per fetch (Zen 4; docs/deploy.md)."""
     tracer.patch(("botocore",))
 
 
