@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ def has_native_bf16() -> bool:
     """x86 CPUs with bf16 dot-product instructions (AVX-512 BF16 or AMX); elsewhere bf16 would be
     emulated and slower than fp32."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def bf16_emulated() -> bool:
+    """An x86 CPU without native bf16, where bf16 math is emulated in fp32 units: slower than fp32
+    itself. Other architectures are not judged here (their flags are not read)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and not has_native_bf16()
 
 
 def has_amx() -> bool:

@@ -79,8 +79,8 @@ CASES = [
 def test_backend_agrees_with_reference(exported, inputs, large, reference, backend, dtype, bound, needs) -> None:
     if needs and not _has(needs):
         pytest.skip(f"{needs} not installed")
-    if dtype == "bf16" and backend == "openvino" and not cpu_has_native_bf16():
-        pytest.skip("CPU without bf16")
+    if dtype == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("CPU without bf16")  # refused there (tests/unit/test_selection.py)
     model = load_model(exported, backend=backend, device="cpu", dtype=dtype)  # tests/e2e/test_gpu.py: CUDA
     assert model.info.backend == backend and model.info.dtype == dtype
     # OpenVINO's mixed path takes uint8 crops (it normalises in its graph); every other path floats.

@@ -12,6 +12,7 @@ import pytest
 from similarity import Record, score_pairs
 from similarity.cache import EmbeddingCache
 from similarity.cache.sqlite_store import SqliteStore
+from similarity.hardware import has_native_bf16
 from similarity.model import load_model
 from support.conditional import ConditionalImages
 from support.imageserver import png_bytes
@@ -142,12 +143,15 @@ def test_another_dtype_never_uses_the_entries(tiny_model, tiny_clip_dir, fetcher
     records = [Record(u, c) for u, c in _images(images, 5)]
     cache = _cache(tmp_path)
     fp32, _ = _score(records, tiny_model, fetcher, cache)
-    bf16_model = load_model(tiny_clip_dir, backend="torch", device="cpu", dtype="bf16")
+    # Mixed bf16 where the CPU runs it; elsewhere (refused there) fp16, another dtype all the same.
+    other = "bf16" if has_native_bf16() else "fp16"
+    bf16_model = load_model(tiny_clip_dir, backend="torch", device="cpu", dtype=other)
+    assert bf16_model.info.dtype == other
     images.reset_log()
     bf16, s = _score(records, bf16_model, fetcher, cache)
     assert s.images_embedded == 5 and s.captions_encoded == 5 and s.cache["image_hits"] == 0
     assert images.statuses() == [200] * 5  # no 304 asked for: the URLs' embeddings are fp32 ones
-    assert bf16 != fp32  # bf16 really gives other scores: reusing fp32 entries would have hidden that
+    assert bf16 != fp32  # the other dtype really gives other scores: reusing fp32 entries would have hidden that
     again, s2 = _score(records, tiny_model, fetcher, cache)
     assert again == fp32 and s2.images_embedded == 0  # both kinds now live side by side
 

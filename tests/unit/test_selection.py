@@ -163,3 +163,28 @@ def test_nothing_installed_names_the_extra(monkeypatch, exported) -> None:
     monkeypatch.setattr(hardware, "cuda_present", lambda: False)
     with pytest.raises(BackendUnavailable, match=r"pip install '\.\[cpu\]'"):
         resolve("auto", "auto", exported, "auto")
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "refused"),
+    [
+        ("x86_64", {"avx2", "fma"}, True),  # Zen 3, Skylake: emulated bf16
+        ("x86_64", {"avx512f", "avx512_bf16"}, False),  # Zen 4/5
+        ("x86_64", {"avx512f", "amx_bf16"}, False),  # Sapphire Rapids and later
+        ("aarch64", set(), False),  # flags not read there: not judged
+    ],
+)
+def test_bf16_is_refused_where_x86_emulates_it(monkeypatch, exported, machine, flags, refused) -> None:
+    """torch on a 2-vCPU Zen 3 ran bf16 at a fifth of fp32's speed: asking for it there is a clear
+    error naming --dtype fp32, for every backend, while auto keeps picking fp32."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+    monkeypatch.setattr(hardware, "cuda_present", lambda: False)
+    monkeypatch.setattr(hardware, "installed", lambda name: True)
+    for backend in ("torch", "openvino", "auto"):
+        if refused:
+            with pytest.raises(BackendUnavailable, match=r"no native bf16.*use --dtype fp32"):
+                resolve(backend, "cpu", exported, "bf16")
+        else:
+            assert resolve(backend, "cpu", exported, "bf16").dtype == "bf16"
+    assert resolve("auto", "auto", exported, "auto").dtype == ("fp32" if refused or machine != "x86_64" else "bf16")

@@ -9,7 +9,8 @@ OpenVINO); else torch fp32. Naming a backend without a dtype gives its fp32 path
 ``--dtype fp32`` runs fp32 on CUDA too. int8 is never picked: it is opt-in, and ``--dtype int8``
 gets OpenVINO's int8 where the CPU has VNNI, else ONNX Runtime's; on CPUs with AMX, where bf16 is
 no int8 path measured faster, ``--dtype int8`` alone is refused with the figures (a named
-backend, ``--backend onnx --dtype int8``, still runs it).
+backend, ``--backend onnx --dtype int8``, still runs it). bf16 on an x86 CPU without native bf16
+is refused for every backend: it would be emulated, slower than fp32.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ INT8_ON_AMX = (
     "bf16 default (OpenVINO dynamic int8 at 0.74x-1.08x its speed end to end in two runs on a 2-vCPU "
     "Xeon with AMX, family 6 model 207), with 2-3x its drift (docs/performance.md). Leave --dtype at auto, "
     "or name the backend to run int8 anyway: --backend onnx --dtype int8 (or --backend openvino)"
+)
+
+#: Why bf16 is refused on x86 CPUs without native bf16, with what was measured there.
+BF16_EMULATED = (
+    "--dtype bf16 is not offered on this CPU: it has no native bf16 (AVX-512 BF16 or AMX), so bf16 would be "
+    "emulated, at a fifth of fp32's speed (torch on a 2-vCPU Zen 3: 1.9 against 9.9 pairs/s end to end, "
+    "docs/performance.md); use --dtype fp32, or leave --dtype at auto"
 )
 
 
@@ -105,6 +113,8 @@ def resolve(backend: BackendChoice, device: DeviceChoice, model_dir: Path, dtype
         raise BackendUnavailable(f"{backend} backend runs on {_either(spec.devices)}, not {device}")
     if dtype not in spec.dtypes:
         raise BackendUnavailable(f"{backend} backend supports {_either(spec.dtypes)}, not {dtype}")
+    if dtype == "bf16" and device == "cpu" and hardware.bf16_emulated():
+        raise BackendUnavailable(BF16_EMULATED)
     return Selection(backend, device, dtype)
 
 
