@@ -13,6 +13,11 @@ _NAMES: dict[str, tuple[str, str]] = {
     "fp32": ("vision.onnx", "text.onnx"),
     "int8": ("vision.int8.onnx", "text.int8.onnx"),
 }
+#: Metadata the export writes into the int8 graphs: how their weights are scaled. Files without it
+#: (exported before 2026-12-04) scale per channel, which saturates ONNX Runtime's int8 kernel on
+#: CPUs without VNNI (``similarity.tools.onnx_export``).
+INT8_WEIGHTS_KEY = "similarity.int8_weights"
+INT8_WEIGHTS = "per_tensor"
 
 
 def onnx_paths(model_dir: Path, dtype: str = "fp32") -> dict[str, Path]:

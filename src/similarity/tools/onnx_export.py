@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..backends.files import ONNX_SUBDIR, onnx_paths
+from ..backends.files import INT8_WEIGHTS, INT8_WEIGHTS_KEY, ONNX_SUBDIR, onnx_paths
 from ..model.directory import check_model_dir
 
 OPSET = 17
@@ -99,10 +99,24 @@ def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True, openvino: 
             # them: 0.046 in similarity on the test model on a Zen 3, against 0.011 per tensor at
             # the same speed (docs/performance.md).
             quantize_dynamic(str(fp32[tower]), str(q[tower]), weight_type=QuantType.QInt8, per_channel=False)
+            _stamp(q[tower], {INT8_WEIGHTS_KEY: INT8_WEIGHTS})
             written.append(q[tower])
     if openvino:
         written += _openvino_pieces(path)
     return written
+
+
+def _stamp(graph: Path, props: dict[str, str]) -> None:
+    """Add metadata the loader reads (ONNX Runtime's ``custom_metadata_map``) to a graph file."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(graph))
 
 
 def _openvino_pieces(path: Path) -> list[Path]:
