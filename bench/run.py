@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 from support.clip_vocab import real_clip_vocab, toy_vocab  # noqa: E402
 from support.imageserver import ImageServer  # noqa: E402
+from support.lambda_env import dockerfile_env, runtime_env  # noqa: E402
 
 WORDS = [
     "a",
@@ -356,26 +357,19 @@ print('ok',flush=True)
 
 def api_cold_start(model_dir: Path) -> list[float]:
     """Seconds from `python` starting to the API function's first /score answer, one fresh process
-    with the Lambda image's settings (``SIMILARITY_OV_CACHE_DIR=off``, ``SIMILARITY_BACKEND=auto``)."""
+    with the Lambda image's settings (its Dockerfile stage's ENV: ``SIMILARITY_OV_CACHE_DIR=off``
+    among them) and the variables the Lambda runtime sets."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as daemon:
         daemon.bind(("127.0.0.1", 0))
         env = {
             **os.environ,
+            **dockerfile_env("lambda"),  # the image's settings: SIMILARITY_OV_CACHE_DIR=off and the rest
+            **runtime_env("ApiFunction", ROOT / "src", daemon.getsockname()[1], memory_mb=4096),
             "PYTHONPATH": str(ROOT / "src"),
-            "AWS_LAMBDA_FUNCTION_NAME": "ApiFunction",
-            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "4096",
-            "LAMBDA_TASK_ROOT": str(ROOT / "src"),
             "AWS_DEFAULT_REGION": "us-east-1",
-            "_X_AMZN_TRACE_ID": "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
-            "AWS_XRAY_DAEMON_ADDRESS": f"127.0.0.1:{daemon.getsockname()[1]}",
             "CLIP_MODEL_DIR": str(model_dir),
-            "SIMILARITY_BACKEND": "auto",
-            "SIMILARITY_OV_CACHE_DIR": "off",
-            "OMP_NUM_THREADS": "2",
-            "MALLOC_MMAP_THRESHOLD_": "33554432",
-            "MALLOC_TRIM_THRESHOLD_": "8589934592",
         }
         env.pop("POWERTOOLS_TRACE_DISABLED", None)
         byte_compile_sources()

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from support.imageserver import png_bytes
+from support.lambda_env import runtime_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,10 +80,7 @@ def _traced_run(args: list[str], moto_endpoint: str, **env: str) -> tuple[str, l
     try:
         env = {
             **os.environ,
-            "AWS_LAMBDA_FUNCTION_NAME": "tracing-test",
-            "LAMBDA_TASK_ROOT": os.getcwd(),  # what tells the X-Ray SDK it runs in Lambda
-            "_X_AMZN_TRACE_ID": "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
-            "AWS_XRAY_DAEMON_ADDRESS": f"127.0.0.1:{sock.getsockname()[1]}",
+            **runtime_env("tracing-test", os.getcwd(), sock.getsockname()[1]),
             "AWS_ENDPOINT_URL": moto_endpoint,
             **env,
         }

@@ -200,6 +200,18 @@ def test_dockerfile_targets() -> None:
     assert "[torch,cache,gpu]" in gpu_stage  # SIMILARITY_PIXELS=nvjpeg's nvImageCodec, in the GPU task's image
 
 
+def test_lambda_image_settings() -> None:
+    """The Lambda stage's ENV, as the bench's API cold start reads it (support.lambda_env): a sandbox
+    starts with an empty /tmp, so OpenVINO caches no blobs; the model is the EFS mount, never the hub."""
+    from support.lambda_env import dockerfile_env
+
+    env = dockerfile_env("lambda")
+    assert env["SIMILARITY_OV_CACHE_DIR"] == "off" and env["SIMILARITY_BACKEND"] == "auto"
+    assert env["CLIP_MODEL_DIR"].startswith("/mnt/models/") and env["HF_HUB_OFFLINE"] == "1"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432" and env["OMP_NUM_THREADS"] == "2"
+    assert dockerfile_env("tools") == {"HF_HUB_OFFLINE": "0"}  # a stage's own lines only
+
+
 @pytest.fixture(scope="module")
 def translated() -> dict:
     """The template after the real SAM transform (offline), as `sam deploy` would submit it, with
