@@ -224,6 +224,54 @@ def test_per_channel_int8_files_are_refused_without_vnni(exported, tmp_path, mon
     assert load_model(old, backend="onnx", dtype="int8").info.dtype == "int8"
 
 
+def _exact_integer_math(path) -> None:
+    """Rewrite an int8 graph so each MatMulInteger / ConvInteger does its integer math in fp32, as a
+    CPU with VNNI computes it (32-bit sums, no 16-bit saturation); float32 holds these integer
+    products and their sums to ~1e-7 relative."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    graph, nodes = model.graph, []
+    for node in graph.node:
+        if node.op_type not in ("MatMulInteger", "ConvInteger"):
+            nodes.append(node)
+            continue
+        a, w, a_zero, w_zero = node.input
+        p = node.name + "/exact"
+        nodes += [
+            helper.make_node("Cast", [a], [p + "a"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [a_zero], [p + "az"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [p + "a", p + "az"], [p + "a0"]),
+            helper.make_node("Cast", [w], [p + "w"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", [w_zero], [p + "wz"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [p + "w", p + "wz"], [p + "w0"]),  # per-tensor: a scalar zero point
+        ]
+        if node.op_type == "MatMulInteger":
+            nodes.append(helper.make_node("MatMul", [p + "a0", p + "w0"], [p + "y"]))
+        else:
+            attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            nodes.append(helper.make_node("Conv", [p + "a0", p + "w0"], [p + "y"], **attrs))
+        nodes.append(helper.make_node("Cast", [p + "y"], [node.output[0]], to=TensorProto.INT32))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
+def test_int8_drift_where_the_cpu_has_vnni(exported, inputs, large, reference, tmp_path) -> None:
+    """The shipped int8 files as a CPU with VNNI computes them, on whatever CPU runs the suite: the
+    same math with exact sums (per-channel weights, emulated so, gave the 0.0135 / 0.0099 measured on
+    VNNI CPUs; per-tensor 0.0097 / 0.0094, docs/performance.md)."""
+    from similarity.backends import onnx_paths
+
+    d = tmp_path / "exact"
+    shutil.copytree(exported, d)
+    for path in onnx_paths(d, "int8").values():
+        _exact_integer_math(path)
+    small, big = _max_diff(load_model(d, backend="onnx", dtype="int8"), inputs, large, reference)
+    assert 0.002 < small < 0.015 and 0.002 < big < 0.015, (small, big)  # quantised, and within what is stated
+
+
 def test_unknown_backend_and_dtype_are_clear(exported) -> None:
     from similarity.errors import BackendUnavailable
 
