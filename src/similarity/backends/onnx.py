@@ -1,8 +1,9 @@
 """ONNX Runtime backend: the Lambda's CPU path. Needs onnxruntime and numpy only (no torch).
 
 fp32 gives the same embeddings as torch and, with no torch import, the shortest cold start; int8
-dynamic quantisation is 2-3x faster at a measured cost in agreement (bench/ and the README have
-the figures).
+dynamic quantisation is faster at a measured cost in agreement (docs/performance.md has the
+figures per CPU). On CPUs without VNNI only int8 files with per-tensor weights load (see
+``similarity.tools.onnx_export``).
 """
 
 from __future__ import annotations
