@@ -458,8 +458,13 @@ def model_info(directory: str, settings: Settings) -> tuple[dict[str, Any], str 
     if not backends[picked.backend]["can_run"]:
         what = "ONNX files (run `similarity model export`)" if spec.needs_onnx else "model.safetensors"
         return info, f"the {picked.backend} backend needs {what}, which {path} lacks"
-    if picked.dtype == "int8" and spec.needs_onnx and not onnx_files_present(path, "int8"):
-        return info, f"int8 needs the int8 ONNX files, which {path} lacks (run `similarity model export`)"
+    if picked.backend == "onnx" and picked.dtype == "int8":  # OpenVINO's int8 reads the fp32 files
+        if not onnx_files_present(path, "int8"):
+            return info, f"int8 needs the int8 ONNX files, which {path} lacks (run `similarity model export`)"
+        from .backends.onnx import per_channel_int8, unusable_int8_file
+
+        if (bad := unusable_int8_file(path)) is not None:
+            return info, per_channel_int8(bad, path)
     info["runs_as"] = picked.as_dict()
     return info, None
 

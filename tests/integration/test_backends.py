@@ -224,6 +224,36 @@ def test_per_channel_int8_files_are_refused_without_vnni(exported, tmp_path, mon
     assert load_model(old, backend="onnx", dtype="int8").info.dtype == "int8"
 
 
+def test_model_info_names_the_int8_files_this_cpu_refuses(exported, tmp_path, monkeypatch) -> None:
+    """`similarity model info` says what loading would say about per-channel int8 files on a CPU
+    without VNNI, instead of reporting onnx/int8 as what runs; OpenVINO's int8 reads the fp32 files."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from similarity import hardware
+    from similarity.backends import onnx_paths
+    from similarity.cli import model_info
+    from similarity.config import Settings, load
+
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    fp32, int8 = onnx_paths(old, "fp32"), onnx_paths(old, "int8")
+    quantize_dynamic(str(fp32["text"]), str(int8["text"]), weight_type=QuantType.QInt8, per_channel=True)
+    monkeypatch.setattr(hardware, "has_int8_dot", lambda: False)
+    monkeypatch.setenv("SIMILARITY_BACKEND", "onnx")
+    monkeypatch.setenv("SIMILARITY_DTYPE", "int8")
+    info, error = model_info(str(old), load(Settings))
+    assert info["runs_as"] is None and error is not None
+    assert re.search(r"text\.int8\.onnx scales its int8 weights per channel.*similarity model export", error)
+    info, error = model_info(str(exported), load(Settings))
+    assert error is None and info["runs_as"]["dtype"] == "int8"
+    if _has("openvino"):
+        for path in int8.values():
+            path.unlink()
+        monkeypatch.setenv("SIMILARITY_BACKEND", "openvino")
+        info, error = model_info(str(old), load(Settings))
+        assert error is None and info["runs_as"] == {"backend": "openvino", "device": "cpu", "dtype": "int8"}
+
+
 def _exact_integer_math(path) -> None:
     """Rewrite an int8 graph so each MatMulInteger / ConvInteger does its integer math in fp32, as a
     CPU with VNNI computes it (32-bit sums, no 16-bit saturation); float32 holds these integer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,12 +46,8 @@ class OnnxBackend:
             )
         if dtype == "int8" and not hardware.has_int8_dot():
             for path, session in zip(paths.values(), (vision, text)):
-                if session.get_modelmeta().custom_metadata_map.get(INT8_WEIGHTS_KEY) != INT8_WEIGHTS:
-                    raise ModelIncomplete(
-                        f"{path} scales its int8 weights per channel, which saturates ONNX Runtime's int8 kernel on "
-                        "CPUs without VNNI like this one (0.046 drift on the test model, against 0.011 per tensor): "
-                        f"run `similarity model export {model_dir}` again (on AWS: invoke the model-sync function)"
-                    )
+                if not _marked_per_tensor(session):
+                    raise ModelIncomplete(per_channel_int8(path, model_dir))
         self._vision, self._text = vision, text
         self._streams = BatchStreams(count)
         self.dtype: Dtype = dtype
@@ -65,3 +62,29 @@ class OnnxBackend:
             np.asarray(ids, dtype=np.int64),  # the tokenizer's int64 arrays pass through uncopied
             np.asarray(mask, dtype=np.int64),
         )
+
+
+def _marked_per_tensor(session: Any) -> bool:
+    return bool(session.get_modelmeta().custom_metadata_map.get(INT8_WEIGHTS_KEY) == INT8_WEIGHTS)
+
+
+def per_channel_int8(path: Path, model_dir: Path) -> str:
+    return (
+        f"{path} scales its int8 weights per channel, which saturates ONNX Runtime's int8 kernel on CPUs "
+        "without VNNI like this one (0.046 drift on the test model, against 0.011 per tensor): run "
+        f"`similarity model export {model_dir}` again (on AWS: invoke the model-sync function)"
+    )
+
+
+def unusable_int8_file(model_dir: Path) -> Path | None:
+    """The first int8 file this CPU would refuse (per-channel weights without VNNI), or None. Opens
+    each graph without optimising it, for `similarity model info`."""
+    if hardware.has_int8_dot():
+        return None
+    ort = require_module("onnxruntime", "onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for path in require_onnx_files(model_dir, "int8").values():
+        if not _marked_per_tensor(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])):
+            return path
+    return None
