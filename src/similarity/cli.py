@@ -200,13 +200,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return cache_cli.apply_flags(settings, args)
 
 
-def resolve_output(input_uri: str, output: str | None, output_format: str | None) -> str:
+def resolve_output(
+    input_uri: str, output: str | None, output_format: str | None, input_format: str | None = None
+) -> str:
     """The output URI: the default beside the input, or ``<folder>/<input>_scored.<ext>`` when
-    ``output`` names a folder (ends with ``/`` or is an existing directory)."""
-    from .io.formats import format_of, scored_name
+    ``output`` names a folder (ends with ``/`` or is an existing directory); the name's format is
+    ``output_format``, else the input's."""
+    from .io.formats import CSV, format_of, parse_format, scored_name
     from .io.streams import default_output, is_s3
 
-    fmt = format_of(input_uri, output_format) if output_format or input_uri != "-" else None
+    if output_format:
+        fmt = parse_format(output_format, "--output-format")
+    elif input_format or input_uri != "-":
+        fmt = format_of(input_uri, input_format, "--input-format")
+    else:
+        fmt = None
     if output is None:
         return default_output(input_uri, fmt)
     if output == "-":
@@ -214,8 +222,20 @@ def resolve_output(input_uri: str, output: str | None, output_format: str | None
     folder = output.endswith(("/", os.sep)) or (not is_s3(output) and Path(output).is_dir())
     if not folder:
         return output
-    name = scored_name(input_uri if input_uri != "-" else "stdin", fmt or format_of(input_uri))
+    name = scored_name(input_uri if input_uri != "-" else "stdin", fmt or CSV)
     return output.rstrip("/") + "/" + name if is_s3(output) else str(Path(output) / name)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two local names are one file (``./x.csv`` and ``x.csv``, links included)."""
+    from .io.streams import is_s3
+
+    if "-" in (a, b) or is_s3(a) or is_s3(b):
+        return a == b and a != "-"
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the output does not exist yet
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def _check_input(uri: str, s3: Callable[[], Any]) -> None:
@@ -319,8 +339,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.encoding:
         check_encoding(args.encoding)
     only = ErrorFilter.parse(args.only_errors) if args.only_errors else None
-    output = resolve_output(args.input, args.output, args.output_format)
-    if output == args.input and output != "-":
+    output = resolve_output(args.input, args.output, args.output_format, args.input_format)
+    if _same_file(output, args.input):
         raise RunError(f"the output {output!r} is the input: name another with -o")
     base_dir = None if is_s3(args.input) or args.input == "-" else Path(args.input).resolve().parent
     run = build(settings, local_paths=True, base_dir=base_dir, default_cache=cache_cli.CLI_DEFAULT)

@@ -522,3 +522,30 @@ def test_stdin_cannot_be_resumed(tmp_path, tiny_clip_dir, monkeypatch, capsys) -
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"url,caption\nx.png,a\n")))
     code = main(["score", "-", "-o", str(out), "--resume", "--model", str(tiny_clip_dir)])
     assert code == 2 and "stdin cannot be resumed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the row contract's edges
+@pytest.mark.parametrize("form", ["dot-slash", "absolute", "symlink"])
+def test_output_that_is_the_input_under_another_name_is_refused(tmp_path, tiny_clip_dir, monkeypatch, form) -> None:
+    # Before: only the same string was refused; `-o ./in.csv` overwrote the input, exit 0.
+    inp = _challenge(tmp_path)
+    before = inp.read_bytes()
+    monkeypatch.chdir(inp.parent)
+    name = {"dot-slash": "./challenge_set.csv", "absolute": str(inp)}.get(form, "link.csv")
+    if form == "symlink":
+        (inp.parent / "link.csv").symlink_to(inp)
+    code, err = _score_in_process(Path("challenge_set.csv"), tiny_clip_dir, "-o", name)
+    assert code == 2 and "is the input" in err, err
+    assert inp.read_bytes() == before
+
+
+@pytest.mark.parametrize("output", ["-", "out.txt"])
+def test_unnamed_outputs_keep_the_input_format(tmp_path, tiny_clip_dir, output) -> None:
+    # Before: stdout and names without a known extension were always CSV, whatever the input.
+    inp = _challenge(tmp_path).with_name("in.jsonl")
+    inp.write_text(json.dumps({"url": "images/red_circle.png", "caption": "a red circle"}) + "\n")
+    r = _run("score", str(inp), "-o", output, "--model", str(tiny_clip_dir), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout if output == "-" else (tmp_path / output).read_text()
+    row = json.loads(text.splitlines()[0])
+    assert row["caption"] == "a red circle" and row["error"] is None and 0 < row["similarity"] < 1

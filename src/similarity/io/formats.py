@@ -82,6 +82,15 @@ def format_of(uri: str, explicit: str | None = None, flag: str = "--format") -> 
     return split_extension(uri)[1] or CSV
 
 
+def output_format_of(uri: str, explicit: str | None, input_format: FileFormat) -> FileFormat:
+    """The output's format: the named one, else the extension's, else the input's kind (``-`` and
+    unrecognised names; not compressed, whatever the input was)."""
+    if explicit:
+        return parse_format(explicit, "--output-format")
+    named = split_extension(uri)[1] if uri != "-" else None
+    return named or FileFormat(input_format.kind, False)
+
+
 def scored_name(input_uri: str, fmt: FileFormat) -> str:
     """``data.csv`` -> ``data_scored.csv``; ``data.jsonl.gz`` -> ``data_scored.jsonl.gz``."""
     name = os.path.basename(input_uri.rstrip("/")) or "input"

@@ -22,7 +22,7 @@ from ..cache import EmbeddingCache
 from ..errors import ConfigError, OutputUnwritable, ResumeMismatch, RunError
 from ..fetch import Fetcher
 from ..io.csvfile import DEFAULT_MAX_FIELD, OUTPUT_COLUMNS, CsvReader, CsvWriter, detect_layout
-from ..io.formats import FileFormat, Format, format_of
+from ..io.formats import FileFormat, Format, format_of, output_format_of
 from ..io.rows import RowReader, open_reader
 from ..io.sinks import EXTRA_COLUMN, RowSink, finish_parquet, make_sink
 from ..io.streams import Source, is_s3, open_source, s3_reason, split_s3
@@ -262,7 +262,7 @@ def score_file(
     if only_errors is not None and output_format is None:
         fmt_out = fmt_in  # a rescored file keeps the previous output's layout
     else:
-        fmt_out = output_format if isinstance(output_format, FileFormat) else format_of(output_uri, output_format, "--output-format")  # fmt: skip
+        fmt_out = output_format if isinstance(output_format, FileFormat) else output_format_of(output_uri, output_format, fmt_in)  # fmt: skip
     if only_errors is not None and fmt_out != fmt_in:
         raise ConfigError("--only-errors writes the previous output's format: drop --output-format or match it")
     stream_out = output_uri == "-"
