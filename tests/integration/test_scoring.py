@@ -224,3 +224,22 @@ def test_image_batches_form_in_row_order_whatever_order_downloads_finish(tiny_mo
     in_rows = [[tiny_model.pixels(images[u]).tobytes()[:64] for u in urls[i : i + 4]] for i in range(0, 12, 4)]
     assert batches_a == batches_b == in_rows
     assert scores_a == scores_b
+
+
+@pytest.mark.parametrize("side", ["image", "caption"])
+def test_a_repeated_failure_keeps_its_error_when_the_cache_is_full(tiny_model, server, fetcher, side) -> None:
+    # Before: a repeat found in the error cache was not marked recent, so new failures in its own
+    # window evicted it and the row came out as internal_error ("embedding missing").
+    good = server.image("/lru/good.png", _img(7))
+    scorer = Scorer(tiny_model, fetcher, batch_size=1, window=4, cache_size=1)  # holds 16 of each
+    n = 4 * scorer.window
+    if side == "image":
+        bad = [server.status(f"/lru/{i}.png", 404) for i in range(n + 3)]
+        records = [Record(u, "a red circle") for u in bad[:n]] + [Record(u, "a red circle") for u in (bad[0], *bad[n:])]
+    else:
+        bad = [f"caption {i} \ud800" for i in range(n + 3)]
+        records = [Record(good, c) for c in bad[:n]] + [Record(good, c) for c in (bad[0], *bad[n:])]
+    results = list(scorer.score(records))
+    assert len(results) == len(records)
+    expected = "http_404" if side == "image" else "invalid_caption"
+    assert [r.error_code for r in results] == [expected] * len(records)

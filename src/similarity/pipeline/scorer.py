@@ -118,8 +118,8 @@ class Scorer:
                         self._pending[url] = pool.submit(self._load, url)
                     else:
                         new[url] = None
-                elif url in self._images:
-                    self._images.get(url)  # keep it recent: this window needs it
+                elif self._images.get(url) is None:  # either way, keep it recent: this window needs it
+                    self._image_errors.get(url)
         if self._loader is not None and new:
             self._pending.update(zip(new, self._loader.load(list(new)), strict=True))
 
@@ -182,7 +182,7 @@ class Scorer:
     def _embed_captions(self, records: list[Record]) -> None:
         todo = []
         for c in dict.fromkeys(_clean(r.caption) for r in records if r.error is None and _clean(r.url)):
-            if not c or self._captions.get(c) is not None or c in self._caption_errors:
+            if not c or self._captions.get(c) is not None or self._caption_errors.get(c) is not None:
                 continue
             if not _is_text(c):
                 self._caption_errors.put(c, InvalidCaption(_describe_invalid(c)))
