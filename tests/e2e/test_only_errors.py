@@ -84,3 +84,23 @@ def test_only_errors_needs_a_previous_output(tmp_path, tiny_clip_dir, capsys) ->
     inp.write_text("url,caption\nx.png,a\n")
     assert main(["score", str(inp), "--only-errors", "timeout", "--model", str(tiny_clip_dir)]) == 2
     assert "--only-errors reads a previous output" in capsys.readouterr().err
+
+
+def test_excel_safe_applies_to_kept_rows_too(tmp_path, tiny_clip_dir, monkeypatch) -> None:
+    # Before: only the rescored rows were escaped; a kept row's formula stayed live.
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).resolve().parents[2] / "examples" / "images", tmp_path / "images")
+    inp = tmp_path / "in.csv"
+    inp.write_text('note,url,caption\n"=HYPERLINK(""x"")",images/red_circle.png,a red circle\n'
+                   "=1+1,images/missing.png,gone\n")  # fmt: skip
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    assert main(["score", str(inp), "-o", str(first), "--model", str(tiny_clip_dir), "--no-progress"]) == 0
+    code = main(["score", str(first), "-o", str(second), "--only-errors", "not_found", "--excel-safe", "--model",
+                 str(tiny_clip_dir), "--no-progress"])  # fmt: skip
+    assert code == 0
+    rows = list(csv.DictReader(second.open(newline="")))
+    assert [r["note"] for r in rows] == ['\'=HYPERLINK("x")', "'=1+1"]
+    assert rows[0]["similarity"] == list(csv.DictReader(first.open(newline="")))[0]["similarity"]
+    assert not rows[0]["cosine"].startswith("'")  # the scores are numbers, never escaped

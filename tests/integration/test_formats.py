@@ -249,3 +249,47 @@ def test_batch_splitter_raises_a_named_run_error_for_bad_s3_files(s3, bucket, bo
         _, chunks = split_csv(stream, 100)
         list(chunks)
     assert isinstance(caught.value, errors.RunError)
+
+
+def test_nan_and_infinity_are_null_in_json_lines(tiny_model, local_fetcher, tmp_path) -> None:
+    # Before: ValueError ("Out of range float values") after scoring; JSON has no spelling for them.
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"url":"images/red_circle.png","caption":"a red circle","w":NaN,"v":[1.5,-Infinity]}\n'
+        '{"url":"images/blue_square.png","caption":"a blue square","w":1.5}\n'
+    )
+    pq.write_table(pa.table({"url": ["images/red_circle.png"], "caption": ["a red circle"], "w": [float("nan")],
+                             "v": [[float("inf"), 2.0]]}), tmp_path / "in.parquet")  # fmt: skip
+    for name in ("in.jsonl", "in.parquet"):
+        score_file(str(tmp_path / name), str(tmp_path / "out.jsonl"), tiny_model, local_fetcher)
+        rows = read_output(tmp_path / "out.jsonl", "jsonl")
+        assert rows[0]["w"] is None and rows[0]["v"][0 if name == "in.parquet" else 1] is None
+        assert all(r["error"] is None and r["similarity"] is not None for r in rows)
+        assert len(rows) == (2 if name == "in.jsonl" else 1)
+
+
+@pytest.mark.parametrize("fmt_out", ["csv", "jsonl", "parquet"])
+def test_a_lone_surrogate_costs_only_its_row_in_every_output(tiny_model, local_fetcher, tmp_path, fmt_out) -> None:
+    # Before: the row said invalid_caption, then writing it raised UnicodeEncodeError.
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"url":"images/red_circle.png","caption":"bad \\ud800 cap"}\n'
+        '{"url":"images/blue_square.png","caption":"a blue square"}\n'
+    )
+    score_file(str(src), str(tmp_path / f"out.{fmt_out}"), tiny_model, local_fetcher)
+    rows = read_output(tmp_path / f"out.{fmt_out}", fmt_out)
+    assert rows[0]["caption"] == "bad \ufffd cap" and rows[0]["error"].startswith("invalid_caption")
+    assert rows[1]["error"] is None and rows[1]["similarity"] is not None
+
+
+def test_dictionary_encoded_parquet_columns(tiny_model, local_fetcher, tmp_path) -> None:
+    # pandas' Categorical. Before: every row scored, then ArrowInvalid writing the Parquet file.
+    table = pa.table({"url": pa.array(["images/red_circle.png"] * 2).dictionary_encode(),
+                      "caption": ["a red circle", "a blue square"],
+                      "tag": pa.array(["x", "y"]).dictionary_encode()})  # fmt: skip
+    pq.write_table(table, tmp_path / "in.parquet")
+    for fmt_out in ("parquet", "csv"):
+        score_file(str(tmp_path / "in.parquet"), str(tmp_path / f"out.{fmt_out}"), tiny_model, local_fetcher)
+        rows = read_output(tmp_path / f"out.{fmt_out}", fmt_out)
+        assert [r["tag"] for r in rows] == ["x", "y"] and all(r["similarity"] is not None for r in rows)
+    assert pq.read_schema(tmp_path / "out.parquet").field("tag").type == pa.string()

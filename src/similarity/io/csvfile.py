@@ -143,10 +143,13 @@ class CsvReader:
             yield Record(url=row[ui], caption=row[ci], row=row, error=error)
 
 
+def excel_cell(value: str) -> str:
+    """A cell a spreadsheet would read as a formula, prefixed with ``'`` (OWASP's CSV injection)."""
+    return "'" + value if value.startswith(_FORMULA_TRIGGERS) else value
+
+
 def _cell(value: str, excel_safe: bool) -> str:
-    if excel_safe and value.startswith(_FORMULA_TRIGGERS):
-        return "'" + value
-    return value
+    return excel_cell(value) if excel_safe else value
 
 
 def header_cells(header: Sequence[str], excel_safe: bool = False) -> list[str]:

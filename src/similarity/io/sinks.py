@@ -16,14 +16,16 @@ column (JSON text; present when the input is a text format).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, BinaryIO, Protocol
 
 from ..types import ScoreResult
-from .csvfile import OUTPUT_COLUMNS, header_cells, row_cells
+from .csvfile import OUTPUT_COLUMNS, excel_cell, header_cells, row_cells
 from .formats import FileFormat, Format
 from .rows import KeyedRow, as_text, output_names, require_pyarrow
 
@@ -31,6 +33,37 @@ EXTRA_COLUMN = "_extra"
 #: Rows per Parquet row group (fixed, so a resumed run writes the same file as a clean one).
 PARQUET_ROW_GROUP = 64 * 1024
 _FLUSH_BYTES = 1 << 16
+#: Encoding errors: a lone surrogate (a JSON ``\ud800`` escape) has no UTF-8 form. Its row already
+#: says ``invalid_caption`` (or fails to fetch); its text is written with U+FFFD in that place.
+_REPLACE = "similarity.replacement-character"
+
+
+def _replacement(exc: UnicodeError) -> tuple[bytes, int]:
+    if isinstance(exc, UnicodeEncodeError):  # bytes: UTF-8's encoder takes only ASCII text back
+        return "\ufffd".encode() * (exc.end - exc.start), exc.end
+    raise exc
+
+
+codecs.register_error(_REPLACE, _replacement)
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", _REPLACE)
+
+
+def _valid_text(value: Any) -> Any:
+    return _utf8(value).decode("utf-8") if isinstance(value, str) else value
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity (a JSON Lines input may, and Parquet floats): they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class RowSink(Protocol):
@@ -78,12 +111,16 @@ class TextSink:
             self.flush()
 
     def copy(self, values: Sequence[Any]) -> None:
-        self._writer.writerow([as_text(v) for v in values])
+        cells = [as_text(v) for v in values]
+        if self._excel_safe:  # the input's fields and a ragged row's extras; the four scores as they are
+            scores = self._width + len(OUTPUT_COLUMNS)
+            cells = [c if self._width <= i < scores else excel_cell(c) for i, c in enumerate(cells)]
+        self._writer.writerow(cells)
 
     def flush(self) -> None:
         data = self._buf.getvalue()
         if data:
-            self._out.write(data.encode("utf-8"))
+            self._out.write(_utf8(data))
             self._buf.seek(0)
             self._buf.truncate()
 
@@ -97,7 +134,10 @@ class JsonlSink:
         self._size = 0
 
     def _line(self, obj: dict[str, Any]) -> None:
-        line = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=_json_default, allow_nan=False)
+        try:
+            line = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=_json_default, allow_nan=False)
+        except ValueError:  # a NaN or Infinity among the input's values
+            line = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), default=_json_default)
         self._buf.append(line + "\n")
         self._size += len(line)
         if self._size > _FLUSH_BYTES:
@@ -128,8 +168,15 @@ class JsonlSink:
 
     def flush(self) -> None:
         if self._buf:
-            self._out.write("".join(self._buf).encode("utf-8"))
+            self._out.write(_utf8("".join(self._buf)))
             self._buf, self._size = [], 0
+
+
+def _plain(field: Any) -> Any:
+    """A dictionary-encoded column (pandas' ``Categorical``) as its values: the sink writes IPC
+    batches without dictionary messages, and the values are what the rows hold."""
+    pa = require_pyarrow("writing Parquet")
+    return field.with_type(field.type.value_type) if pa.types.is_dictionary(field.type) else field
 
 
 def output_schema(header: Sequence[str], source_schema: Any, text_source: bool) -> Any:
@@ -138,7 +185,7 @@ def output_schema(header: Sequence[str], source_schema: Any, text_source: bool) 
     pa = require_pyarrow("writing Parquet")
     names = output_names(header, [*OUTPUT_COLUMNS, EXTRA_COLUMN])
     if source_schema is not None:
-        fields = [source_schema.field(i).with_name(n) for i, n in enumerate(names)]
+        fields = [_plain(source_schema.field(i)).with_name(n) for i, n in enumerate(names)]
     else:
         fields = [pa.field(n, pa.string()) for n in names]
     fields += [
@@ -191,10 +238,19 @@ class ArrowSink:
             return
         pa = self._pa
         columns = list(zip(*self._rows, strict=True))
-        arrays = [pa.array(list(col), type=f.type) for col, f in zip(columns, self._schema, strict=True)]
+        arrays = [_array(pa, col, f.type) for col, f in zip(columns, self._schema, strict=True)]
         batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
         self._out.write(batch.serialize().to_pybytes())
         self._rows = []
+
+
+def _array(pa: Any, values: Sequence[Any], type_: Any) -> Any:
+    try:
+        return pa.array(list(values), type=type_)
+    except UnicodeEncodeError:  # a lone surrogate (see _REPLACE)
+        if not pa.types.is_string(type_):
+            raise
+        return pa.array([_valid_text(v) for v in values], type=type_)
 
 
 def finish_parquet(ipc: BinaryIO, out: BinaryIO, row_group: int = PARQUET_ROW_GROUP) -> int:
