@@ -365,6 +365,16 @@ def test_utf16_with_a_byte_order_mark_just_works(tmp_path, tiny_clip_dir) -> Non
     )
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_an_explicit_utf16_encoding_drops_the_byte_order_mark(tmp_path, tiny_clip_dir, codec) -> None:
+    # Before: the header's first name kept U+FEFF, so the URL column was not found (exit 2).
+    inp = _challenge(tmp_path).with_name("in.csv")
+    inp.write_bytes("\ufeffurl,caption\nimages/red_circle.png,a red circle\n".encode(codec))
+    code, err = _score_in_process(inp, tiny_clip_dir, "--encoding", codec)
+    assert code == 0, err
+    assert list(_rows(inp.with_name("in_scored.csv"))[0])[:2] == ["url", "caption"]
+
+
 def test_unknown_encoding_is_a_flag_error(tmp_path, tiny_clip_dir) -> None:
     code, err = _score_in_process(_challenge(tmp_path), tiny_clip_dir, "--encoding", "klingon")
     assert code == 2 and "--encoding: unknown encoding 'klingon'" in err

@@ -41,7 +41,11 @@ def pick_encoding(head: bytes, encoding: str | None) -> str:
     """The codec to read a stream starting with ``head`` with (see the module's docstring)."""
     if encoding is not None:
         name = check_encoding(encoding)
-        return "utf-8-sig" if name == "utf-8" else encoding
+        if name == "utf-8":
+            return "utf-8-sig"
+        if (name, head[:2]) in (("utf-16-le", codecs.BOM_UTF16_LE), ("utf-16-be", codecs.BOM_UTF16_BE)):
+            return "utf-16"  # the mark is not text: the codec that reads it drops it
+        return encoding
     for bom, codec in _BOMS:
         if head.startswith(bom):
             return codec
