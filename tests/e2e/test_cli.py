@@ -389,6 +389,20 @@ def test_unclosed_quote_is_exit_2_and_writes_nothing(tmp_path, tiny_clip_dir) ->
     assert not inp.with_name("in_scored.csv").exists() and not list(inp.parent.glob("*.partial"))
 
 
+def test_a_cut_gzip_input_is_exit_2_and_leaves_nothing_to_resume(tmp_path, tiny_clip_dir) -> None:
+    # Before: exit 2, but its partial output stayed, so a plain rerun asked for --resume/--restart.
+    import gzip
+
+    inp = _challenge(tmp_path).with_name("in.csv.gz")
+    rows = "".join(f"images/red_circle.png,a red circle,{random.Random(i).randbytes(1500).hex()}\n" for i in range(300))
+    data = gzip.compress(("url,caption,pad\n" + rows).encode())  # cut past the first read and commit
+    inp.write_bytes(data[: len(data) // 2])
+    for _ in range(2):
+        code, err = _score_in_process(inp, tiny_clip_dir, "--commit-rows", "64")
+        assert code == 2 and "is not a complete gzip file" in err, err
+        assert not list(inp.parent.glob("*.partial")) and not inp.with_name("in_scored.csv.gz").exists()
+
+
 # ------------------------------------------------------------------ issue 17: pipes and paths
 def test_output_to_a_closed_pipe_ends_quietly(tmp_path, tiny_onnx_dir) -> None:
     # `similarity score in.csv -o - | head -2`. Before: a BrokenPipeError traceback.

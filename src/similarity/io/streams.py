@@ -149,16 +149,38 @@ def open_source(uri: str, s3_client: Any = None, gunzip: bool = False, identify:
     buffered = io.BufferedReader(counter, 1 << 16)
     stream: BinaryIO = buffered
     if gunzip:
-        stream = gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
+        stream = _Gunzip(uri, buffered)  # type: ignore[assignment]
     try:
         yield Source(uri, stream, size, counter, identity, path if not gunzip else None)
-    except (EOFError, gzip.BadGzipFile) as exc:
-        from ..errors import MalformedInput
-
-        raise MalformedInput(f"{uri} is not a complete gzip file: {exc}") from None
     finally:
         if uri != "-":
             counter.close()
+
+
+class _Gunzip(gzip.GzipFile):
+    """gzip's errors as the run's: a damaged or cut file is ``MalformedInput`` (a ``RunError``)
+    where it is read, so whoever holds a partial output knows to discard it."""
+
+    def __init__(self, uri: str, fileobj: BinaryIO) -> None:
+        super().__init__(fileobj=fileobj, mode="rb")
+        self._uri = uri
+
+    def _malformed(self, exc: Exception) -> Exception:
+        from ..errors import MalformedInput
+
+        return MalformedInput(f"{self._uri} is not a complete gzip file: {exc}")
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except (EOFError, gzip.BadGzipFile) as exc:
+            raise self._malformed(exc) from None
+
+    def peek(self, n: int) -> bytes:
+        try:
+            return super().peek(n)
+        except (EOFError, gzip.BadGzipFile) as exc:
+            raise self._malformed(exc) from None
 
 
 @contextlib.contextmanager
