@@ -37,6 +37,7 @@ from .errors import (
     ModelError,
     ModelFetchFailed,
     ModelIncomplete,
+    OutputUnwritable,
     RunError,
 )
 from .model.directory import DEFAULT_MODEL_ID
@@ -347,6 +348,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     try:
         _check_input(args.input, run.s3)
         check_output_writable(output, run.s3() if is_s3(output) else None)
+        if args.summary_json:
+            _check_summary_path(args.summary_json)
         model = _load_model(run, settings.model.dir)
         info = model.info
         _err(
@@ -415,8 +418,24 @@ def _cmd_score(args: argparse.Namespace) -> int:
             "model": info.as_dict(),
             "cache": {"store": run.cache.store.name, **st.cache} if run.cache is not None else None,
         }
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:  # it went away since the check; the output itself is in place
+            raise OutputUnwritable(f"--summary-json: cannot write {args.summary_json!r}: {exc.strerror}") from None
     return code
+
+
+def _check_summary_path(path: str) -> None:
+    """Before scoring, as for the output: the summary can be written there (a local file)."""
+    from .io.streams import is_s3
+    from .pipeline.files import check_output_writable
+
+    if is_s3(path) or path == "-":
+        raise OutputUnwritable(f"--summary-json takes a local file name, not {path!r}")
+    try:
+        check_output_writable(path)
+    except OutputUnwritable as exc:
+        raise OutputUnwritable(f"--summary-json: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------ model

@@ -389,6 +389,18 @@ def test_unclosed_quote_is_exit_2_and_writes_nothing(tmp_path, tiny_clip_dir) ->
     assert not inp.with_name("in_scored.csv").exists() and not list(inp.parent.glob("*.partial"))
 
 
+@pytest.mark.parametrize("where", ["missing-folder", "a-directory"])
+def test_an_unwritable_summary_path_is_exit_2_before_scoring(tmp_path, tiny_clip_dir, where) -> None:
+    # Before: a FileNotFoundError / IsADirectoryError traceback after the output was written.
+    inp = _challenge(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    summary = str(blocker / "s.json") if where == "missing-folder" else str(tmp_path)
+    code, err = _score_in_process(inp, tiny_clip_dir, "--summary-json", summary)
+    assert code == 2 and "--summary-json" in err and "Traceback" not in err, err
+    assert not inp.with_name("challenge_set_scored.csv").exists()
+
+
 def test_a_cut_gzip_input_is_exit_2_and_leaves_nothing_to_resume(tmp_path, tiny_clip_dir) -> None:
     # Before: exit 2, but its partial output stayed, so a plain rerun asked for --resume/--restart.
     import gzip
