@@ -552,9 +552,13 @@ def test_summary_fits_in_100_columns() -> None:
 
 def test_stdin_cannot_be_resumed(tmp_path, tiny_clip_dir, monkeypatch, capsys) -> None:
     from similarity.pipeline.commits import Partial
+    from similarity.types import ScoreStats
 
     out = tmp_path / "o.csv"
-    Partial(tmp_path / "o.csv.partial").start({"input": "-"})  # what a killed run from stdin leaves
+    partial = Partial(tmp_path / "o.csv.partial")  # what a killed run from stdin leaves
+    partial.start({"input": "-"}).write(b"url,caption,similarity,cosine,error,truncated\n")
+    partial.commit(0, ScoreStats())
+    partial.close()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"url,caption\nx.png,a\n")))
     code = main(["score", "-", "-o", str(out), "--resume", "--model", str(tiny_clip_dir)])
     assert code == 2 and "stdin cannot be resumed" in capsys.readouterr().err

@@ -69,6 +69,19 @@ class Partial:
     def exists(self) -> bool:
         return self.run_path.is_file()
 
+    def resumable(self) -> bool:
+        """Whether there is something to continue: ``run.json``, a commit naming rows or bytes, and
+        ``rows`` holding at least those bytes. Less (a run killed before its first commit, or its
+        ``rows`` gone) is started over, which loses nothing committed."""
+        if not self.exists():
+            return False
+        last = self.last_commit()
+        try:
+            size = self.data_path.stat().st_size
+        except OSError:
+            return False
+        return (last.rows > 0 or last.bytes > 0) and size >= last.bytes
+
     # ------------------------------------------------------------------ reading
     def identity(self) -> dict[str, Any]:
         try:

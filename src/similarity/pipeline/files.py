@@ -267,10 +267,11 @@ def score_file(
         raise ConfigError("--only-errors writes the previous output's format: drop --output-format or match it")
     stream_out = output_uri == "-"
     partial = Partial(partial_dir(output_uri)) if not stream_out else None
-    resuming = partial is not None and partial.exists() and on_partial == "resume"
+    resumable = partial is not None and partial.resumable()
+    resuming = resumable and on_partial == "resume"
     if resuming and input_uri == "-":
         raise ResumeMismatch("stdin cannot be resumed (nothing shows it is the same input): score a file, or --restart")
-    if partial is not None and partial.exists() and on_partial == "fail":
+    if partial is not None and resumable and on_partial == "fail":
         done = partial.last_commit().rows
         raise ResumeMismatch(
             f"an earlier run to {output_uri} stopped after {done} committed rows (kept in {partial.dir}): "
@@ -337,7 +338,7 @@ def score_file(
                 else:
                     run.rescore(scorer, _rows(reader, commit.rows), rescore)
             except KeyboardInterrupt:
-                if out.committer is not None and run.at_boundary():
+                if out.committer is not None and run.at_boundary() and not run.busy:
                     run.commit()  # what was written before Ctrl-C is kept for --resume
                 raise
             _merge_counts(totals, scorer.stats)
@@ -371,6 +372,9 @@ class _Run:
     #: Commits fall on multiples of this many rows (the scorer's window), so a resumed run's windows,
     #: and with them its batches, are the clean run's.
     align: int = 1
+    #: True while a row is half written (in the sink, not yet counted) or a commit is under way: a
+    #: Ctrl-C then must not commit, or the commit would name more bytes than rows.
+    busy: bool = False
 
     def at_boundary(self) -> bool:
         return self.rows % self.align == 0
@@ -399,15 +403,19 @@ class _Run:
             self.progress.update(int(rows_read) if rows_read is not None else self.source.bytes_read, self.rows)
 
     def write(self, result: ScoreResult) -> None:
+        self.busy = True
         self.sink.write(result)
         self.totals.add(result)
         self._tick()
+        self.busy = False
 
     def keep(self, row: Sequence[Any], error_index: int) -> None:
+        self.busy = True
         self.sink.copy(row)
         _count_copy(self.totals, row, error_index)
         self.kept += 1
         self._tick()
+        self.busy = False
 
     def rescore(self, scorer: Scorer, records: Iterator[Record], rescore: _Rescore) -> None:
         while segment := list(itertools.islice(records, RESCORE_SEGMENT)):
