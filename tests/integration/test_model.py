@@ -103,6 +103,45 @@ def test_tokenizer_matches_reference(tiny_model, reference) -> None:
     assert ids[-1][-1] == eos  # truncation keeps the end-of-text token
 
 
+def test_long_captions_tokenize_from_a_prefix_with_the_reference_ids(tiny_model, reference, monkeypatch) -> None:
+    # Before: a 1 MB caption was tokenized whole (over a second) to keep its first 77 tokens.
+    from similarity.model.tokenizer import PREFIX_CHARS
+
+    _, proc = reference
+    words = ["red", "circle", "Héllo", "✓✓", "日本語", "l'eau", "<|endoftext|>", "x1y2", "!?!", "ﬁne", "e\u0301"]
+    rnd = random.Random(3)
+    long = [" ".join(rnd.choice(words) for _ in range(20_000)) for _ in range(3)]
+    spaces = "   " * PREFIX_CHARS + "a blue square"  # long, few tokens: its prefix fits
+    one_word = "ab" * PREFIX_CHARS  # no space to cut at
+    captions = [*long, spaces, one_word, "a red circle"]
+    tok = tiny_model.tokenizer._tok
+    seen: list[int] = []
+    real = tok.encode_batch
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def encode_batch(self, texts):
+            seen.append(max(len(t) for t in texts))
+            return real(texts)
+
+    longest = []
+    for batch in (long, captions):
+        seen.clear()
+        monkeypatch.setattr(tiny_model.tokenizer, "_tok", Spy())
+        ids, mask, truncated = tiny_model.tokenizer(batch)
+        monkeypatch.undo()
+        ref = proc.tokenizer(batch, padding=True, truncation=True, return_tensors="np")
+        assert np.array_equal(ids, ref["input_ids"]) and np.array_equal(mask, ref["attention_mask"])
+        assert truncated == [len(proc.tokenizer(c)["input_ids"]) > 77 for c in batch]
+        longest.append(max(seen))
+    assert truncated == [True, True, True, False, True, False]
+    assert min(len(c) for c in long) > 20 * PREFIX_CHARS
+    assert longest[0] <= PREFIX_CHARS  # the long batch never reached the tokenizer whole
+    assert longest[1] == max(len(c) for c in captions)  # a prefix that fits: the batch again, whole
+
+
 def test_pads_to_longest_not_maximum(tiny_model) -> None:
     ids, _, _ = tiny_model.tokenizer(["a red circle", "a blue square"])
     assert ids.shape[1] < tiny_model.tokenizer.max_length
