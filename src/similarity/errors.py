@@ -59,7 +59,7 @@ class UnsupportedSource(RowError):
     """Scheme we do not fetch (ftp:, javascript:, ...)."""
 
     code = "unsupported_source"
-    meaning = "not an http(s)://, s3://, data: URI or (CLI only) local path"
+    meaning = "not an http(s)://, s3://, data: URI or (CLI only) local path, or a URL that cannot be parsed"
 
 
 class LocalPathsDisabled(RowError):

@@ -254,3 +254,10 @@ def test_another_backend_never_uses_the_entries(tiny_model, tiny_clip_dir, fetch
     _, s = _score(records, onnx_model, fetcher, cache)
     assert s.images_embedded == 4 and s.captions_encoded == 4 and s.cache["image_hits"] == 0
     assert images.statuses() == [200] * 4
+
+
+def test_an_unparsable_url_is_its_rows_error_with_the_cache_on(tiny_model, fetcher, tmp_path) -> None:
+    # Before: urlsplit's ValueError escaped the cache's lookup: internal_error.
+    records = [Record("http://[::1/a.png", "a red circle"), Record("s3://]/a", "a red circle")]
+    results = list(score_pairs(records, tiny_model, fetcher, cache=_cache(tmp_path)))
+    assert [r.error_code for r in results] == ["unsupported_source", "unsupported_source"]

@@ -23,7 +23,7 @@ from similarity.config import ServiceSettings, Settings, load
 from similarity.errors import ConfigError, TooManyPixels
 from similarity.hardware import cpu_count, memory_limit_bytes
 from similarity.model.preprocess import DecodeBudget, DecodeLimits, PreprocessConfig, preprocess, set_decode_limits
-from support.imageserver import banded_png, huge_png_header
+from support.imageserver import banded_png, huge_png_header, png_bytes
 from support.shapes import COLOURS, SHAPES, all_captions, draw
 
 MIB = 1024 * 1024
@@ -126,6 +126,71 @@ def test_budget_bounds_what_is_held_at_once() -> None:
     assert not any(t.is_alive() for t in threads)  # no waiter left behind, the oversized one ran
     assert most <= budget.capacity and budget.peak <= budget.capacity and budget.in_use == 0
     assert most > 6_000_000  # decodes did overlap: the bound was what held them back
+
+
+def _oriented(fmt: str, orientation: int | None, size: tuple[int, int] = (300, 200)) -> bytes:
+    img = Image.new("RGB", size, (200, 30, 30))
+    img.paste((20, 20, 200), (0, 0, size[0] // 3, size[1] // 2))
+    if orientation is None:
+        return png_bytes(img, fmt)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return png_bytes(img, fmt, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_an_exif_rotation_counts_its_transposed_copy(fmt) -> None:
+    """exif_transpose holds the decoded image and its transposed copy at once (a 48 MP JPEG
+    rotated by its EXIF peaked at 385 MB against 201 MB upright): twice the cost of RGB."""
+    cfg = PreprocessConfig(max_pixels=10**8)
+    upright = pre.decode_cost(pre.open_image(_oriented(fmt, 1), cfg))
+    assert upright == 300 * 200
+    for orientation in range(2, 9):
+        im = pre.open_image(_oriented(fmt, orientation), cfg)
+        loads = _count_loads(im)
+        assert pre.decode_cost(im) == upright + 300 * 200, orientation
+        assert not loads  # reading the orientation decoded nothing
+        out = pre.load_rgb(im)  # and the EXIF read then is what exif_transpose applies
+        assert out.size == ((200, 300) if orientation >= 5 else (300, 200))
+
+
+@pytest.mark.parametrize(("mode", "weight"), [("L", 1), ("P", 1), ("CMYK", 2), ("RGBA", 4), ("I;16", 2), ("F", 4)])
+def test_a_rotation_costs_nothing_more_where_conversion_costs_more(mode, weight) -> None:
+    """The transpose ends before the conversion starts: the costlier step counts, not their sum."""
+    img = Image.new(mode, (300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = png_bytes(img, "JPEG" if mode in ("L", "CMYK") else "TIFF", exif=exif.tobytes())
+    im = pre.open_image(data, PreprocessConfig(max_pixels=10**8))
+    assert im.mode == mode
+    assert pre.decode_cost(im) == 300 * 200 * weight
+    assert pre.load_rgb(im).size == (200, 300)
+
+
+def test_the_budget_holds_the_rotated_cost() -> None:
+    budget = DecodeBudget(megapixels=1000)
+    cfg = PreprocessConfig(max_pixels=10**8)
+    pre.load_pixels(_oriented("JPEG", 6), cfg, budget=budget)
+    assert budget.peak == 2 * 300 * 200 and budget.in_use == 0
+
+
+def _count_loads(im: Image.Image) -> list[int]:
+    loads: list[int] = []
+    load = im.load
+
+    def counted() -> object:
+        loads.append(1)
+        return load()
+
+    im.load = counted  # type: ignore[method-assign]
+    return loads
+
+
+def test_a_png_without_exif_is_not_decoded_to_look_for_one() -> None:
+    im = pre.open_image(_oriented("PNG", None), PreprocessConfig(max_pixels=10**8))
+    loads = _count_loads(im)
+    assert pre.decode_cost(im) == 300 * 200
+    assert not loads  # PngImageFile.getexif loads the pixels when the header has no eXIf
 
 
 def test_budget_is_released_when_a_decode_fails() -> None:

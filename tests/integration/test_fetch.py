@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import socket
+import threading
 import time
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -239,3 +242,158 @@ def test_backslash_cannot_smuggle_a_forbidden_host(server, forbidden_server, fet
         with pytest.raises(BlockedAddress, match="127.0.0.2"):
             fetcher.fetch(url)
     assert forbidden_server.hits["/secret.png"] == 0
+
+
+# ------------------------------------------------------------------ the deadline is the total
+def test_waiting_for_a_host_slot_counts_in_the_deadline(server, fast_settings, fetcher) -> None:
+    url = server.drip("/slot-drip.png", PNG * 50, interval=0.2)  # holds its slot to the deadline
+    f = Fetcher(FetchSettings(**{**fast_settings.__dict__, "deadline": 1.5, "per_host": 1}), fetcher.policy)
+    first = threading.Thread(target=lambda: pytest.raises(FetchTimeout, f.fetch, url), daemon=True)
+    first.start()
+    for _ in range(200):
+        if server.hits["/slot-drip.png"]:
+            break
+        time.sleep(0.01)
+    start = time.monotonic()
+    with pytest.raises(FetchTimeout):
+        f.fetch(url)  # waits for the first's slot, then has no time left
+    assert time.monotonic() - start < 1.5 + 0.5  # not the wait plus a fresh 1.5 s
+    first.join(5)
+    f.close()
+
+
+@pytest.fixture
+def slow_dns(monkeypatch):
+    """getaddrinfo patched (never real DNS): ``slow.test`` answers 127.0.0.1 after 3 s (or when
+    the test ends), ``fast.test`` at once; other names do not resolve."""
+    done = threading.Event()
+
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        if host == "slow.test":
+            done.wait(3)
+        if host in ("slow.test", "fast.test"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        raise socket.gaierror(socket.EAI_NONAME, f"fake resolver: unknown {host}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    done.set()
+
+
+def test_a_slow_resolver_costs_the_deadline_not_more(server, fast_settings, fetcher, slow_dns) -> None:
+    server.image("/dns.png", PNG)
+    port = server.server_address[1]
+    f = Fetcher(FetchSettings(**{**fast_settings.__dict__, "deadline": 1.0}), fetcher.policy)
+    start = time.monotonic()
+    with pytest.raises(FetchTimeout, match="resolving slow.test"):
+        f.fetch(f"http://slow.test:{port}/dns.png")
+    assert time.monotonic() - start < 1.0 + 0.5
+    assert server.hits["/dns.png"] == 0
+    assert f.fetch(f"http://fast.test:{port}/dns.png") == PNG  # a prompt answer is used as before
+    f.close()
+
+
+# ------------------------------------------------------------------ redirects
+def test_redirect_location_in_raw_utf8_is_read_as_utf8(server, fetcher) -> None:
+    server.image("/%C3%A9.png", PNG)  # what /é.png is asked for as
+    # http.client reads header bytes as latin-1: this str goes out as the raw UTF-8 bytes of /é.png.
+    server.routes["/to-utf8"] = lambda h: h.send_plain(
+        302, b"", headers={"Location": "/é.png".encode().decode("latin-1")}
+    )
+    assert fetcher.fetch(server.url("/to-utf8")) == PNG
+    server.redirect("/to-latin1", "/é.png")  # a latin-1 byte, not UTF-8: kept as it came
+    assert fetcher.fetch(server.url("/to-latin1")) == PNG
+    assert "/%C3%83%C2%A9.png" not in server.hits
+
+
+# ------------------------------------------------------------------ malformed URLs
+@pytest.mark.parametrize(
+    "url", ["http://[::1/", "https://[x/", "HTTP://]/a", "s3://]/a", "s3://[/a", "ftp://[/x", "file://[x/a.png"]
+)
+def test_unbalanced_brackets_are_an_unparsable_url(fetcher, url) -> None:
+    with pytest.raises(UnsupportedSource, match="cannot be parsed"):
+        fetcher.fetch(url)
+
+
+def test_redirect_with_unbalanced_brackets_is_an_unparsable_url(server, fetcher) -> None:
+    url = server.redirect("/to-bracket", "http://[::1/x.png")
+    with pytest.raises(UnsupportedSource, match="redirect to .*cannot be parsed"):
+        fetcher.fetch(url)
+
+
+# ------------------------------------------------------------------ data: URIs
+BLOB = bytes(range(256)) * 2  # its base64 has "+" and "/" (URL-safe: "-" and "_") and "=" padding
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        base64.b64encode(BLOB).decode(),
+        base64.b64encode(BLOB).decode().rstrip("="),
+        base64.urlsafe_b64encode(BLOB).decode(),
+        base64.urlsafe_b64encode(BLOB).decode().rstrip("="),
+        "".join(f"%{c:02X}" for c in base64.b64encode(BLOB)),  # percent-encoded throughout
+        "\r\n".join(base64.b64encode(BLOB).decode()[i : i + 76] for i in range(0, 684, 76)),
+    ],
+    ids=["padded", "unpadded", "urlsafe", "urlsafe-unpadded", "percent-encoded", "line-broken"],
+)
+def test_data_uri_forms_decode(fast_settings, payload) -> None:
+    f = Fetcher(FetchSettings(**{**fast_settings.__dict__, "max_bytes": len(BLOB)}))
+    assert f.fetch("data:application/octet-stream;base64," + payload) == BLOB
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["ab+c-d==", "ab*d", "[", "AAAA=AAA", "AAAAA", "AA===", "AAA\u00e9"],
+    ids=["mixed-alphabets", "star", "bracket", "inner-padding", "dangling-char", "three-pads", "non-ascii"],
+)
+def test_bad_base64_is_invalid_data_uri(fetcher, payload) -> None:
+    with pytest.raises(InvalidDataUri, match="bad base64"):
+        fetcher.fetch("data:image/png;base64," + payload)
+
+
+def test_data_uri_cap_is_on_the_decoded_size(fast_settings, monkeypatch) -> None:
+    from similarity.fetch import sources
+
+    f = Fetcher(FetchSettings(**{**fast_settings.__dict__, "max_bytes": len(BLOB) - 1}))
+    with pytest.raises(TooLarge):
+        f.fetch("data:image/png;base64," + base64.b64encode(BLOB).decode())
+
+    def no_decoding(_text: str) -> str:
+        raise AssertionError("an oversize payload was percent-decoded")
+
+    monkeypatch.setattr(sources, "unquote", no_decoding)
+    with pytest.raises(TooLarge):  # refused on its length, before any copy is made
+        f.fetch("data:image/png;base64," + "%41" * (4 * len(BLOB)))
+
+
+# ------------------------------------------------------------------ S3 keys
+class _RecordingS3:
+    """Records what ``get_object`` is asked for; never contacts anything."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(kwargs)
+        return {"ContentLength": 3, "Body": io.BytesIO(b"abc")}
+
+
+@pytest.mark.parametrize(
+    ("url", "bucket", "key"),
+    [
+        ("s3://b/photos/a#1.jpg", "b", "photos/a#1.jpg"),  # urlsplit read a fragment
+        ("s3://b/q?x=1.jpg", "b", "q?x=1.jpg"),  # and a query
+        ("S3://b//lead.jpg", "b", "lead.jpg"),
+        ("s3://b/100%25%23.jpg", "b", "100%#.jpg"),
+    ],
+)
+def test_s3_keys_keep_question_marks_and_hashes(fast_settings, url, bucket, key) -> None:
+    client = _RecordingS3()
+    assert Fetcher(fast_settings, s3_client=client).fetch(url) == b"abc"
+    assert client.calls == [{"Bucket": bucket, "Key": key}]
+
+
+def test_s3_key_with_hash_through_moto(s3, bucket, fast_settings) -> None:
+    s3.put_object(Bucket=bucket, Key="imgs/a#1?v=2.png", Body=PNG)
+    assert Fetcher(fast_settings, s3_client=s3).fetch(f"s3://{bucket}/imgs/a#1?v=2.png") == PNG

@@ -249,3 +249,13 @@ def test_pseudo_file_systems_are_told_by_their_mount(tmp_path) -> None:
     assert pseudo_filesystem(dev, str(tmp_path / "absent")) is None  # not Linux: the size check remains
     if os.path.exists("/proc/self/mountinfo"):
         assert pseudo_filesystem(os.stat("/proc/self/status").st_dev) == "proc"
+
+
+@pytest.mark.parametrize("name", ["a\0b.png", "images/red\0circle.png", "ok.png\0"])
+def test_a_name_holding_nul_is_not_found(tmp_path, name) -> None:
+    (tmp_path / "ok.png").write_bytes(PNG)
+    f = Fetcher(FetchSettings(allow_local_paths=True, deadline=3.0), base_dir=tmp_path)
+    for url in (name, str(tmp_path / name), "file://" + str(tmp_path / name).replace("\0", "%00")):
+        got = fetch_within(f, url)
+        assert isinstance(got, NotFound), (url, got)
+        assert "\0" not in got.detail and "NUL" in got.detail  # the error column gets no raw NUL

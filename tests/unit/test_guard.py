@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from similarity.errors import BlockedAddress
+from similarity.errors import BlockedAddress, FetchTimeout
 from similarity.fetch.guard import AddressPolicy, classify, embedded_ipv4, parse_networks
 
 # (address, expected reason substring or None for "public, allowed"). Classified, never connected to.
@@ -48,6 +53,21 @@ TABLE = [
     ("::127.0.0.1", "loopback (embedded"),  # IPv4-compatible
     ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
     ("64:ff9b:1::1", ""),
+    # Hard-coded, not left to the stdlib: before CVE-2024-4032's fix (3.11.10) most of 192.0.0.0/24
+    # counted as global; fec0::/10 (deprecated site-local) is neither private nor reserved.
+    ("192.0.0.192", "IETF protocol assignment"),
+    ("192.0.0.8", "IETF protocol assignment"),
+    ("192.0.0.255", "IETF protocol assignment"),
+    ("::ffff:192.0.0.192", "IETF protocol assignment (embedded"),
+    ("64:ff9b::c000:c0", "IETF protocol assignment (embedded"),  # NAT64 of 192.0.0.192
+    ("192.0.1.1", None),  # the /24 and nothing around it
+    ("191.255.255.255", None),
+    ("fec0::1", "site-local"),
+    ("feff:ffff::1", "site-local"),
+    ("fec0::a9fe:a9fe", "site-local"),
+    ("168.63.129.16", "cloud metadata"),  # Azure WireServer
+    ("::ffff:168.63.129.16", "cloud metadata (embedded"),
+    ("168.63.129.17", None),
 ]
 
 
@@ -100,3 +120,39 @@ def test_resolve_keeps_only_permitted_loopback() -> None:
 def test_resolve_refuses_loopback_by_default() -> None:
     with pytest.raises(BlockedAddress):
         AddressPolicy().resolve("127.0.0.1", 80)
+
+
+# ------------------------------------------------------------------ the resolver under a timeout
+@pytest.fixture
+def fake_resolver(monkeypatch) -> Iterator[threading.Event]:
+    """getaddrinfo patched (no real DNS): ``slow.test`` answers 127.0.0.1 once the event is set
+    (the test sets it when done), ``fast.test`` at once, anything else does not resolve."""
+    answer = threading.Event()
+
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        if host == "slow.test":
+            answer.wait(3)
+        if host in ("slow.test", "fast.test"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        raise socket.gaierror(socket.EAI_NONAME, f"fake resolver: unknown {host}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield answer
+    answer.set()  # the abandoned lookup's thread ends
+
+
+def test_resolve_gives_up_when_the_resolver_outlasts_the_timeout(fake_resolver) -> None:
+    policy = AddressPolicy(parse_networks("127.0.0.1/32"))
+    start = time.monotonic()
+    with pytest.raises(FetchTimeout, match="resolving slow.test took more than"):
+        policy.resolve("slow.test", 80, timeout=0.3)
+    assert time.monotonic() - start < 1.0
+
+
+def test_resolve_under_a_timeout_returns_what_the_resolver_answers(fake_resolver) -> None:
+    policy = AddressPolicy(parse_networks("127.0.0.1/32"))
+    assert policy.resolve("fast.test", 80, timeout=2.0) == [(socket.AF_INET, ("127.0.0.1", 80))]
+    with pytest.raises(BlockedAddress):
+        AddressPolicy().resolve("fast.test", 80, timeout=2.0)  # still checked
+    with pytest.raises(FetchTimeout):
+        policy.resolve("fast.test", 80, timeout=0.0)  # no time left: not even asked

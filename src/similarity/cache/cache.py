@@ -103,7 +103,10 @@ class Counts:
 
 
 def _remote(url: str) -> bool:
-    scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    try:
+        scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    except ValueError:  # "http://[::1/": the fetcher names it (unsupported_source)
+        return False
     return scheme in ("http", "https", "s3")
 
 

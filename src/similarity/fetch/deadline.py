@@ -111,6 +111,12 @@ def set_current(deadline: Deadline | None) -> None:
     _current.deadline = deadline
 
 
+def remaining() -> float | None:
+    """Seconds left to the current thread's fetch deadline; None outside a fetch."""
+    dl: Deadline | None = getattr(_current, "deadline", None)
+    return dl.remaining() if dl is not None else None
+
+
 def watch(sock: socket.socket | None) -> None:
     """Put ``sock`` under the current thread's fetch deadline, if there is one."""
     dl: Deadline | None = getattr(_current, "deadline", None)

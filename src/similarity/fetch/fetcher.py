@@ -65,7 +65,10 @@ class Fetcher:
         ``s3://`` answer "not modified" without the bytes; both return their own validators (ETag,
         Last-Modified) for next time. Other sources have none and always return the bytes."""
         url = url.strip()
-        scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+        try:
+            scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+        except ValueError as exc:  # an unbalanced bracket in the host: "http://[::1/", "s3://]/a"
+            raise UnsupportedSource(f"URL {url[:100]!r} cannot be parsed: {exc}") from None
         if scheme in ("http", "https"):
             return self._http.fetch_conditional(url, self.settings, validators)
         if scheme == "s3":

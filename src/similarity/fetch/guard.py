@@ -13,14 +13,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BlockedAddress, ConnectionFailed
+from ..errors import BlockedAddress, ConnectionFailed, FetchTimeout
+from .deadline import DeadlinePassed, run_with_deadline
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: Cloud instance metadata endpoints (AWS, GCP, Azure, ...; AWS's IPv6 one on Nitro).
+#: Cloud instance metadata endpoints (AWS, GCP, Azure, ...; AWS's IPv6 one on Nitro; Azure's
+#: WireServer, 168.63.129.16, which is not in any special-purpose range).
 METADATA_ADDRESSES = frozenset(
-    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
 )
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -28,6 +31,11 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _IPV4_COMPAT = ipaddress.ip_network("::/96")
 _TEREDO = ipaddress.ip_network("2001::/32")
+# Not left to the stdlib: before the fix for CVE-2024-4032 (3.11.10, 3.12.4) ``is_private`` covers
+# only parts of 192.0.0.0/24 and the rest counts as global; fec0::/10, deprecated site-local, is
+# neither private nor reserved to it.
+_IETF_PROTOCOL = ipaddress.ip_network("192.0.0.0/24")
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 
 
 def embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -56,6 +64,10 @@ def _classify_one(addr: IPAddress) -> str | None:
         return "multicast"
     if isinstance(addr, ipaddress.IPv4Address) and addr in _CGNAT:
         return "carrier-grade NAT"
+    if isinstance(addr, ipaddress.IPv4Address) and addr in _IETF_PROTOCOL:
+        return "IETF protocol assignment"
+    if isinstance(addr, ipaddress.IPv6Address) and addr in _SITE_LOCAL:
+        return "site-local"
     if isinstance(addr, ipaddress.IPv6Address) and addr in _TEREDO:
         return "Teredo tunnel"
     if isinstance(addr, ipaddress.IPv6Address) and addr in _NAT64_LOCAL:
@@ -126,14 +138,20 @@ class AddressPolicy:
             return None
         return classify(addr)
 
-    def resolve(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+    def resolve(self, host: str, port: int, timeout: float | None = None) -> list[tuple[int, tuple[Any, ...]]]:
         """Resolve ``host`` once and keep only the permitted addresses, in resolver order.
 
         Returns ``(family, sockaddr)`` pairs ready for ``socket.connect``. Raises ``BlockedAddress``
-        when every address is refused, ``ConnectionFailed`` when the name does not resolve.
+        when every address is refused, ``ConnectionFailed`` when the name does not resolve, and
+        ``FetchTimeout`` when the resolver takes more than ``timeout`` seconds (the fetch's time
+        left; None: no limit).
         """
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = _getaddrinfo(host, port, timeout)
+        except DeadlinePassed:
+            raise FetchTimeout(
+                f"resolving {host} took more than {timeout:.2g}s, the time left to the deadline"
+            ) from None
         except (socket.gaierror, UnicodeError) as exc:
             raise ConnectionFailed(f"cannot resolve {host}: {exc}") from None
         allowed: list[tuple[int, tuple[Any, ...]]] = []
@@ -149,3 +167,24 @@ class AddressPolicy:
         if not allowed:
             raise BlockedAddress(f"{host}: " + "; ".join(dict.fromkeys(refused)))
         return allowed
+
+
+def _getaddrinfo(host: str, port: int, timeout: float | None) -> list[Any]:
+    def lookup() -> list[Any]:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+    if timeout is None or _is_literal(host):  # an address literal needs no resolver
+        return lookup()
+    if timeout <= 0:
+        raise DeadlinePassed("no time left")
+    # getaddrinfo cannot be interrupted and ignores socket timeouts (glibc retries for 5 s per
+    # nameserver and attempt): it runs on a thread of its own, left behind if it overruns.
+    return run_with_deadline(lookup, timeout, "resolve")
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -18,6 +18,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Generator
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urljoin
@@ -40,7 +41,7 @@ from ..errors import (
     UnsupportedSource,
 )
 from .conditional import Fetched, Validators
-from .deadline import Deadline, set_current, watch
+from .deadline import Deadline, remaining, set_current, watch
 from .guard import AddressPolicy
 from .settings import FetchSettings
 
@@ -53,8 +54,9 @@ def _guarded_connection(base: type[HTTPConnection], policy: AddressPolicy) -> ty
     class Guarded(base):  # type: ignore[valid-type,misc]  # a class made per policy
         def _new_conn(self) -> socket.socket:
             # Resolve once, check, and connect to an address that passed. ``self.host`` stays the
-            # name, so SNI and certificate verification use it.
-            targets = policy.resolve(self._dns_host, self.port)
+            # name, so SNI and certificate verification use it. The lookup is bounded by the
+            # fetch's deadline: a hung resolver costs the row its deadline, no more.
+            targets = policy.resolve(self._dns_host, self.port, timeout=remaining())
             last: OSError | None = None
             for family, sockaddr in targets:
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -96,8 +98,17 @@ class GuardedAdapter(HTTPAdapter):
         }
 
 
+class _Session(requests.Session):
+    """Redirects are followed by hand (``HttpSource._follow``); requests would still work out the
+    request after every redirect for ``Response.next``, and fail on a ``Location`` it cannot read
+    (not UTF-8, an unbalanced bracket) before the answer is seen."""
+
+    def resolve_redirects(self, *args: Any, **kwargs: Any) -> Generator[requests.Response, None, None]:
+        yield from ()
+
+
 def make_session(policy: AddressPolicy, settings: FetchSettings) -> requests.Session:
-    session = requests.Session()
+    session = _Session()
     session.trust_env = False  # no env proxies / .netrc: a proxy would be checked instead of the target
     session.cookies = requests.cookies.RequestsCookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     adapter = GuardedAdapter(policy, settings.pool_size)
@@ -128,6 +139,23 @@ def parse(url: str, redirected: bool = False) -> tuple[str, str]:
     return str(parts.url), parts.host.lower()
 
 
+def redirect_target(url: str, location: str) -> str:
+    """``location`` (a ``Location`` header) resolved against ``url``.
+
+    http.client reads header bytes as latin-1, so a raw UTF-8 ``/é.png`` arrives as ``/Ã©.png``
+    and would be percent-encoded twice; like requests' ``get_redirect_target``, the bytes are read
+    again as UTF-8 (a Location that is not UTF-8 stays as it came).
+    """
+    try:
+        location = location.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass
+    try:
+        return urljoin(url, location)
+    except ValueError as exc:  # urlsplit: an unbalanced bracket in the host ("http://[::1/")
+        raise UnsupportedSource(f"redirect to {location[:100]!r} cannot be parsed: {short(exc)}") from None
+
+
 # --------------------------------------------------------------------------- fetching
 class HttpSource:
     """Thread-safe; one per fetcher. ``with_settings`` views share the session and host slots."""
@@ -154,10 +182,12 @@ class HttpSource:
     def fetch_conditional(self, url: str, settings: FetchSettings, validators: Validators | None = None) -> Fetched:
         """Like ``fetch``; with ``validators`` a 304 answer comes back as ``Fetched(None, ...)``."""
         url, host = parse(url)
-        slot = self._host_slot(host)
-        if not slot.acquire(timeout=settings.deadline):
-            raise FetchTimeout(f"waited {settings.deadline:g}s for a connection slot to {host}")
+        # Started before the wait for a slot: the deadline is the image's total, waiting included.
         deadline = Deadline(settings.deadline)
+        slot = self._host_slot(host)
+        if not slot.acquire(timeout=max(deadline.remaining(), 0.0)):
+            deadline.cancel()
+            raise FetchTimeout(f"waited {settings.deadline:g}s for a connection slot to {host}")
         set_current(deadline)
         try:
             return self._follow(url, host, deadline, settings, validators)
@@ -181,7 +211,7 @@ class HttpSource:
             resp = self._request_with_retries(url, host, deadline, s, headers)
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
-                url, host = parse(urljoin(url, resp.headers["Location"]), redirected=True)
+                url, host = parse(redirect_target(url, resp.headers["Location"]), redirected=True)
                 continue
             try:
                 etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")

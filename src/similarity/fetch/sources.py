@@ -6,6 +6,7 @@ import base64
 import binascii
 import errno
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable
@@ -52,10 +53,7 @@ class S3Source:
 
     def fetch_conditional(self, url: str, settings: FetchSettings, validators: Validators | None = None) -> Fetched:
         """With ``validators.etag``, a GET with ``IfNoneMatch``: an unchanged object is not sent."""
-        parts = urlsplit(url)
-        bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
-        if not bucket or not key:
-            raise UnsupportedSource("s3 URL needs s3://bucket/key")
+        bucket, key = split_s3_url(url)
         from botocore.exceptions import BotoCoreError, ClientError
 
         cap = settings.max_bytes
@@ -81,14 +79,51 @@ class S3Source:
         return Fetched(data, obj.get("ETag"))
 
 
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``(bucket, key)`` of an ``s3://`` image URL, the key percent-decoded.
+
+    The rule of ``io.streams.split_s3`` (not urlsplit): "?" and "#" are ordinary characters of an
+    S3 key, not a query and a fragment.
+    """
+    bucket, _, key = url[len("s3://") :].partition("/") if url[:5].lower() == "s3://" else ("", "", "")
+    key = unquote(key.lstrip("/"))
+    if not bucket or not key:
+        raise UnsupportedSource("s3 URL needs s3://bucket/key")
+    return bucket, key
+
+
+#: Whitespace a base64 payload may be broken with (line breaks of pasted or MIME base64).
+_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
+_STANDARD_B64 = re.compile(r"[A-Za-z0-9+/]*")
+_URLSAFE_B64 = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def fetch_data_uri(url: str, settings: FetchSettings) -> bytes:
+    """The bytes of a base64 ``data:`` URI: standard or URL-safe alphabet, padded or not, broken
+    by whitespace or percent-encoded; the cap applies to the decoded size."""
     header, sep, payload = url.partition(",")
     if not sep or ";base64" not in header.lower():
         raise InvalidDataUri("only base64 data: URIs are accepted")
-    if len(payload) * 3 // 4 > settings.max_bytes:
-        raise TooLarge(f"data URI exceeds {settings.max_bytes} bytes")
+    cap = settings.max_bytes
+    # Refused before any copy of the text: the base64 of ``cap`` bytes, even fully percent-encoded
+    # and broken by a CRLF every 32 characters, is no longer than this.
+    encoded = 4 * -(-cap // 3)
+    if len(payload) > 3 * (encoded + encoded // 16 + 4):
+        raise TooLarge(f"data URI of {len(payload)} characters exceeds {cap} bytes")
+    text = (unquote(payload) if "%" in payload else payload).translate(_WHITESPACE)
+    body = text.rstrip("=")
+    if len(body) * 3 // 4 > cap:
+        raise TooLarge(f"data URI holds {len(body) * 3 // 4} bytes, cap {cap}")
+    if _STANDARD_B64.fullmatch(body):
+        altchars = None
+    elif _URLSAFE_B64.fullmatch(body):
+        altchars = b"-_"
+    else:
+        raise InvalidDataUri("bad base64: characters outside the standard and the URL-safe alphabet")
+    if len(text) - len(body) > 2 or len(body) % 4 == 1:
+        raise InvalidDataUri(f"bad base64: {len(body)} characters and {len(text) - len(body)} of padding")
     try:
-        return base64.b64decode(unquote(payload).strip(), validate=False)
+        return base64.b64decode(body + "=" * (-len(body) % 4), altchars=altchars, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidDataUri(f"bad base64: {exc}") from None
 
@@ -101,7 +136,10 @@ def fetch_local(url: str, settings: FetchSettings, base_dir: Path | None) -> byt
     instead of stopping the run."""
     if not settings.allow_local_paths:
         raise LocalPathsDisabled("local paths are not accepted here; use http(s)://, s3:// or data:")
-    path = Path(unquote(urlsplit(url).path)) if url.lower().startswith("file:") else Path(url)
+    try:
+        path = Path(unquote(urlsplit(url).path)) if url.lower().startswith("file:") else Path(url)
+    except ValueError as exc:  # urlsplit: an unbalanced bracket in the host ("file://[x/a.png")
+        raise UnsupportedSource(f"URL {url[:100]!r} cannot be parsed: {exc}") from None
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     try:
@@ -125,6 +163,8 @@ def _kind(mode: int) -> str:
 
 def read_regular_file(path: Path, cap: int) -> bytes:
     """At most ``cap`` bytes of the regular file ``path`` (symlinks followed), or a ``RowError``."""
+    if "\0" in str(path):  # os.stat would raise ValueError: no file can have such a name
+        raise NotFound(f"no such file: {str(path)!r} (a file name cannot hold a NUL byte)")
     try:
         st = os.stat(path)  # before opening: opening a device can have effects (a tape rewinds)
         if not stat.S_ISREG(st.st_mode):

@@ -82,6 +82,9 @@ MODE_WEIGHT = {"RGB": 1, "L": 1, "P": 1, "1": 1, "YCbCr": 1, "CMYK": 2, "LAB": 2
 MODE_WEIGHT.update(dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), 2))
 ALPHA_WEIGHT = 4
 WIDE_WEIGHT = 4  # I, F and anything not listed
+#: Two copies of the decoded image (an EXIF transpose), in weights: Pillow stores 4 bytes a pixel
+#: (8 for both, two weights) except for these modes (1 byte; 2 for 16-bit), whose pair fits in one.
+TRANSPOSE_WEIGHT = dict.fromkeys(("1", "L", "P", "I;16", "I;16L", "I;16B", "I;16N"), 1)
 #: Of the memory the process has: what all decodes in flight may hold, and what one image at the
 #: pixel limit may hold in its costliest mode.
 BUDGET_SHARE = 0.25
@@ -246,7 +249,24 @@ def decode_cost(im: Image.Image) -> int:
         weight = ALPHA_WEIGHT
     else:
         weight = MODE_WEIGHT.get(mode, WIDE_WEIGHT)
+    if _transposes(im):
+        # exif_transpose holds the decoded image and its transposed copy at once, before any
+        # conversion starts: the costlier of the two steps counts (a 48 MP RGB JPEG rotated by
+        # its EXIF peaked at 385 MB, upright at 201 MB).
+        weight = max(weight, TRANSPOSE_WEIGHT.get(mode, 2))
     return width * height * weight
+
+
+def _transposes(im: Image.Image) -> bool:
+    """Whether ``load_rgb``'s ``exif_transpose`` will transpose ``im``, from its header alone."""
+    if im.format == "PNG" and "exif" not in im.info:
+        # PngImageFile.getexif decodes the pixels to look for an eXIf chunk after them (and its
+        # answer is cached): only an EXIF read with the header counts. Writers put eXIf first.
+        return False
+    try:
+        return im.getexif().get(0x0112, 1) in range(2, 9)  # 1: upright; 2-8 flip or rotate
+    except Exception:  # noqa: BLE001 - a broken EXIF: the decode reports it as the row's error
+        return False
 
 
 def open_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
