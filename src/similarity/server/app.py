@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
@@ -38,6 +39,7 @@ from ..api import (
     ROUTES,
     ApiResponse,
     HttpError,
+    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     Route,
@@ -49,13 +51,25 @@ from ..api import (
 )
 from ..api import models as m
 from ..api.routes import RouteName, find
+from .batcher import Abandon
 from .logs import REQUEST_ID, request_id
-from .services import ServerServices
+from .services import ABANDON, ServerServices
 
 log = logging.getLogger("similarity.server")
 access = logging.getLogger("similarity.server.access")
 
 JSON = "application/json"
+#: The status counted (metrics, access log) when the client closed its connection before the
+#: answer: nginx's 499. Nothing is sent; it is not a server error.
+CLIENT_CLOSED = 499
+#: Threads of their own for /readyz (and /v2's readiness), so probes never wait behind clients.
+PROBE_SLOTS = 4
+#: The shortest fetch deadline ``ApiService.score_data`` gives a request. A request waits for a
+#: client slot only while API_RESERVE_SECONDS plus this is left of its SERVER_REQUEST_TIMEOUT, so
+#: one that gets a slot still answers in time; past that it is answered 503 overloaded.
+MIN_FETCH_SECONDS = 1.0
+
+T = TypeVar("T")
 
 
 def _respond(r: ApiResponse) -> Response:
@@ -129,6 +143,20 @@ class RequestContext:
             REQUEST_ID.reset(token)
 
 
+def _client_closed() -> Response:
+    return Response(status_code=CLIENT_CLOSED)
+
+
+async def _until_disconnect(receive: Receive, gone: Abandon) -> None:
+    """Set ``gone`` when the client disconnects (the body is read by then: nothing else arrives)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a front whose receive fails cannot say: the request runs on
+        return
+    gone.set()
+
+
 def _route(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None and hasattr(route, "path"):
@@ -140,7 +168,8 @@ def _route(scope: Scope) -> str:
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The body, refused with 413 as soon as it is known to be over ``limit`` (declared or counted
-    while reading, so a huge body is never held), and 408 when the client is too slow to send it."""
+    while reading, so a huge body is never held), and 408 when the client is too slow to send it.
+    A client that disconnects while sending it raises starlette's ``ClientDisconnect``."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body is {int(declared)} bytes; the limit is {limit}")
@@ -163,8 +192,12 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
     and closes everything at shutdown (after uvicorn has let in-flight requests finish)."""
     s = services.settings
     api = services.api
-    limiter = anyio.CapacityLimiter(s.server.max_concurrency)
-    probes = anyio.CapacityLimiter(4)  # /readyz never waits behind client load for a thread
+    slots = anyio.CapacityLimiter(s.server.max_concurrency)  # client requests handled at once
+    # The threads of requests holding a slot (run_sync needs a limiter; anyio's default one, 40
+    # threads, would cap SERVER_MAX_CONCURRENCY).
+    threads = anyio.CapacityLimiter(s.server.max_concurrency)
+    probes = anyio.CapacityLimiter(PROBE_SLOTS)
+    slot_floor = s.api.reserve_seconds + MIN_FETCH_SECONDS
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -195,21 +228,62 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
     def time_left(request: Request) -> float:
         return s.server.request_timeout - (time.monotonic() - float(request.state.started))
 
+    async def take_slot(request: Request) -> bool:
+        """A client slot, waited for while the request would still have time to be scored after
+        it (the wait counts against its deadline); False when it would not."""
+        try:
+            slots.acquire_nowait()
+            return True
+        except anyio.WouldBlock:
+            pass
+        with anyio.move_on_after(time_left(request) - slot_floor):
+            await slots.acquire()
+            return True
+        return False
+
+    def overloaded() -> Overloaded:
+        return Overloaded(f"all {s.server.max_concurrency} request slots are taken; retry shortly")
+
+    async def in_slot(request: Request, call: Callable[[float], T]) -> tuple[T, bool]:
+        """``call(time_left)`` in a thread holding a client slot (the caller took it), and whether
+        the client disconnected meanwhile. Then its rows are dropped (``ABANDON``), so the thread
+        returns, and the slot goes back, at once rather than at the request's deadline."""
+        gone = Abandon()
+        token = ABANDON.set(gone)  # the thread runs in a copy of this context
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_until_disconnect, request.receive, gone)
+                result = await anyio.to_thread.run_sync(call, time_left(request), limiter=threads)
+                tg.cancel_scope.cancel()
+        finally:
+            ABANDON.reset(token)
+            slots.release()
+        return result, gone.is_set
+
     async def handle(route: Route, request: Request) -> Response:
-        """What the server adds (auth, the body read under its limit and deadline), then the
-        Lambda's own path: ``ApiService.handle`` routes, validates, scores and maps every error."""
+        """What the server adds (auth, the body read under its limit and deadline, a client slot),
+        then the Lambda's own path: ``ApiService.handle`` routes, validates, scores and maps every
+        error."""
         try:
             if DOCS[route.name].auth:
                 authorize(request)
             raw = await read_body(request, s.api.max_body_bytes, time_left(request)) if route.method == "POST" else None
         except HttpError as exc:
             return _respond(error_response(exc))
-        pool = probes if route.name == "readyz" else limiter  # probes never wait behind client load
-        call = functools.partial(api.handle, route.method, route_path(request.scope), raw, time_left=time_left(request))
-        handled = await anyio.to_thread.run_sync(call, limiter=pool)
+        except ClientDisconnect:
+            return _client_closed()
+        path = route_path(request.scope)
+        if route.name == "healthz":  # liveness: static, answered here (no thread, no slot to wait for)
+            return _respond(api.handle(route.method, path, raw).response)
+        if route.name == "readyz":
+            handled = await anyio.to_thread.run_sync(functools.partial(api.handle, route.method, path), limiter=probes)
+            return _respond(handled.response)
+        if not await take_slot(request):
+            return _respond(error_response(overloaded()))
+        handled, gone = await in_slot(request, lambda left: api.handle(route.method, path, raw, time_left=left))
         if handled.stats is not None:
             services.metrics.scored(handled.stats)
-        return _respond(handled.response)
+        return _client_closed() if gone else _respond(handled.response)
 
     async def handle_oip(route: oip.OipRoute, request: Request) -> Response:
         """The same for the Open Inference Protocol: auth and the body on infer, then ``OipService``
@@ -220,21 +294,25 @@ def create_app(services: ServerServices, *, manage: bool = True) -> FastAPI:
             raw = await read_body(request, s.api.max_body_bytes, time_left(request)) if route.method == "POST" else None
         except HttpError as exc:
             return _respond_oip(oip.error_response(exc))
+        except ClientDisconnect:
+            return _client_closed()
         call = functools.partial(
             services.oip.handle,
             route.method,
             route_path(request.scope),
             raw,
             header_length=request.headers.get(oip.HEADER_LENGTH),
-            time_left=time_left(request),
         )
         if route.name in ("server_metadata", "live", "model_metadata"):  # static answers: no thread
             return _respond_oip(call().response)
-        pool = limiter if route.name == "infer" else probes
-        handled = await anyio.to_thread.run_sync(call, limiter=pool)
+        if route.name != "infer":  # readiness
+            return _respond_oip((await anyio.to_thread.run_sync(call, limiter=probes)).response)
+        if not await take_slot(request):
+            return _respond_oip(oip.error_response(overloaded()))
+        handled, gone = await in_slot(request, lambda left: call(time_left=left))
         if handled.stats is not None:
             services.metrics.scored(handled.stats)
-        return _respond_oip(handled.response)
+        return _client_closed() if gone else _respond_oip(handled.response)
 
     for route in ROUTES:  # exactly the Lambda's routes
         doc = DOCS[route.name]

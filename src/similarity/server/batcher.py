@@ -59,6 +59,36 @@ class BatcherClosed(SimilarityError):
     code = "shutting_down"
 
 
+class ClientClosed(RowError):
+    """The request's client went away before this row was scored; nobody reads the row."""
+
+    code = "client_closed"
+
+
+class Abandon:
+    """Set by the front when a request's client has gone; the batcher then drops the request's
+    rows (queued inputs are skipped, fetches not yet started never start) and its waiting thread
+    returns at once, rather than at the request's deadline."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.is_set = False
+
+    def set(self) -> None:
+        with self._lock:
+            self.is_set, callbacks, self._callbacks = True, self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.is_set:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
 class BatchObserver(Protocol):
     """What the batcher reports as it works (the server turns it into Prometheus metrics)."""
 
@@ -192,18 +222,30 @@ class MicroBatcher:
             return self._in_flight
 
     # -- requests
-    def score(self, records: Sequence[Record], fetcher: Fetcher, timeout: float | None = None) -> list[ScoreResult]:
+    def score(
+        self,
+        records: Sequence[Record],
+        fetcher: Fetcher,
+        timeout: float | None = None,
+        *,
+        abandon: Abandon | None = None,
+    ) -> list[ScoreResult]:
         """Score ``records`` in order. Rows still unfinished after ``timeout`` seconds become
-        ``timeout`` rows, so the caller always answers within its own deadline."""
+        ``timeout`` rows, so the caller always answers within its own deadline; once ``abandon``
+        is set, ``client_closed`` rows."""
         ticket = self._admit(records, fetcher, admit_always=False)
+        if abandon is not None:
+            abandon.on_set(lambda: self._expire(ticket, lambda: ClientClosed("the client closed the connection")))
         return self._wait(ticket, timeout)
 
     def submit(
-        self, records: Sequence[Record], fetcher: Fetcher, *, admit_always: bool = False
+        self, records: Sequence[Record], fetcher: Fetcher, *, admit_always: bool = False, inline: bool = False
     ) -> Future[list[ScoreResult]]:
         """The future of ``records``' results, in order. ``admit_always``: never ``QueueFull``
-        (the readiness canary must not be shed with client load)."""
-        return self._admit(records, fetcher, admit_always=admit_always).future
+        (the readiness canary must not be shed with client load). ``inline``: images are loaded
+        in the calling thread, not the shared fetch pool (the canary's data: URI must not wait
+        behind slow client image hosts; it still goes through the inference thread)."""
+        return self._admit(records, fetcher, admit_always=admit_always, inline=inline).future
 
     def _wait(self, ticket: _Ticket, timeout: float | None) -> list[ScoreResult]:
         try:
@@ -212,7 +254,9 @@ class MicroBatcher:
             self._expire(ticket, lambda: FetchTimeout("the request's deadline passed before this row was scored"))
             return ticket.future.result()
 
-    def _admit(self, records: Sequence[Record], fetcher: Fetcher, *, admit_always: bool) -> _Ticket:
+    def _admit(
+        self, records: Sequence[Record], fetcher: Fetcher, *, admit_always: bool, inline: bool = False
+    ) -> _Ticket:
         ticket = _Ticket(records)
         images: dict[str, list[_Row]] = {}  # one fetch per distinct URL of this request
         captions: dict[str, list[_Row]] = {}
@@ -247,6 +291,9 @@ class MicroBatcher:
             self._cond.notify_all()
             self._report()
         for url, rows in images.items():
+            if inline:
+                self._load_safely(url, rows, fetcher)
+                continue
             # The request's log context follows its fetches (one copy each: a context cannot be
             # entered by two threads at once).
             self._pool.submit(contextvars.copy_context().run, self._load_safely, url, rows, fetcher)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import SimilarityError
 from ..types import Record, ScoreResult
 
 CAPTION = "a red circle on a white background"
@@ -65,8 +66,9 @@ class CanaryResult:
 
 class Canary:
     """``score`` scores records the way requests are scored (the server: its batcher) and raises
-    ``TimeoutError`` when it cannot within ``timeout``. ``record()`` once after the model loads;
-    ``check()`` on every ``/readyz`` (a result younger than ``interval`` seconds is reused)."""
+    ``TimeoutError`` when it cannot within ``timeout`` (a ``SimilarityError`` when it cannot at
+    all: the batcher closed). ``record()`` once after the model loads; ``check()`` on every
+    ``/readyz`` (a result younger than ``interval`` seconds is reused)."""
 
     def __init__(
         self,
@@ -90,6 +92,8 @@ class Canary:
             (result,) = self._score([Record(image_uri(), CAPTION)], self.timeout)
         except TimeoutError:
             return None, f"the canary was not scored within {self.timeout:g} s", time.perf_counter() - start
+        except SimilarityError as exc:  # the batcher closed under it (shutting down)
+            return None, f"the canary was not scored: {exc}", time.perf_counter() - start
         seconds = time.perf_counter() - start
         if result.error is not None:
             return None, f"the canary row failed: {result.error_text}", seconds

@@ -6,6 +6,7 @@ Framework-free: the FastAPI app, and any other front (Ray Serve), call ``start()
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import threading
@@ -21,11 +22,15 @@ from ..errors import SimilarityError
 from ..fetch import Fetcher
 from ..jobs import JobService, make_service
 from ..types import Record, ScoreResult
-from .batcher import BatcherClosed, MicroBatcher, QueueFull
+from .batcher import Abandon, BatcherClosed, MicroBatcher, QueueFull
 from .canary import Canary
 from .metrics import Metrics
 
 log = logging.getLogger("similarity.server")
+
+#: Set by the front around a request's thread (anyio copies it in): set when the client has gone,
+#: so the batcher drops the request's rows instead of scoring them for nobody.
+ABANDON: contextvars.ContextVar[Abandon | None] = contextvars.ContextVar("similarity_abandon", default=None)
 
 
 class ModelLoading(SimilarityError):
@@ -156,16 +161,19 @@ class ServerServices:
         # Fetches end by the fetcher's deadline; the reserve covers waiting for and running the model.
         wait = fetcher.settings.deadline + self.settings.api.reserve_seconds
         try:
-            return batcher.score(records, fetcher, timeout=wait)
+            return batcher.score(records, fetcher, timeout=wait, abandon=ABANDON.get())
         except QueueFull as exc:
             raise Overloaded(f"the server is at capacity ({exc.detail}); retry shortly") from None
         except BatcherClosed:
             raise Unavailable("the server is shutting down; retry on another instance") from None
 
     def _canary_rows(self, batcher: MicroBatcher, records: list[Record], timeout: float) -> list[ScoreResult]:
-        return batcher.submit(records, self.runtime.fetcher, admit_always=True).result(timeout)
+        # Decoded in this (probe) thread: readiness is about the model, not client image hosts.
+        return batcher.submit(records, self.runtime.fetcher, admit_always=True, inline=True).result(timeout)
 
     def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self._stop.is_set():  # closing: the batcher takes no canary
+            return False, {"reason": "the server is shutting down"}
         if self.canary is None:  # not reached: the state turns ready only once the canary is recorded
             return False, {"reason": "no canary recorded"}
         result = self.canary.check()
