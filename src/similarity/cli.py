@@ -246,7 +246,11 @@ def _check_input(uri: str, s3: Callable[[], Any]) -> None:
     if uri == "-":
         return
     if not is_s3(uri):
-        if not Path(uri).is_file():
+        from .errors import InputUnreadable
+
+        if Path(uri).is_dir():
+            raise InputUnreadable(f"input {uri!r} is a directory")
+        if not Path(uri).exists():
             raise InputNotFound(f"input file {uri!r} does not exist")
         return
     from botocore.exceptions import BotoCoreError, ClientError
@@ -332,7 +336,7 @@ def summary_lines(result: Any, output: str, width: int = 100) -> list[str]:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from .bootstrap import build
-    from .io.streams import is_s3
+    from .io.streams import is_s3, is_stream
     from .io.text import check_encoding
     from .pipeline.files import ErrorFilter, check_output_writable, score_file
 
@@ -343,7 +347,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     output = resolve_output(args.input, args.output, args.output_format, args.input_format)
     if _same_file(output, args.input):
         raise RunError(f"the output {output!r} is the input: name another with -o")
-    base_dir = None if is_s3(args.input) or args.input == "-" else Path(args.input).resolve().parent
+    base_dir = None if is_s3(args.input) or is_stream(args.input) else Path(args.input).resolve().parent
     run = build(settings, local_paths=True, base_dir=base_dir, default_cache=cache_cli.CLI_DEFAULT)
     try:
         _check_input(args.input, run.s3)

@@ -589,3 +589,29 @@ def test_unnamed_outputs_keep_the_input_format(tmp_path, tiny_clip_dir, output) 
     text = r.stdout if output == "-" else (tmp_path / output).read_text()
     row = json.loads(text.splitlines()[0])
     assert row["caption"] == "a red circle" and row["error"] is None and 0 < row["similarity"] < 1
+
+
+def test_a_pipe_named_as_the_input_is_read_like_stdin(tmp_path, tiny_clip_dir) -> None:
+    # `similarity score <(zcat in.csv.gz) -o out.csv`. Before: "does not exist" (not a regular file).
+    shutil.copytree(ROOT / "examples" / "images", tmp_path / "images")
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    text = "url,caption\nimages/red_circle.png,a red circle\nimages/missing.png,gone\n"
+    feed = subprocess.Popen(["sh", "-c", f"printf '%s' '{text}' > {fifo}"])
+    r = _run("score", str(fifo), "-o", "out.csv", "--model", str(tiny_clip_dir), cwd=tmp_path)
+    feed.wait(timeout=30)
+    assert r.returncode == 0, r.stderr
+    rows = _rows(tmp_path / "out.csv")
+    assert [x["url"] for x in rows] == ["images/red_circle.png", "images/missing.png"]
+    assert rows[0]["error"] == "" and rows[1]["error"].startswith("not_found")  # relative to the cwd
+    from similarity.pipeline.commits import Partial
+    from similarity.types import ScoreStats
+
+    partial = Partial(tmp_path / "out.csv.partial")
+    partial.start({}).write(b"url,caption,similarity,cosine,error,truncated\n")
+    partial.commit(0, ScoreStats())
+    partial.close()
+    feed = subprocess.Popen(["sh", "-c", f"printf '%s' '{text}' > {fifo}"])
+    r = _run("score", str(fifo), "-o", "out.csv", "--resume", "--model", str(tiny_clip_dir), cwd=tmp_path)
+    feed.kill()
+    assert r.returncode == 2 and "(a pipe, not a file) cannot be resumed" in r.stderr, r.stderr

@@ -30,6 +30,17 @@ def is_s3(uri: str) -> bool:
     return uri.lower().startswith("s3://")
 
 
+def is_stream(uri: str) -> bool:
+    """``-``, or a local name that is a pipe rather than a file (``<(zcat x.gz)``, a FIFO,
+    ``/dev/stdin``): read once, front to back, like stdin; nothing identifies it for ``--resume``."""
+    if uri == "-":
+        return True
+    if is_s3(uri):
+        return False
+    path = Path(uri)
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     # Not urlsplit: "?" and "#" are ordinary characters of an S3 key, not a query or a fragment.
     bucket, _, key = uri[len("s3://") :].partition("/") if is_s3(uri) else ("", "", "")
@@ -136,15 +147,20 @@ def open_source(uri: str, s3_client: Any = None, gunzip: bool = False, identify:
         counter = _Counting(obj["Body"])
     else:
         path = Path(uri)
-        if not path.is_file():
+        if path.is_dir():
+            raise InputUnreadable(f"input {uri!r} is a directory")
+        if not path.exists():
             raise InputNotFound(f"input file {uri!r} does not exist")
         try:
             fh = path.open("rb")
         except OSError as exc:
             raise InputUnreadable(f"cannot read {uri}: {exc.strerror or exc}") from None
-        size = os.fstat(fh.fileno()).st_size
-        if identify:
-            identity = local_identity(path)
+        if is_stream(uri):  # read once, as it comes (Parquet is spooled, as from stdin)
+            path = None
+        else:
+            size = os.fstat(fh.fileno()).st_size
+            if identify:
+                identity = local_identity(path)
         counter = _Counting(fh)
     buffered = io.BufferedReader(counter, 1 << 16)
     stream: BinaryIO = buffered

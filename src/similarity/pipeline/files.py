@@ -25,7 +25,7 @@ from ..io.csvfile import DEFAULT_MAX_FIELD, OUTPUT_COLUMNS, CsvReader, CsvWriter
 from ..io.formats import FileFormat, Format, format_of, output_format_of
 from ..io.rows import RowReader, open_reader
 from ..io.sinks import EXTRA_COLUMN, RowSink, finish_parquet, make_sink
-from ..io.streams import Source, is_s3, open_source, s3_reason, split_s3
+from ..io.streams import Source, is_s3, is_stream, open_source, s3_reason, split_s3
 from ..model import ClipModel
 from ..model.preprocess import PREPROCESS_VERSION
 from ..types import Record, ScoreResult, ScoreStats
@@ -269,8 +269,11 @@ def score_file(
     partial = Partial(partial_dir(output_uri)) if not stream_out else None
     resumable = partial is not None and partial.resumable()
     resuming = resumable and on_partial == "resume"
-    if resuming and input_uri == "-":
-        raise ResumeMismatch("stdin cannot be resumed (nothing shows it is the same input): score a file, or --restart")
+    if resuming and is_stream(input_uri):
+        what = "stdin" if input_uri == "-" else f"{input_uri} (a pipe, not a file)"
+        raise ResumeMismatch(
+            f"{what} cannot be resumed (nothing shows it is the same input): score a file, or --restart"
+        )
     if partial is not None and resumable and on_partial == "fail":
         done = partial.last_commit().rows
         raise ResumeMismatch(
