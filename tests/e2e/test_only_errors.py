@@ -104,3 +104,22 @@ def test_excel_safe_applies_to_kept_rows_too(tmp_path, tiny_clip_dir, monkeypatc
     assert [r["note"] for r in rows] == ['\'=HYPERLINK("x")', "'=1+1"]
     assert rows[0]["similarity"] == list(csv.DictReader(first.open(newline="")))[0]["similarity"]
     assert not rows[0]["cosine"].startswith("'")  # the scores are numbers, never escaped
+
+
+def test_excel_safe_rescoring_scores_the_caption_without_its_escape(tmp_path, tiny_clip_dir) -> None:
+    # Before: a rescored caption "-a red circle", kept as "'-a red circle", was scored with the "'".
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).resolve().parents[2] / "examples" / "images", tmp_path / "images")
+    (tmp_path / "in.csv").write_text(
+        "url,caption\nimages/red_circle.png,-a red circle\nimages/gone.png,-a red circle\n"
+    )
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    args = ["--model", str(tiny_clip_dir), "--no-progress", "--excel-safe"]
+    assert main(["score", str(tmp_path / "in.csv"), "-o", str(first), *args]) == 0
+    shutil.copy(tmp_path / "images" / "red_circle.png", tmp_path / "images" / "gone.png")  # it is back
+    assert main(["score", str(first), "-o", str(second), "--only-errors", "not_found", *args]) == 0
+    rows = list(csv.DictReader(second.open(newline="")))
+    assert [r["caption"] for r in rows] == ["'-a red circle"] * 2 and rows[1]["error"] == ""
+    assert rows[1]["similarity"] == rows[0]["similarity"]  # the same image and caption: the same score

@@ -148,6 +148,13 @@ def excel_cell(value: str) -> str:
     return "'" + value if value.startswith(_FORMULA_TRIGGERS) else value
 
 
+def excel_value(cell: Any) -> Any:
+    """What ``excel_cell`` escaped, as it was (``'=1+1`` -> ``=1+1``); anything else unchanged."""
+    if isinstance(cell, str) and cell.startswith("'") and cell[1:].startswith(_FORMULA_TRIGGERS):
+        return cell[1:]
+    return cell
+
+
 def _cell(value: str, excel_safe: bool) -> str:
     return excel_cell(value) if excel_safe else value
 

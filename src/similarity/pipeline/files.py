@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Literal, Protocol, TextIO, cast
 from ..cache import EmbeddingCache
 from ..errors import ConfigError, OutputUnwritable, ResumeMismatch, RunError
 from ..fetch import Fetcher
-from ..io.csvfile import DEFAULT_MAX_FIELD, OUTPUT_COLUMNS, CsvReader, CsvWriter, detect_layout
+from ..io.csvfile import DEFAULT_MAX_FIELD, OUTPUT_COLUMNS, CsvReader, CsvWriter, detect_layout, excel_value
 from ..io.formats import FileFormat, Format, format_of, output_format_of
 from ..io.rows import RowReader, open_reader
 from ..io.sinks import EXTRA_COLUMN, RowSink, finish_parquet, make_sink
@@ -190,6 +190,9 @@ class _Rescore:
     only: ErrorFilter
     width: int  # the previous output's columns before its scores: the input's columns
     extra_column: bool  # a Parquet output of a text input: ``_extra`` after the scores
+    #: The previous output is ``--excel-safe`` too: a URL or caption is scored as it was before
+    #: its ``'`` (the row is written as it is, still escaped).
+    excel_safe: bool = False
 
     @property
     def error_index(self) -> int:
@@ -314,7 +317,7 @@ def score_file(
         schema = reader.schema
         if only_errors is not None:
             extra = EXTRA_COLUMN in reader.header[width + len(OUTPUT_COLUMNS) :]
-            rescore = _Rescore(only_errors, width, extra)
+            rescore = _Rescore(only_errors, width, extra, excel_safe and fmt_out.kind in (Format.CSV, Format.TSV))
             if schema is not None:
                 schema = _head(schema, width)
                 text_source = extra
@@ -423,8 +426,9 @@ class _Run:
     def rescore(self, scorer: Scorer, records: Iterator[Record], rescore: _Rescore) -> None:
         while segment := list(itertools.islice(records, RESCORE_SEGMENT)):
             wanted = [rescore.wanted(rec.row) for rec in segment]
+            unescape = excel_value if rescore.excel_safe else _same
             todo = [
-                Record(r.url, r.caption, row=list(r.row[: rescore.width]))
+                Record(unescape(r.url), unescape(r.caption), row=list(r.row[: rescore.width]))
                 for r, w in zip(segment, wanted, strict=True)
                 if w
             ]
@@ -436,6 +440,10 @@ class _Run:
                     self.keep(rec.row, rescore.error_index)
             if isinstance(results, Generator):
                 results.close()  # every record had its result; this shuts the fetch pool down
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _head(schema: Any, width: int) -> Any:
