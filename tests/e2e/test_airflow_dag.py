@@ -183,7 +183,7 @@ def test_client_runs_a_job_to_done(deployment, server) -> None:
     job = api.start(put_csv(deployment, "exports/a.csv", server))
     assert job["state"] == "running" and job["chunks"]["total"] == 3
     st = wait_done(api, job["job_id"])
-    assert st["rows"] == {"done": 45, "total": 45} and st["output"].endswith("scored/a_scored.csv")
+    assert st["rows"] == {"done": 45, "total": 45} and st["output"].endswith("scored/exports/a_scored.csv")
     key = st["output"].split("/", 3)[3]
     text = deployment["s3"].get_object(Bucket=deployment["bucket"], Key=key)["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(text)))

@@ -862,3 +862,180 @@ def test_splitter_reads_the_version_the_event_names(env, server, forbidden_serve
     assert job["rows"] == 30
     drain(env)
     assert output_rows(env, "scored/moving_scored.csv") == cli_rows(tmp_path, tiny_clip_dir, first)
+
+
+# ------------------------------------------------------------------------------ versions, duplicate starts, outputs
+def _messages_by_job(env) -> dict[str, list[dict]]:
+    by_job: dict[str, list[dict]] = {}
+    while msgs := receive(env, 10):
+        for m in msgs:
+            by_job.setdefault(json.loads(m["Body"])["job_id"], []).append(m)
+    return by_job
+
+
+def test_older_versions_job_finishing_last_leaves_the_newer_versions_output(
+    env, server, forbidden_server, tmp_path, tiny_clip_dir
+) -> None:
+    """The input is overwritten while the first version's job is under way, and the newer
+    version's (smaller) job finishes first. The older job, merging last, fails as superseded
+    instead of replacing the output with the old rows."""
+    old, new = make_csv(server, forbidden_server, rows=90), make_csv(server, forbidden_server, rows=30)
+    [j1] = drop(env, "incoming/versions.csv", old)["jobs"]
+    [j2] = drop(env, "incoming/versions.csv", new)["jobs"]
+    assert j1["job_id"] != j2["job_id"] and (j1["chunks"], j2["chunks"]) == (3, 1)
+    by_job = _messages_by_job(env)
+    assert run_worker(env, by_job[j2["job_id"]]) == []
+    assert job_status(env, j2["job_id"])["state"] == "done"
+    assert run_worker(env, by_job[j1["job_id"]]) == []  # acknowledged: nothing more to do for them
+    st1 = job_status(env, j1["job_id"])
+    assert st1["state"] == "failed" and st1["reason"].startswith("superseded: "), st1
+    assert j2["job_id"] in st1["reason"]
+    assert job_status(env, j2["job_id"])["state"] == "done"
+    assert output_rows(env, "scored/versions_scored.csv") == cli_rows(tmp_path, tiny_clip_dir, new)
+    assert queued(env) == 0
+
+
+def test_slow_first_start_never_moves_a_finished_job_back(env, server, forbidden_server, monkeypatch) -> None:
+    """An S3 event delivered twice: the first start stalls mid-split, the duplicate splits and fans
+    out, and the job is done before the first start wakes. It must not save `running` over `done`
+    nor send the chunk messages again."""
+    from similarity.jobs import JobStore
+
+    key = "incoming/slow-dup.csv"
+    env["s3"].put_object(Bucket=env["bucket"], Key=key, Body=make_csv(server, forbidden_server, rows=90).encode())
+    event = s3_event_for(env["bucket"], key, env["s3"].head_object(Bucket=env["bucket"], Key=key))
+    put_chunk, stalled, wake = JobStore.put_chunk, threading.Event(), threading.Event()
+
+    def stalling_put_chunk(self, m, index, text):
+        if not stalled.is_set():  # the first start's first chunk
+            stalled.set()
+            assert wake.wait(120)
+        return put_chunk(self, m, index, text)
+
+    monkeypatch.setattr(JobStore, "put_chunk", stalling_put_chunk)
+    first: dict = {}
+    slow = threading.Thread(
+        target=lambda: first.update(env["s3_event"].lambda_handler(event, LocalContext(timeout_s=900)))
+    )
+    slow.start()
+    try:
+        assert stalled.wait(120)
+        [dup] = env["s3_event"].lambda_handler(event, LocalContext(timeout_s=900))["jobs"]
+        assert dup["state"] == "running" and dup["chunks"] == 3
+        drain(env)
+        assert job_status(env, dup["job_id"])["state"] == "done"
+    finally:
+        wake.set()
+        slow.join(120)
+    [late] = first["jobs"]
+    assert late["job_id"] == dup["job_id"] and late["state"] == "done"
+    assert job_status(env, dup["job_id"])["state"] == "done"
+    assert queued(env) == 0  # no chunk message sent again
+
+
+def test_duplicate_start_never_resets_a_running_job(env, server, forbidden_server, monkeypatch) -> None:
+    """A duplicate start reads the job while the first start is splitting; the first one then fans
+    out. The duplicate must not save a fresh `splitting` manifest (0 chunks) over the running job:
+    the live chunk messages would fail as out of range."""
+    from similarity.jobs import JobStore
+
+    key = "incoming/dup-running.csv"
+    env["s3"].put_object(Bucket=env["bucket"], Key=key, Body=make_csv(server, forbidden_server, rows=90).encode())
+    event = s3_event_for(env["bucket"], key, env["s3"].head_object(Bucket=env["bucket"], Key=key))
+    claim_attempt, put_chunk = JobStore.claim_attempt, JobStore.put_chunk
+    a_splitting, b_read, a_done, b_splitting, release = (threading.Event() for _ in range(5))
+    claims: list[int] = []
+
+    def claim_hook(self, *args, **kwargs):
+        claims.append(1)
+        if len(claims) == 2:  # the duplicate has read the first start's `splitting` manifest
+            b_read.set()
+            assert a_done.wait(120)
+        return claim_attempt(self, *args, **kwargs)
+
+    def put_chunk_hook(self, m, index, text):
+        if not a_done.is_set():  # the first start waits until the duplicate has read the job
+            a_splitting.set()
+            assert b_read.wait(120)
+        elif not b_splitting.is_set():  # the duplicate splitting again: hold it there
+            b_splitting.set()
+            assert release.wait(120)
+        return put_chunk(self, m, index, text)
+
+    monkeypatch.setattr(JobStore, "claim_attempt", claim_hook)
+    monkeypatch.setattr(JobStore, "put_chunk", put_chunk_hook)
+    out: dict[str, dict] = {}
+
+    def start(name: str) -> threading.Thread:
+        t = threading.Thread(
+            target=lambda: out.update({name: env["s3_event"].lambda_handler(event, LocalContext(timeout_s=900))})
+        )
+        t.start()
+        return t
+
+    tb: threading.Thread | None = None
+    ta = start("A")
+    try:
+        assert a_splitting.wait(120)
+        tb = start("B")
+        ta.join(120)
+        [job] = out["A"]["jobs"]
+        assert job["state"] == "running" and job["chunks"] == 3
+        a_done.set()
+        while tb.is_alive() and not b_splitting.is_set():
+            b_splitting.wait(0.05)
+        m = runtime.services().jobs.load(env["bucket"], job["job_id"])
+        assert (m.state.value, m.chunk_count) == ("running", 3)
+        assert run_worker(env, receive(env, 10)) == []  # the live messages are in range
+    finally:
+        a_done.set()
+        release.set()
+        if tb is not None:
+            tb.join(120)
+    assert out["B"]["jobs"][0]["job_id"] == job["job_id"]
+    drain(env)
+    st = job_status(env, job["job_id"])
+    assert st["state"] == "done" and st["rows"] == {"done": 90, "total": 90}
+
+
+def test_post_jobs_with_another_output_or_escaping_is_another_job(env, server) -> None:
+    """POST /jobs on an input that already has a job, naming another output and excel_safe, is a
+    job of its own that writes that output; the same request again is the same job."""
+    import handler.api as api
+
+    b = env["bucket"]
+    url = server.image("/jobs/xl-again.png", png_bytes(draw("red", "circle", random.Random(8))))
+    env["s3"].put_object(Bucket=b, Key="uploads/day.csv", Body=f"@id,url,caption\n=1,{url},a red circle\n".encode())
+    first = {"input": f"s3://{b}/uploads/day.csv", "output": f"s3://{b}/results/A.csv", "excel_safe": False}
+    status, a = _api_call(api, "api_jobs_start.json", first)
+    assert status == 202, a
+    drain(env)
+    status, again = _api_call(api, "api_jobs_start.json", first)
+    assert status == 202 and again["job_id"] == a["job_id"] and again["state"] == "done"
+    second = {"input": f"s3://{b}/uploads/day.csv", "output": f"s3://{b}/results/B.csv", "excel_safe": True}
+    status, bj = _api_call(api, "api_jobs_start.json", second)
+    assert status == 202 and bj["job_id"] != a["job_id"] and bj["output"] == f"s3://{b}/results/B.csv"
+    drain(env)
+    assert _api_call(api, "api_jobs_status.json", job_id=bj["job_id"])[1]["state"] == "done"
+    assert env["s3"].get_object(Bucket=b, Key="results/A.csv")["Body"].read().startswith(b"@id,")
+    assert env["s3"].get_object(Bucket=b, Key="results/B.csv")["Body"].read().startswith(b"'@id,")
+
+
+def test_post_jobs_default_output_keeps_the_inputs_folders(env, server, forbidden_server) -> None:
+    """Two inputs of the same name in different folders get different default outputs: the key's
+    folders are kept under scored/, as an S3 drop's folders under incoming/ are."""
+    import handler.api as api
+
+    b = env["bucket"]
+    jobs = {}
+    for year, rows in (("2024", 3), ("2025", 5)):
+        key = f"uploads/{year}/data.csv"
+        env["s3"].put_object(Bucket=b, Key=key, Body=make_csv(server, forbidden_server, rows=rows).encode())
+        status, out = _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/{key}"})
+        assert status == 202 and out["output"] == f"s3://{b}/scored/uploads/{year}/data_scored.csv", out
+        jobs[year] = out["job_id"]
+    drain(env)
+    assert len(output_rows(env, "scored/uploads/2024/data_scored.csv")) == 4
+    assert len(output_rows(env, "scored/uploads/2025/data_scored.csv")) == 6
+    [job] = drop(env, "incoming/team/x.csv", make_csv(server, forbidden_server, rows=2))["jobs"]
+    assert job_status(env, job["job_id"])["output"] == f"s3://{b}/scored/team/x_scored.csv"

@@ -17,14 +17,17 @@ import pytest
 from fakes import Clock, FakeLauncher, FakeObjectStore, FakeQueue, FakeScorer, Injected, whole_file
 
 from similarity.config import JobSettings
+from similarity.errors import RunError
 from similarity.jobs import (
     ChunkDeadline,
     ChunkMessage,
     JobService,
     JobState,
     JobStore,
+    Location,
     Manifest,
     MergeBusy,
+    PreconditionFailed,
 )
 from similarity.jobs.service import FINAL_WRITE_TRIES
 
@@ -435,3 +438,123 @@ def test_stopped_task_leaves_a_finished_job_alone() -> None:
     after = w.jobs.task_stopped(B, m.job_id, m.ecs_task_arn or "", "exit 2")
     assert after.reason == "malformed_csv: line 3"
     assert w.jobs.task_stopped(B, "0" * 20, "", "exit 1") is None
+
+
+# ------------------------------------------------------------------------------ overwritten inputs, rival starts
+def test_older_versions_merge_gives_way_to_the_newer_versions_job() -> None:
+    w = World()
+    old, new = make_csv(25), make_csv(3)
+    m1 = w.drop(old)
+    m2 = w.drop(new)  # the input overwritten: the new version's job
+    for msg in [x for x in w.queue.sent if x.job_id == m2.job_id]:
+        w.work(msg)
+    assert w.state(m2.job_id) == JobState.DONE and w.output() == whole_file(new)
+    for msg in [x for x in w.queue.sent if x.job_id == m1.job_id]:
+        assert w.work(msg) in (False, True)
+    stale = w.jobs.load(B, m1.job_id)
+    assert stale.state == JobState.FAILED and stale.reason.startswith("superseded: ") and m2.job_id in stale.reason
+    assert w.output() == whole_file(new) and w.objects.uploads_aborted == 0  # refused before any upload began
+    assert all(w.work(msg) is True for msg in w.queue.sent if msg.job_id == m1.job_id)  # acknowledged
+
+
+def test_older_version_gives_way_even_when_it_would_merge_first() -> None:
+    """Once the newer version has a job, the output is that job's: the older one does not write
+    it first either (no output flips from new rows to old and back)."""
+    w = World()
+    old, new = make_csv(3), make_csv(25)
+    m1, m2 = w.drop(old), w.drop(new)
+    w.drain()  # the old (small) job's chunks come first
+    assert (w.state(m1.job_id), w.state(m2.job_id)) == (JobState.FAILED, JobState.DONE)
+    assert w.objects.calls["writer"] == 1 and w.output() == whole_file(new)
+
+
+def test_header_only_older_version_does_not_overwrite_the_newer_output() -> None:
+    """A late start (a retried event) of an older, header-only version after the newer version's
+    job: it fails as superseded and writes no header-only output over the newer one."""
+    w = World()
+    v1 = w.objects._write(B, KEY, b"id,url,caption\n")
+    new = make_csv(3)
+    m2 = w.drop(new)
+    w.drain()
+    m1 = w.start(KEY, v1.version_id, v1.etag)
+    assert m1.state == JobState.FAILED and m1.reason.startswith("superseded: ") and m2.job_id in m1.reason
+    assert w.output() == whole_file(new)
+
+
+def test_gpu_task_of_an_older_version_writes_nothing() -> None:
+    w = World(gpu=True)
+    m1 = w.drop(make_csv(30))
+    m2 = w.drop(make_csv(31))
+    assert (m1.state, m2.state) == (JobState.GPU, JobState.GPU)
+
+    def score(_src, _dst):
+        raise AssertionError("a superseded job is not scored")
+
+    with pytest.raises(RunError, match=f"^superseded: .*{m2.job_id}"):
+        w.jobs.score_whole(m1, score)
+    assert not w.objects.keys(B, OUT) and w.objects.calls["writer"] == 0
+
+
+class LostAnswers(FakeObjectStore):
+    """A conditional write that succeeds but whose answer is lost; the SDK's retry of it then
+    fails its own condition (412), as S3 answers a retried If-Match / If-None-Match."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lose = 0
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str, if_match: str | None = None) -> str:
+        etag = super().put(bucket, key, data, content_type, if_match)
+        if if_match is not None and key.endswith("manifest.json") and self.lose:
+            self.lose -= 1
+            raise PreconditionFailed(key)
+        return etag
+
+
+def test_a_start_recognises_its_own_write_whose_answer_was_lost() -> None:
+    w = World()
+    w.objects = LostAnswers()
+    w.jobs.store.objects = w.objects
+    w.objects.lose = 1
+    body = make_csv()
+    m = w.drop(body)
+    assert m.state == JobState.RUNNING and len(w.queue.sent) == 13  # not taken for a rival start
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE and w.output() == whole_file(body)
+
+
+def test_a_start_overtaken_by_another_writes_nothing_more() -> None:
+    """Two starts of one job: the second reads the first's `splitting` manifest; the first then
+    fans out. The second's fresh manifest would reset the job, so it is not written."""
+    w = World()
+    v = w.objects._write(B, KEY, make_csv().encode())
+    store = w.jobs.store
+    first_done: list[Manifest] = []
+    claim_attempt = store.claim_attempt
+
+    def claim(bucket: str, job_id: str, limit: int) -> int:
+        n = claim_attempt(bucket, job_id, limit)
+        if n == 2:  # the second start has read the job: the first one finishes now
+            store.claim_attempt = claim_attempt  # type: ignore[method-assign]
+            first_done.append(w.start(KEY, v.version_id, v.etag))
+        return n
+
+    m0 = Manifest(
+        job_id=w.jobs.job_id_for(Location(bucket=B, key=KEY, version_id=v.version_id, etag=v.etag)),
+        state=JobState.SPLITTING,
+        source=Location(bucket=B, key=KEY, version_id=v.version_id, etag=v.etag),
+        output=Location(bucket=B, key=OUT),
+        created_at=w.clock(),
+        updated_at=w.clock(),
+        start_attempt=1,
+    )
+    store.save(m0)  # as the first start left it while splitting (its attempt-1 claimed)
+    store.claim_attempt(B, m0.job_id, w.settings.start_attempts)
+    store.claim_attempt = claim  # type: ignore[method-assign]
+    second = w.start(KEY, v.version_id, v.etag)
+    [first] = first_done
+    assert first.state == JobState.RUNNING and first.chunk_count == 13
+    assert second.state == JobState.RUNNING and second.chunk_count == 13
+    assert len(w.queue.sent) == 13  # sent once, by the first
+    w.drain()
+    assert w.state(m0.job_id) == JobState.DONE

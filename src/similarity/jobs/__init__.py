@@ -11,7 +11,7 @@ from ..config import JobSettings
 from .models import ChunkMarker, ChunkMessage, JobPath, JobState, Location, Manifest
 from .objects import Blob, ObjectChanged, ObjectInfo, ObjectMissing, ObjectStore, PreconditionFailed, S3ObjectStore
 from .ports import ChunkQueue, ChunkScorer, EcsGpuLauncher, GpuLauncher, SqsChunkQueue, pipeline_scorer
-from .service import ChunkDeadline, JobService, JobTooLarge, MergeBusy
+from .service import ChunkDeadline, JobService, JobSuperseded, JobTooLarge, MergeBusy, StartOvertaken
 from .store import JobStore
 
 
@@ -36,6 +36,7 @@ __all__ = [
     "JobService",
     "JobState",
     "JobStore",
+    "JobSuperseded",
     "JobTooLarge",
     "Location",
     "Manifest",
@@ -47,6 +48,7 @@ __all__ = [
     "PreconditionFailed",
     "S3ObjectStore",
     "SqsChunkQueue",
+    "StartOvertaken",
     "make_service",
     "pipeline_scorer",
 ]

@@ -51,6 +51,9 @@ class Manifest(BaseModel):
     compute_seconds: float = 0.0
     finished_at: float | None = None
     ecs_task_arn: str | None = None
+    #: The start (``starts/attempt-N``) that wrote this manifest: two starts never write the same
+    #: bytes, so a conditional write (ETag = MD5 of the bytes) tells them apart.
+    start_attempt: int = 0
 
 
 class ChunkMessage(BaseModel):

@@ -1,8 +1,8 @@
 """CSV jobs in S3: split into chunks, fan out, score, merge in order, report status.
 
 Delivery is at least once everywhere, so every step is idempotent: the job id derives from the
-source object's key and version/etag, a chunk re-delivered overwrites the same part with the same
-bytes, and the merge writes the same output whoever runs it. The service talks to storage only
+source object's key and version/etag (and the output and escaping asked for), a chunk re-delivered
+overwrites the same part with the same bytes, and the merge writes the same output whoever runs it. The service talks to storage only
 through ``JobStore`` and to SQS and ECS only through the ``ChunkQueue`` and ``GpuLauncher`` ports.
 
 No job may stay in progress for good, so each step either finishes or leaves something that will
@@ -11,13 +11,18 @@ retry it:
 * **Start.** A job counts as fanned out only once every chunk message is sent (``fanout.json``); a
   re-delivered start (Lambda's retry, a duplicate event, ``POST /jobs``) sends them all again.
   Bad input fails the job at once; any other error is raised for a retry, and the start that
-  reaches ``JOB_START_ATTEMPTS`` fails the job with the error as its reason.
+  reaches ``JOB_START_ATTEMPTS`` fails the job with the error as its reason. Each write a start
+  makes to the manifest is conditional on the manifest it read or last wrote (``_Claim``), so of
+  two deliveries racing, the one overtaken writes nothing more: no job moves backwards.
 * **Merge.** The lock names its owner and expires when the owner's invocation ends; it is released
   when the attempt fails, so a message redriven from the dead-letter queue (a new message id) finds
   it free. While the job is not done, the message that should merge it is never acknowledged
   (``MergeBusy`` hands it back until the lock's holder finishes or its lock expires).
 * **Finish.** ``merged.json`` records the complete output before the manifest says done, so a retry
   after a failed manifest write only writes the manifest.
+* **Overwritten input.** An output belongs to the input's current version: a job for an older
+  version writes nothing once the current version has a job writing the same output, and fails
+  as ``superseded`` (``_check_current``, before the write and again before it completes).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..config import JobSettings
@@ -56,6 +62,35 @@ class JobTooLarge(RunError):
     """More rows than the Lambda path merges within the worker's timeout, and no GPU path."""
 
     code = "too_large_for_lambda"
+
+
+class JobSuperseded(RunError):
+    """The input was overwritten and the job for its current version writes the same output: this
+    job, for an older version, must not overwrite what that one writes."""
+
+    code = "superseded"
+
+
+class StartOvertaken(Exception):
+    """Another start (or a worker) wrote the job's manifest since this start last read or wrote it:
+    the job is theirs to carry on, and this start writes nothing more to it."""
+
+
+@dataclass
+class _Claim:
+    """The manifest's ETag as one start last read or wrote it. Each write of the start is
+    conditional on it, so a start never moves a job backwards: a slow first start cannot save
+    ``running`` over ``done``, nor a duplicate a fresh ``splitting`` over ``running``."""
+
+    store: JobStore
+    etag: str | None
+
+    def save(self, m: Manifest) -> Manifest:
+        try:
+            self.etag = self.store.save_if(m, self.etag)
+        except PreconditionFailed:
+            raise StartOvertaken(m.job_id) from None
+        return m
 
 
 class ChunkDeadline(Exception):
@@ -94,13 +129,30 @@ class JobService:
 
     # ------------------------------------------------------------------ starting a job
     @staticmethod
-    def job_id_for(src: Location) -> str:
+    def job_id_for(src: Location, output: Location | None = None, excel_safe: bool = False) -> str:
+        """One source version scored into ``output`` (None: the default output), escaped for Excel
+        or not: the same request always names the same job, and asking for another output or the
+        other escaping is another job (not the first one's answer under the new request)."""
         ident = f"{src.bucket}/{src.key}#{src.version_id or src.etag or ''}"
+        if output is not None:
+            ident += f"\0output={output.bucket}/{output.key}"
+        if excel_safe:
+            ident += "\0excel_safe"
         return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
+    def job_id(self, src: Location, output: Location | None, excel_safe: bool) -> str:
+        """``job_id_for``, an output equal to the default counting as the default: an S3 drop and a
+        ``POST /jobs`` naming that output are one job."""
+        if output is not None and (output.bucket, output.key) == (src.bucket, self.default_output(src.key)):
+            output = None
+        return self.job_id_for(src, output, excel_safe)
+
     def default_output(self, key: str) -> str:
+        """``<input_prefix>a/b.csv`` -> ``<output_prefix>a/b_scored.csv``; any other key keeps its
+        folders too (``uploads/2024/b.csv`` -> ``<output_prefix>uploads/2024/b_scored.csv``), so
+        two inputs never share a default output."""
         s = self.settings
-        rel = key[len(s.input_prefix) :] if key.startswith(s.input_prefix) else key.rsplit("/", 1)[-1]
+        rel = key[len(s.input_prefix) :] if key.startswith(s.input_prefix) else key
         stem = rel[:-4] if rel.lower().endswith(".csv") else rel
         return f"{s.output_prefix}{stem}_scored.csv"
 
@@ -123,15 +175,16 @@ class JobService:
                 raise InputNotFound(f"s3://{bucket}/{key} does not exist") from None
             version_id, etag = info.version_id, info.etag or None
         src = Location(bucket=bucket, key=key, version_id=version_id, etag=etag)
-        job_id = self.job_id_for(src)
-        existing = self.store.load(bucket, job_id)
+        job_id = self.job_id(src, output, excel_safe)
+        existing, etag = self.store.load_tagged(bucket, job_id)
         resend = existing is not None and existing.state == JobState.RUNNING and not self.store.fanned_out(existing)
         if existing is not None and existing.state != JobState.SPLITTING and not resend:
             return existing  # the same object delivered again: the job is already under way
         attempt = self.store.claim_attempt(bucket, job_id, self.settings.start_attempts)
+        claim = _Claim(self.store, etag)
         if attempt > self.settings.start_attempts and existing is not None:
             # every attempt started and none finished or raised: each was killed (out of time or memory)
-            return self.fail(existing, _killed(self.settings.start_attempts))
+            return self._fail_claimed(existing, _killed(self.settings.start_attempts), claim)
         if existing is not None and resend:
             m = existing
         else:
@@ -145,30 +198,37 @@ class JobService:
                 updated_at=now,
                 chunk_rows=self.settings.chunk_rows,
                 excel_safe=excel_safe,
+                start_attempt=attempt,
             )
         try:
             if resend:
                 log.warning("job %s: resending its %d chunk messages (attempt %d)", job_id, m.chunk_count, attempt)
                 self._fan_out(m)
                 return m
-            self.store.save(m)
-            return self._split_and_send(m)
+            claim.save(m)
+            return self._split_and_send(m, claim)
+        except StartOvertaken:
+            return self._overtaken(m)
         except RunError as exc:  # bad input: the job fails with its reason, nothing is retried
-            return self.fail(m, str(exc))
+            return self._fail_claimed(m, str(exc), claim)
         except UnicodeDecodeError as exc:
-            return self.fail(m, str(MalformedCsv(f"the file is not UTF-8 text ({exc})")))
+            return self._fail_claimed(m, str(MalformedCsv(f"the file is not UTF-8 text ({exc})")), claim)
         except ObjectMissing as exc:  # the version the event names is gone
-            return self.fail(m, str(InputNotFound(f"{exc} does not exist")))
+            return self._fail_claimed(m, str(InputNotFound(f"{exc} does not exist")), claim)
         except ObjectChanged as exc:
-            return self.fail(m, f"input_changed: {exc}")
+            return self._fail_claimed(m, f"input_changed: {exc}", claim)
         except Exception as exc:
             if attempt < self.settings.start_attempts:
                 raise  # retried: Lambda's retries of the S3 event, or the caller of POST /jobs
             reason = f"start_failed: {type(exc).__name__}: {exc} (attempt {attempt} of {self.settings.start_attempts})"
             log.exception("job %s failed", job_id)
-            return self.fail(m, reason)
+            return self._fail_claimed(m, reason, claim)
 
-    def _split_and_send(self, m: Manifest) -> Manifest:
+    def _overtaken(self, m: Manifest) -> Manifest:
+        log.warning("job %s: another start or a worker wrote the job meanwhile; leaving it to them", m.job_id)
+        return self.store.load(m.source.bucket, m.job_id) or m
+
+    def _split_and_send(self, m: Manifest, claim: _Claim) -> Manifest:
         s = self.settings
         with self.store.open_source(m.source) as raw:
             # Decoded as the CLI decodes (UTF-8, or UTF-16 with its byte-order mark): a bad byte is
@@ -196,16 +256,17 @@ class JobService:
                 for f in pending:
                     f.result()
         if s.gpu_enabled and rows > s.gpu_min_rows:
-            return self._start_gpu(m)
+            return self._start_gpu(m, claim)
         m.chunk_count, m.row_count = count, rows
         if count == 0:  # a header and no rows: the output is the header alone
+            self._check_current(m)
             self.store.put_output(m, header_line(header, m.excel_safe))
             m.state, m.finished_at = JobState.DONE, self.clock()
-            return self.store.save(m)
+            return claim.save(m)
         # Saved before any message exists, so no worker can race this write; the job is not
         # fanned out until _fan_out has sent every message.
         m.state = JobState.RUNNING
-        self.store.save(m)
+        claim.save(m)
         self._fan_out(m)
         return m
 
@@ -220,20 +281,60 @@ class JobService:
         )
         self.store.mark_fanned_out(m)
 
-    def _start_gpu(self, m: Manifest) -> Manifest:
+    def _start_gpu(self, m: Manifest, claim: _Claim) -> Manifest:
         if self.launcher is None:
             raise RuntimeError("no GPU launcher configured (ECS_CLUSTER, ECS_TASK_DEFINITION)")
         m.ecs_task_arn = self.launcher.launch(m)
         m.path, m.state = JobPath.GPU, JobState.GPU
-        return self.store.save(m)
+        return claim.save(m)
+
+    # ------------------------------------------------------------------ the output belongs to the current version
+    def _check_current(self, m: Manifest) -> None:
+        """Raise ``JobSuperseded`` when the input has been overwritten and the job for its current
+        version writes the same output: that job's output must not be replaced by this older one.
+        Without such a job (the new upload's event not handled yet, or never to be) the version
+        this job read is still written: an output is never left missing for lack of a newer one."""
+        src = m.source
+        if not (src.version_id or src.etag):
+            return  # a manual GPU run of whatever is there: no version to compare
+        try:
+            info = self.store.head_source(src.bucket, src.key)
+        except ObjectMissing:
+            return  # deleted since: no newer version's job to give way to
+        if (info.version_id == src.version_id) if src.version_id else (info.etag == src.etag):
+            return
+        current = Location(bucket=src.bucket, key=src.key, version_id=info.version_id, etag=info.etag or None)
+        for excel_safe in (m.excel_safe, not m.excel_safe):
+            newer = self.store.load(src.bucket, self.job_id(current, m.output, excel_safe))
+            if newer is not None:
+                raise JobSuperseded(
+                    f"{src.uri} was overwritten: its current version ({info.version_id or info.etag}) has job "
+                    f"{newer.job_id}, which writes {m.output.uri}; this job's version "
+                    f"({src.version_id or src.etag}) is not written over it"
+                )
 
     # ------------------------------------------------------------------ end states
     def fail(self, m: Manifest, reason: str) -> Manifest:
-        current = self.store.load(m.source.bucket, m.job_id)
-        if current is not None and current.state in (JobState.DONE, JobState.FAILED):
-            return current  # finished meanwhile (or already failed with the first reason)
+        """Fail the job with ``reason``, unless it finished meanwhile: then the finished job."""
+        for _ in range(FINAL_WRITE_TRIES):
+            current, etag = self.store.load_tagged(m.source.bucket, m.job_id)
+            if current is not None and current.state in (JobState.DONE, JobState.FAILED):
+                return current  # finished meanwhile (or already failed with the first reason)
+            m.state, m.reason, m.finished_at = JobState.FAILED, reason, self.clock()
+            try:
+                self.store.save_if(m, etag)
+                return m
+            except PreconditionFailed:
+                continue  # written between the read and the write (finished, perhaps): look again
+        return self.store.load(m.source.bucket, m.job_id) or m
+
+    def _fail_claimed(self, m: Manifest, reason: str, claim: _Claim) -> Manifest:
+        """Fail the job only if nobody wrote it since ``claim`` (else it is someone else's now)."""
         m.state, m.reason, m.finished_at = JobState.FAILED, reason, self.clock()
-        return self.store.save(m)
+        try:
+            return claim.save(m)
+        except StartOvertaken:
+            return self._overtaken(m)
 
     def complete_whole(self, m: Manifest, result: FileResult) -> Manifest:
         """The GPU task scored the whole file in one go."""
@@ -255,16 +356,20 @@ class JobService:
     # ------------------------------------------------------------------ the whole file (the GPU task)
     def score_whole(self, m: Manifest, score: Callable[[Iterable[str], TextIO], FileResult]) -> FileResult:
         """Score the job's source version into its output in one stream (no chunks): ``score``
-        reads CSV lines and writes the scored CSV, header included. The output appears only whole."""
+        reads CSV lines and writes the scored CSV, header included. The output appears only whole,
+        and not at all over the output of a newer version's job (``JobSuperseded``)."""
+        self._check_current(m)
         with self.store.open_source(m.source) as src, self.store.output_writer(m.output) as raw:
             dst = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=True)
             try:
-                return score(TextLines(src), dst)
+                result = score(TextLines(src), dst)
             except UnicodeDecodeError as exc:
                 raise MalformedCsv(f"the file is not UTF-8 text ({exc})") from None
             finally:
                 dst.flush()
                 dst.detach()
+            self._check_current(m)  # again right before the upload completes: the scoring took hours
+            return result
 
     # ------------------------------------------------------------------ one chunk (the worker)
     def process_chunk(
@@ -350,8 +455,19 @@ class JobService:
             self.store.save(m)
             merged, out = self.store.merged(m), self.store.head_output(m)
             if not (merged and out and out.etag == merged.get("etag")):
-                with self.store.output_writer(m.output) as dst:
-                    merge_parts(m.header, (io.BytesIO(p) for p in self.store.parts(m)), dst, excel_safe=m.excel_safe)
+                try:
+                    self._check_current(m)
+                    with self.store.output_writer(m.output) as dst:
+                        merge_parts(
+                            m.header, (io.BytesIO(p) for p in self.store.parts(m)), dst, excel_safe=m.excel_safe
+                        )
+                        # Again right before the upload completes (the merge may take minutes): a
+                        # newer version's job that appeared meanwhile keeps the output.
+                        self._check_current(m)
+                except JobSuperseded as exc:
+                    log.warning("job %s: %s", m.job_id, exc)
+                    self.fail(m, str(exc))
+                    return True
                 written = self.store.head_output(m)
                 self.store.mark_merged(m, written.etag if written else "")
             markers = self.store.read_markers(m, keys)
@@ -376,11 +492,12 @@ class JobService:
 
     # ------------------------------------------------------------------ status
     def status(self, bucket: str, job_id: str) -> dict[str, Any] | None:
-        m = self.store.load(bucket, job_id)
+        m, etag = self.store.load_tagged(bucket, job_id)
         if m is None:
             return None
         if m.state == JobState.SPLITTING and self.clock() - m.updated_at > self.settings.start_timeout_seconds:
-            m = self.fail(m, _killed(None))  # no start is running: it would have written since
+            # No start is running (it would have written since); one that writes now wins.
+            m = self._fail_claimed(m, _killed(None), _Claim(self.store, etag))
         end = m.finished_at or self.clock()
         errors_complete = True
         if m.state == JobState.DONE:

@@ -1,7 +1,8 @@
 """The only code that knows the key layout of a job. Everything a job owns lives under
 ``<JOBS_PREFIX><job_id>/``:
 
-    manifest.json            state, source (key, version, etag), counts, header, timings
+    manifest.json            state, source (key, version, etag), counts, header, timings; a start
+                             writes it only over the version it read (If-Match / If-None-Match)
     starts/attempt-N         one per start of the job (S3 event, its retries, POST /jobs): the count
                              bounds the retries of a start that keeps failing
     fanout.json              written once every chunk message is sent: until then the job is not
@@ -26,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from .models import ChunkMarker, Location, Manifest
-from .objects import Blob, ObjectInfo, ObjectMissing, ObjectStore
+from .objects import Blob, ObjectInfo, ObjectMissing, ObjectStore, PreconditionFailed
 
 JSON = "application/json"
 CSV = "text/csv; charset=utf-8"
@@ -87,6 +88,35 @@ class JobStore:
         m.updated_at = self.clock()
         self.put_json(m.source.bucket, self.manifest_key(m.job_id), m.model_dump(mode="json"))
         return m
+
+    def load_tagged(self, bucket: str, job_id: str) -> tuple[Manifest | None, str | None]:
+        """The manifest and its ETag (for ``save_if``); ``(None, None)`` when there is none."""
+        blob = self.objects.get(bucket, self.manifest_key(job_id))
+        data = _json(blob) if blob is not None else None
+        if blob is None or not data:
+            return None, None
+        return Manifest.model_validate(data), blob.etag
+
+    def save_if(self, m: Manifest, etag: str | None) -> str:
+        """Write the manifest only if it is still the one read with ``etag`` (None: only if there
+        is none yet); return the new ETag. ``PreconditionFailed`` when someone else wrote it since.
+        A write whose answer was lost and whose retry then lost the condition is recognised by its
+        bytes, so a start never mistakes its own write for a rival's."""
+        m.updated_at = self.clock()
+        key = self.manifest_key(m.job_id)
+        body = json.dumps(m.model_dump(mode="json")).encode()
+        try:
+            if etag is None:
+                created = self.objects.put_if_absent(m.source.bucket, key, body, JSON)
+                if created is None:
+                    raise PreconditionFailed(f"s3://{m.source.bucket}/{key} exists")
+                return created
+            return self.objects.put(m.source.bucket, key, body, JSON, if_match=etag)
+        except PreconditionFailed:
+            blob = self.objects.get(m.source.bucket, key)
+            if blob is not None and blob.data == body:
+                return blob.etag
+            raise
 
     # -- starts and fan-out
     def claim_attempt(self, bucket: str, job_id: str, limit: int) -> int:
