@@ -198,6 +198,9 @@ class ApiSettings(Section):
 class JobSettings(Section):
     bucket: str = Field("", validation_alias="BUCKET")
     chunk_queue_url: str = Field("", validation_alias="CHUNK_QUEUE_URL")
+    #: The function ``POST /jobs`` hands a start to (asynchronous invoke), so a large file is split
+    #: outside API Gateway's 29 s; empty: the API splits it itself (local and tests).
+    splitter_function: str = Field("", validation_alias="SPLITTER_FUNCTION")
     input_prefix: str = Field("incoming/", validation_alias="INPUT_PREFIX")
     output_prefix: str = Field("scored/", validation_alias="OUTPUT_PREFIX")
     jobs_prefix: str = Field("jobs/", validation_alias="JOBS_PREFIX")
