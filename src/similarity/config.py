@@ -9,9 +9,11 @@ over these (``Settings.with_overrides``). A bad value raises ``ConfigError`` nam
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -25,7 +27,11 @@ from .model.device_pixels import PixelPath
 from .model.directory import DEFAULT_MODEL_DIR, DEFAULT_MODEL_ID
 from .model.preprocess import DecodeLimits
 
-_CONFIG = SettingsConfigDict(populate_by_name=True, frozen=True, env_ignore_empty=True, extra="ignore")
+# allow_inf_nan=False: "inf" passes any bound from below, then overflows a timer or int() far
+# from the variable that caused it.
+_CONFIG = SettingsConfigDict(
+    populate_by_name=True, frozen=True, env_ignore_empty=True, extra="ignore", allow_inf_nan=False
+)
 
 
 class _StrippedEnv(EnvSettingsSource):
@@ -180,7 +186,15 @@ class CacheConfig(Section):
         if word.lower() in _CACHE_LOCAL:
             return "local"
         if word.lower().startswith(_CACHE_URLS):
-            return word
+            scheme, _, rest = word.partition(":")
+            url = f"{scheme.lower()}:{rest}"  # the stores match the scheme as written
+            try:
+                urlsplit(url).port  # noqa: B018 - parsing it is the check
+            except ValueError as exc:
+                raise ValueError(f"{url!r} cannot be parsed ({exc})") from None
+            if url.startswith("sqlite:") and not urlsplit(url).path.strip("/"):
+                raise ValueError("sqlite:///PATH needs a file path")
+            return url
         raise ValueError(
             "must be off, local, sqlite:///PATH, redis://HOST:PORT[/DB], rediss://HOST:PORT or unix://PATH"
         )
@@ -383,10 +397,20 @@ def validated(cls: type[S], values: dict[str, Any] | None = None, flags: dict[st
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The variable a field is read from: of several, the first one set (the one that was read)."""
     alias = cls.model_fields[field].validation_alias
     if isinstance(alias, AliasChoices):
-        return str(alias.choices[0])
+        names = [str(c) for c in alias.choices]
+        return next((n for n in names if os.environ.get(n, "").strip()), names[0])
     return str(alias or field)
+
+
+def _field_of_alias(cls: type[BaseSettings], name: str) -> str | None:
+    for field, info in cls.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and name in [str(c) for c in alias.choices]:
+            return field
+    return None
 
 
 def describe(exc: ValidationError, cls: type[BaseSettings], flags: dict[str, str]) -> str:
@@ -397,6 +421,8 @@ def describe(exc: ValidationError, cls: type[BaseSettings], flags: dict[str, str
             where = flags[name]
         elif name in cls.model_fields:
             where = env_name(cls, name)
+        elif (field := _field_of_alias(cls, name)) is not None:
+            where = env_name(cls, field)  # pydantic names the first of several variables
         else:
             where = name  # already the variable's name: it came from the environment
         value = err.get("input")

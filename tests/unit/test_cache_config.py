@@ -26,6 +26,7 @@ from similarity.errors import ConfigError
         ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
         ("redis://cache:6379/0", "redis://cache:6379/0"),
         (" rediss://user:pw@cache:6380 ", "rediss://user:pw@cache:6380"),
+        ("REDIS://cache:6379/0", "redis://cache:6379/0"),  # before: accepted, then no store matched it
     ],
 )
 def test_similarity_cache_values(monkeypatch, value, store) -> None:
@@ -37,6 +38,12 @@ def test_similarity_cache_values(monkeypatch, value, store) -> None:
     ("name", "value", "message"),
     [
         ("SIMILARITY_CACHE", "memcached://x", "SIMILARITY_CACHE: Value error, must be off, local, sqlite:///PATH"),
+        (
+            "SIMILARITY_CACHE",
+            "redis://cache:abc",
+            "SIMILARITY_CACHE: Value error, 'redis://cache:abc' cannot be parsed",
+        ),
+        ("SIMILARITY_CACHE", "sqlite:///", "SIMILARITY_CACHE: Value error, sqlite:///PATH needs a file path"),
         ("SIMILARITY_CACHE_TTL", "-1", "SIMILARITY_CACHE_TTL: Input should be greater than or equal to 0"),
         ("SIMILARITY_CACHE_DTYPE", "int8", "SIMILARITY_CACHE_DTYPE: Input should be 'float32' or 'float16'"),
         ("SIMILARITY_CACHE_TIMEOUT", "0", "SIMILARITY_CACHE_TIMEOUT: Input should be greater than 0"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from similarity.bootstrap import build
-from similarity.config import ServiceSettings, Settings, load
+from similarity.config import ServeSettings, ServiceSettings, Settings, load
 from similarity.errors import ConfigError
 
 
@@ -95,3 +95,28 @@ def test_cli_log_level_is_validated_with_its_name(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SIMILARITY_FETCH_DEADLINE", "SIMILARITY_DECODE_BUDGET_MP", "API_RESERVE_SECONDS", "SERVER_GRACEFUL_TIMEOUT"],
+)
+def test_infinity_is_refused_at_start_with_the_name(monkeypatch, name) -> None:
+    # Before: "inf" passed every bound from below, then overflowed a timer or int() later (an
+    # internal_error per row, a 500 per request, a crash of `serve`).
+    monkeypatch.setenv(name, "inf")
+    with pytest.raises(ConfigError, match=f"{name}: Input should be a finite number"):
+        load({"API": ServiceSettings, "SERVER": ServeSettings}.get(name.split("_")[0], Settings))
+
+
+def test_the_variable_named_is_the_one_that_was_set(monkeypatch) -> None:
+    # Before: a bad AWS_LAMBDA_FUNCTION_MEMORY_SIZE was reported as SIMILARITY_MEMORY_MB.
+    monkeypatch.delenv("SIMILARITY_MEMORY_MB", raising=False)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "64")
+    with pytest.raises(
+        ConfigError, match="AWS_LAMBDA_FUNCTION_MEMORY_SIZE: Input should be greater than or equal to 128"
+    ):
+        load(Settings)
+    monkeypatch.setenv("SIMILARITY_MEMORY_MB", "abc")
+    with pytest.raises(ConfigError, match="SIMILARITY_MEMORY_MB: Input should be a valid integer"):
+        load(Settings)
