@@ -109,6 +109,32 @@ def test_columns_checked_before_running(ray_info, tiny_clip_dir) -> None:
         score_dataset(ds, tiny_clip_dir)
 
 
+def test_the_score_columns_have_one_type_in_every_block(ray_info, tiny_clip_dir, tmp_path) -> None:
+    # Before: a block whose rows all scored had error: null, one whose rows all failed null scores;
+    # Parquet written from them did not read back as one table.
+    import base64
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(buf, "PNG")
+    red = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    good = pa.table({"id": [1, 2], "url": [red, red], "caption": ["a red circle", "a blue square"]})
+    bad = pa.table({"id": [3, 4], "url": [None, "data:image/png,xx"], "caption": ["x", "y"]})
+    out = score_dataset(ray.data.from_arrow([good, bad]), tiny_clip_dir, concurrency=1, num_cpus=0.5,
+                        rows_per_call=2, **ENGINE_SETTINGS).materialize()  # fmt: skip
+    types = {f.name: f.type for f in out.schema().base_schema}
+    assert [types[c] for c in ("similarity", "cosine", "error", "truncated")] == [
+        pa.float64(), pa.float64(), pa.string(), pa.bool_()]  # fmt: skip
+    out.write_parquet(str(tmp_path))
+    table = pq.read_table(tmp_path)
+    assert sorted(table.column("id").to_pylist()) == [1, 2, 3, 4] and table.num_rows == 4
+
+
 def test_every_ray_socket_is_on_loopback(ray_info, scored) -> None:
     session = ray_info["session_dir"]
     pids = descendants(os.getpid()) | pids_mentioning(session)

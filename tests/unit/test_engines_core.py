@@ -152,6 +152,8 @@ def test_columns_are_checked() -> None:
         check_columns(["url", "text"], "url", "caption")
     with pytest.raises(ColumnConflict, match="'similarity'"):
         check_columns(["url", "caption", "similarity"], "url", "caption")
+    with pytest.raises(ColumnConflict, match="'Error'"):  # before: accepted; Spark then could not select error
+        check_columns(["url", "caption", "Error"], "url", "caption")
 
 
 def test_one_model_per_process_and_spec(tiny_clip_dir, tmp_path, monkeypatch) -> None:

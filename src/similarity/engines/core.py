@@ -70,7 +70,9 @@ def check_columns(columns: Sequence[str], url_col: str, caption_col: str) -> Non
         raise NoUrlColumn(f"no image URL column {url_col!r}; the input has {cols!r}")
     if caption_col not in cols:
         raise NoCaptionColumn(f"no caption column {caption_col!r}; the input has {cols!r}")
-    clash = [c for c in OUTPUT_COLUMNS if c in cols]
+    # Case-insensitive: Spark (and Snowflake) resolve names that way, so an input "Error" would
+    # make the appended "error" ambiguous, never selectable.
+    clash = [c for c in cols if c.lower() in OUTPUT_COLUMNS]
     if clash:
         raise ColumnConflict(f"the input already has {', '.join(map(repr, clash))}; rename or drop it first")
 

@@ -18,6 +18,7 @@ from .core import JobSpec, check_columns, new_scorer, runtime_for, score_frames
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
     from ray.data import Dataset
 
 
@@ -28,8 +29,23 @@ class BatchScorer:
         self.spec = spec
         self.scorer = new_scorer(runtime_for(spec))
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return next(score_frames([batch], self.spec, scorer=self.scorer))
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        return _typed(next(score_frames([batch], self.spec, scorer=self.scorer)))
+
+
+def _typed(frame: pd.DataFrame) -> pa.Table:
+    """The scored batch as Arrow with the four appended columns typed. From pandas, a batch whose
+    rows all scored has an all-null ``error`` and one whose rows all failed all-null scores: Arrow's
+    null type, so blocks' schemas would differ and Parquet files written from them would not read
+    back as one table."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    for name, type_ in (("similarity", pa.float64()), ("cosine", pa.float64()), ("error", pa.string()),
+                        ("truncated", pa.bool_())):  # fmt: skip
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, pa.field(name, type_), table.column(i).cast(type_))
+    return table
 
 
 def actor_spec(
