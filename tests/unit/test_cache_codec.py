@@ -84,3 +84,24 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
     emb, url = decode_embedding(data), decode_url(data)  # raising fails the test
     if not data.startswith(b"TIS"):
         assert emb is None and url is None
+
+
+def test_image_entries_keep_the_size_and_dimensions_and_read_only_as_images() -> None:
+    from similarity.cache.codec import ImageInfo, decode_image, encode_image, is_embedding
+
+    v = _unit()
+    info = ImageInfo(nbytes=123_456, width=640, height=480)
+    data = encode_image(v, info)
+    assert len(data) == 512 * 4 + 15 + 16  # byte size (8), width and height (4 each)
+    out, got = decode_image(data, 512)
+    assert np.array_equal(out, v) and got == info and got.pixels == 640 * 480
+    f16, _ = decode_image(encode_image(v, info, "float16"))
+    assert np.array_equal(f16, quantise(v, "float16"))
+    assert decode_embedding(data) is None  # never read as a caption's
+    assert decode_image(data, 256) is None
+    old = encode_embedding(v)  # an image entry as stored before: a miss, but not a damaged entry
+    assert decode_image(old) is None and is_embedding(old)
+    assert decode_image(data[:-1]) is None and not is_embedding(data)
+    flipped = data[:20] + bytes([data[20] ^ 1]) + data[21:]
+    assert decode_image(flipped) is None
+    assert decode_image(encode_image(v, ImageInfo(10, 0, 5))) is None

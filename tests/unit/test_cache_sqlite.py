@@ -126,3 +126,76 @@ def test_threads_share_one_store(tmp_path) -> None:
         t.join()
     assert not errors
     assert s.stats().entries["captions"] == 400
+
+
+def _damage_entries(path) -> None:
+    """Overwrite the root pages of the entries table and its indexes: the file still opens (its
+    schema page and the meta table are intact), and every read or write of an entry is
+    "database disk image is malformed"."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    roots = [r for (r,) in db.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name = 'entries' AND rootpage")]
+    db.close()
+    with open(path, "r+b") as f:
+        for root in roots:
+            f.seek((root - 1) * page)
+            f.write(os.urandom(page))
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(f"{path}{suffix}"):
+            os.unlink(f"{path}{suffix}")
+
+
+@pytest.mark.parametrize("first", ["get", "put", "stats"])
+def test_a_file_damaged_past_its_first_page_is_replaced_on_first_use(tmp_path, caplog, first) -> None:
+    path = tmp_path / "c.db"
+    s = SqliteStore(path, 10**7)
+    s.put_many({f"i:{i:04d}": VALUE for i in range(200)})
+    s.close()
+    _damage_entries(path)
+    with caplog.at_level(logging.WARNING):
+        s = SqliteStore(path, 10**7)  # opens: the damage is past what opening reads
+        if first == "get":
+            assert s.get_many(["i:0001", "i:0150"]) == [None, None]
+        elif first == "put":
+            s.put_many({"i:new": b"1"})
+        else:
+            assert s.stats().bytes == 0
+        s.put_many({"i:x": b"1"})
+        assert s.get_many(["i:x", "i:0001"]) == [b"1", None]
+        if first == "put":
+            assert s.get_many(["i:new"]) == [b"1"]  # the write that found the damage went to the new file
+        s.close()
+        again = SqliteStore(path, 10**7)  # reopened: the new file, intact
+        assert again.get_many(["i:x"]) == [b"1"]
+        assert again.stats().bytes == _size("i:x", b"1") + (_size("i:new", b"1") if first == "put" else 0)
+    assert sum("damaged" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_connection_to_a_file_another_replaced_reopens_without_removing_it(tmp_path, caplog) -> None:
+    path = tmp_path / "c.db"
+    s = SqliteStore(path, 10**7)
+    s.put_many({f"i:{i:04d}": VALUE for i in range(200)})
+    s.close()
+    _damage_entries(path)
+    a = SqliteStore(path, 10**7)
+    b = SqliteStore(path, 10**7)  # another process sharing the file
+    with caplog.at_level(logging.WARNING):
+        assert a.get_many(["i:0001"]) == [None]  # a replaces it ...
+        a.put_many({"i:a": b"1"})
+        assert b.get_many(["i:0001"]) == [None]  # ... b finds its old file damaged, and a's new one
+    assert b.get_many(["i:a"]) == [b"1"]  # not removed again: a's entry is still there
+    assert sum("damaged" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_busy_and_locked_are_not_damage() -> None:
+    import sqlite3
+
+    from similarity.cache.sqlite_store import is_damaged
+
+    assert not is_damaged(sqlite3.OperationalError("database is locked"))
+    assert not is_damaged(sqlite3.ProgrammingError("Cannot operate on a closed database."))
+    assert is_damaged(sqlite3.DatabaseError("database disk image is malformed"))
+    assert is_damaged(sqlite3.DatabaseError("file is not a database"))

@@ -5,11 +5,17 @@ The cache is never needed for correctness. A store call that fails or times out 
 seconds, so an unreachable or hung server costs at most one timeout per call in flight and then
 nothing until the next try. An entry that does not decode (truncated, corrupt, another layout) is a
 miss too, and the fresh embedding overwrites it.
+
+A hit gives the result the fetch and decode would have given under this run's limits: an image
+entry keeps the image's byte size and dimensions, checked against the fetcher's byte cap and the
+decoder's pixel limit on every hit, and a URL trusted within the TTL has its host checked against
+the fetcher's address policy first (resolved, never connected to).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import threading
@@ -24,15 +30,21 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..errors import RowError, TooLarge, TooManyPixels
 from ..fetch import Fetcher, Validators
+from ..model.preprocess import ACCEPTED_FORMATS, decode_limits
 from .codec import (
     FLAG_TRUNCATED,
     EntryDtype,
+    ImageInfo,
     UrlRecord,
     decode_embedding,
+    decode_image,
     decode_url,
     encode_embedding,
+    encode_image,
     encode_url,
+    is_embedding,
     quantise,
 )
 from .keys import Fingerprint, caption_key, content_hash, fingerprint, image_key, url_key
@@ -58,6 +70,10 @@ COUNTS = (
 )
 
 
+#: Seconds a host that passed the address guard on the TTL path is not resolved again (per run).
+ADDRESS_CHECK_EVERY = 60.0
+
+
 @dataclass(frozen=True)
 class Hit:
     """An image embedding found in the cache: nothing to decode or embed."""
@@ -67,12 +83,15 @@ class Hit:
 
 @dataclass(frozen=True)
 class Miss:
-    """Pixels to embed, and where the embedding goes afterwards."""
+    """Pixels to embed, and where the embedding goes afterwards. ``info``: the image's size and
+    dimensions, stored with its embedding (None: its header could not be read again, and the
+    embedding is not stored)."""
 
     pixels: np.ndarray
     sha256: str
     url_key: str | None = None
     record: UrlRecord | None = None
+    info: ImageInfo | None = None
 
 
 class Counts:
@@ -108,6 +127,20 @@ def _remote(url: str) -> bool:
     except ValueError:  # "http://[::1/": the fetcher names it (unsupported_source)
         return False
     return scheme in ("http", "https", "s3")
+
+
+def _image_info(data: bytes) -> ImageInfo | None:
+    """The byte size and the header's width and height of bytes that just decoded, else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - they decoded once; Pillow raises many types for headers
+        return None
+    if width <= 0 or height <= 0:
+        return None
+    return ImageInfo(len(data), int(width), int(height))
 
 
 def _projection_dim(model: ClipModel) -> int:
@@ -212,6 +245,9 @@ class RunCache:
         self.fingerprint = fp
         self.dim = dim
         self.counts = Counts(cache.totals)
+        self._hosts: dict[tuple[Any, str, int], float] = {}  # (policy, host, port): when it passed
+        self._host_locks: dict[tuple[Any, str, int], threading.Lock] = {}
+        self._hosts_lock = threading.Lock()
 
     # -- captions
     def captions(self, texts: Sequence[str]) -> dict[str, tuple[np.ndarray, bool]]:
@@ -240,12 +276,63 @@ class RunCache:
         return stored
 
     # -- images
-    def _image(self, sha: str) -> np.ndarray | None:
+    def _image(self, sha: str) -> tuple[np.ndarray, ImageInfo] | None:
         [raw] = self.cache.get([image_key(self.fingerprint, sha)], self.counts)
-        decoded = decode_embedding(raw, self.dim) if raw is not None else None
-        if raw is not None and decoded is None:
-            self.counts.add("corrupt")
-        return decoded[0] if decoded is not None else None
+        decoded = decode_image(raw, self.dim) if raw is not None else None
+        if raw is not None and decoded is None and not is_embedding(raw):
+            self.counts.add("corrupt")  # an entry stored before sizes were kept is a plain miss
+        return decoded
+
+    def _pixel_limit(self) -> int:
+        """The decoder's pixel limit (``preprocess.open_image``): the model's, else the process's."""
+        limit = getattr(getattr(self.model, "preprocess", None), "max_pixels", None)
+        return int(limit) if limit is not None else decode_limits().max_pixels
+
+    def _check(self, info: ImageInfo, fetcher: Fetcher, url: str = "") -> None:
+        """Raise what fetching and decoding the image would under this run's limits (the byte
+        cap's message as the fetch words it when the size is declared: Content-Length, S3's)."""
+        cap = fetcher.settings.max_bytes
+        if info.nbytes > cap:
+            if url.strip().lower().startswith("s3:"):
+                raise TooLarge(f"object is {info.nbytes} bytes, cap {cap}")
+            raise TooLarge(f"Content-Length {info.nbytes} exceeds {cap} bytes")
+        limit = self._pixel_limit()
+        if info.pixels > limit:
+            raise TooManyPixels(f"{info.width}x{info.height} pixels exceeds the limit of {limit}")
+
+    def _address_allowed(self, url: str, fetcher: Fetcher) -> bool:
+        """Whether the fetcher's address guard would let a request for ``url`` through to its
+        host: the name resolved (never connected to) and every address checked, as a fetch does.
+        False for anything it refuses or cannot tell (the fetch then gives the row its error)."""
+        policy = fetcher.policy
+        try:
+            parts = urlsplit(url.strip())
+            scheme = parts.scheme.lower()
+            if scheme not in ("http", "https"):
+                return True  # s3: no address guard (the client's endpoint is configuration)
+            host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            return False
+        if not policy.enabled:
+            return True
+        if not host:
+            return False
+        memo = (policy, host, port)
+        with self._hosts_lock:
+            if len(self._host_locks) > 4096:  # a long-lived session (the API's) meets many hosts
+                self._host_locks.clear()
+                self._hosts.clear()
+            one = self._host_locks.setdefault(memo, threading.Lock())
+        with one:  # the threads asking about one host at once: one lookup
+            passed = self._hosts.get(memo)
+            if passed is not None and time.monotonic() - passed < ADDRESS_CHECK_EVERY:
+                return True
+            try:
+                policy.resolve(host, port, timeout=fetcher.settings.connect_timeout)
+            except RowError:
+                return False
+            self._hosts[memo] = time.monotonic()
+        return True
 
     def _url(self, key: str) -> UrlRecord | None:
         [raw] = self.cache.get([key], self.counts)
@@ -256,26 +343,30 @@ class RunCache:
 
     def load_image(self, url: str, fetcher: Fetcher, pixels: Callable[[bytes], np.ndarray]) -> Hit | Miss:
         """The image's embedding from the cache, or its pixels to embed. For http(s) and s3 URLs
-        the URL record is consulted first: trusted within the TTL, else revalidated with a
-        conditional request (a 304 downloads nothing). Fetch and decode errors propagate as the
-        ``RowError`` they are."""
+        the URL record is consulted first: trusted within the TTL (when the address guard admits
+        its host), else revalidated with a conditional request (a 304 downloads nothing). Fetch
+        and decode errors propagate as the ``RowError`` they are; a hit over this run's byte cap
+        or pixel limit raises the ``TooLarge`` or ``TooManyPixels`` the fetch or decode would."""
         if not _remote(url):
-            return self._by_content(fetcher.fetch(url), pixels)
+            return self._by_content(fetcher.fetch(url), fetcher, pixels)
         now = self.cache.now()
         key = url_key(url)
         rec = self._url(key)
-        known = self._image(rec.sha256) if rec is not None else None
-        if rec is not None and known is not None:
+        entry = self._image(rec.sha256) if rec is not None else None
+        known = entry[0] if entry is not None else None
+        if rec is not None and entry is not None:
             ttl = self.cache.url_ttl
-            if ttl is not None and 0 <= now - rec.checked_at <= ttl:
+            if ttl is not None and 0 <= now - rec.checked_at <= ttl and self._address_allowed(url, fetcher):
+                self._check(entry[1], fetcher, url)
                 self.counts.add("url_hits")
                 self.counts.add("url_trusted")
                 self.counts.add("image_hits")
-                return Hit(known)
+                return Hit(entry[0])
         # Validators only when a 304 would be usable: the embedding they stand for is still there.
         validators = Validators(rec.etag, rec.last_modified) if rec is not None and known is not None else None
         got = fetcher.fetch_conditional(url, validators or None)
-        if got.data is None and rec is not None and known is not None:
+        if got.data is None and rec is not None and entry is not None:
+            self._check(entry[1], fetcher, url)  # before the renewal: a refused row leaves no trace
             self.counts.add("url_hits")
             self.counts.add("url_not_modified")
             self.counts.add("image_hits")
@@ -283,43 +374,46 @@ class RunCache:
                 rec, checked_at=now, etag=got.etag or rec.etag, last_modified=got.last_modified or rec.last_modified
             )
             self.cache.put({key: encode_url(renewed)}, self.counts)
-            return Hit(known)
+            return Hit(entry[0])
         data = got.data or b""
         self.counts.add("url_misses")
         record = UrlRecord(sha256=content_hash(data), checked_at=now, etag=got.etag, last_modified=got.last_modified)
         same = rec is not None and rec.sha256 == record.sha256
-        return self._by_content(data, pixels, key, record, known if same else None, looked_up=same)
+        return self._by_content(data, fetcher, pixels, key, record, entry if same else None, looked_up=same)
 
     def _by_content(
         self,
         data: bytes,
+        fetcher: Fetcher,
         pixels: Callable[[bytes], np.ndarray],
         key: str | None = None,
         record: UrlRecord | None = None,
-        known: np.ndarray | None = None,
+        known: tuple[np.ndarray, ImageInfo] | None = None,
         looked_up: bool = False,
     ) -> Hit | Miss:
         sha = record.sha256 if record is not None else content_hash(data)
-        emb = known if looked_up else self._image(sha)
-        if emb is not None:
+        entry = known if looked_up else self._image(sha)
+        if entry is not None:
+            self._check(entry[1], fetcher)  # the fetch applied the byte cap; the pixel limit is ours
             self.counts.add("image_hits")
             if key is not None and record is not None:
                 self.cache.put({key: encode_url(record)}, self.counts)
-            return Hit(emb)
+            return Hit(entry[0])
         px = pixels(data)  # decode errors leave no URL record behind: the next run tries again
         self.counts.add("image_misses")
-        return Miss(px, sha, key, record)
+        return Miss(px, sha, key, record, _image_info(data))
 
     def store_images(self, misses: Sequence[Miss], embs: np.ndarray) -> np.ndarray:
         """Store embedded images, then their URL records (in that order: a record never points at
         an embedding that was not written first); returns the embeddings as stored."""
         stored = quantise(embs, self.cache.dtype)
         items = {
-            image_key(self.fingerprint, m.sha256): encode_embedding(e, self.cache.dtype)
+            image_key(self.fingerprint, m.sha256): encode_image(e, m.info, self.cache.dtype)
             for m, e in zip(misses, stored, strict=True)
+            if m.info is not None  # a hit must be checkable against a later run's limits
         }
         for m in misses:
-            if m.url_key is not None and m.record is not None:
+            if m.url_key is not None and m.record is not None and m.info is not None:
                 items[m.url_key] = encode_url(m.record)
         self.cache.put(items, self.counts)
         return stored

@@ -7,7 +7,8 @@
 - over ``max_bytes``, the least recently read entries go until the total is back under 90 % of it;
 - reads mark entries used, at most once a minute per entry, in one UPDATE per batch;
 - values are raw bytes: nothing is ever unpickled;
-- a file that is not a SQLite database (or a damaged one) is replaced by an empty store.
+- a file that is not a SQLite database (or a damaged one) is replaced by an empty store: at open,
+  or when a read or write first finds it damaged (a page past the first), with one warning.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ EVICT_TO = 0.9
 #: Reads re-mark an entry as used at most this often (seconds): fewer writes for hot entries.
 TOUCH_EVERY = 60.0
 _BATCH = 500  # keys per statement (SQLite's host parameter limit is 999 on old builds)
+#: SQLITE_CORRUPT and SQLITE_NOTADB (primary result codes): the file, not the moment, is at fault.
+_DAMAGED_CODES = frozenset({11, 26})
+
+
+def is_damaged(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says the file is damaged ("database disk image is malformed", "file is not
+    a database"), not that it is busy, locked, full or unreadable."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _DAMAGED_CODES
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
 
 
 def _chunks(items: Sequence[str], n: int = _BATCH) -> Iterator[Sequence[str]]:
@@ -78,6 +93,7 @@ class SqliteStore:
         self.name = f"sqlite:{self.path}"
         self._timeout = timeout
         self._lock = threading.Lock()
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file this connection has
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
@@ -105,10 +121,35 @@ class SqliteStore:
         db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
         try:
             db.executescript(_SCHEMA)
+            st = os.stat(self.path)
         except BaseException:
             db.close()
             raise
+        self._file = (st.st_dev, st.st_ino)
         return db
+
+    def _replace_damaged(self, exc: sqlite3.Error) -> None:
+        """A read or write found the file damaged: close it, remove it (unless another process
+        sharing it has replaced it already) and start an empty one, with one warning. Called with
+        the lock held; raises ``StoreUnavailable`` when the new file cannot be made."""
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._file
+        except OSError:
+            same = False
+        if same:
+            log.warning("cache file %s is damaged (%s); starting an empty one", self.path, exc)
+            self._remove_files()
+        try:
+            self._db = self._connect()
+        except (sqlite3.Error, OSError) as again:
+            # Left closed: every later call raises StoreUnavailable (sqlite3.ProgrammingError)
+            # until the cache's retry, which finds the file the same way again.
+            raise StoreUnavailable(f"{self.name}: {again}") from None
 
     def _remove_files(self) -> None:
         for suffix in ("", "-wal", "-shm"):
@@ -135,7 +176,10 @@ class SqliteStore:
                         [now, now - TOUCH_EVERY, *chunk],
                     )
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"{self.name}: {exc}") from None
+                if not is_damaged(exc):
+                    raise StoreUnavailable(f"{self.name}: {exc}") from None
+                self._replace_damaged(exc)
+                return [None] * len(keys)  # the new file is empty
         return [found.get(k) for k in keys]
 
     def put_many(self, items: Mapping[str, bytes]) -> None:
@@ -145,16 +189,26 @@ class SqliteStore:
         rows = [(k, v, now, len(k) * 2 + len(v) + ROW_OVERHEAD) for k, v in items.items()]
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany(_PUT, rows)
-                    self._evict_if_over()
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+                self._put(rows)
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"{self.name}: {exc}") from None
+                if not is_damaged(exc):
+                    raise StoreUnavailable(f"{self.name}: {exc}") from None
+                self._replace_damaged(exc)
+                try:
+                    self._put(rows)  # into the new, empty file
+                except sqlite3.Error as again:
+                    raise StoreUnavailable(f"{self.name}: {again}") from None
+
+    def _put(self, rows: list[tuple[str, bytes, float, int]]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(_PUT, rows)
+            self._evict_if_over()
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _total(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE name = 'bytes'").fetchone()
@@ -186,7 +240,10 @@ class SqliteStore:
                 counts = dict(self._db.execute("SELECT substr(key, 1, 1), COUNT(*) FROM entries GROUP BY 1").fetchall())
                 total = self._total()
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"{self.name}: {exc}") from None
+                if not is_damaged(exc):
+                    raise StoreUnavailable(f"{self.name}: {exc}") from None
+                self._replace_damaged(exc)
+                counts, total = {}, 0
         files = 0
         for suffix in ("", "-wal"):
             try:
@@ -208,7 +265,10 @@ class SqliteStore:
                 self._db.execute("VACUUM")  # give the disk back
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"{self.name}: {exc}") from None
+                if not is_damaged(exc):
+                    raise StoreUnavailable(f"{self.name}: {exc}") from None
+                self._replace_damaged(exc)  # what it held is gone either way
+                n = 0
         return n
 
     def close(self) -> None:
