@@ -63,7 +63,9 @@ def similarity_score_csv() -> None:
     def submit(params: dict[str, Any] | None = None, ds: str | None = None) -> str:
         p = params or {}
         job = _api().start(str(p["input"]).format(ds=ds), p.get("output"), bool(p.get("excel_safe")))
-        if job.get("state") == "failed":  # rejected at once (no URL column, empty file, ...)
+        # Deployed, POST /jobs answers `splitting` and bad input fails the job while `wait` polls;
+        # an API that splits inline (`similarity serve`) may already reject it here.
+        if job.get("state") == "failed":  # no URL column, empty file, ...
             raise AirflowFailException(f"job {job.get('job_id')} failed: {job.get('reason')}")
         return str(job["job_id"])
 

@@ -46,8 +46,11 @@ class Services:
 
     @functools.cached_property
     def jobs(self) -> JobService:
+        jobs = self.settings.jobs
+        # The Lambda client only where POST /jobs hands splits off (SPLITTER_FUNCTION).
+        lambda_client = self.clients.get("lambda") if jobs.splitter_function else None
         return make_service(
-            self.settings.jobs, self.clients.get("s3"), self.clients.get("sqs"), self.clients.get("ecs")
+            jobs, self.clients.get("s3"), self.clients.get("sqs"), self.clients.get("ecs"), lambda_client
         )
 
     @functools.cached_property

@@ -1,7 +1,9 @@
 """The example Airflow DAG against the deployment's real job routes.
 
 A loopback "deployment": the API Lambda handler behind an HTTP adapter on 127.0.0.1, moto's S3
-and SQS, and a thread that plays SQS's event source for the worker handler. The DAG's client
+and SQS, a thread that plays Lambda's asynchronous invoke of the splitter (POST /jobs answers
+`splitting` and hands the split over, as deployed), and one that plays SQS's event source for the
+worker handler. The DAG's client
 (examples/airflow/similarity_jobs.py) is tested here in the project's venv; the DAG itself runs
 in the separate Airflow venv (``make airflow-venv``; CI builds it in .ci/run): it must load in a
 DagBag, run a job to ``done``, and fail its run with the job's reason.
@@ -17,10 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from queue import Empty, Queue
 
 import pytest
 
@@ -41,6 +45,26 @@ from similarity_jobs import ApiError, JobFailed, JobsApi  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+class AsyncLambda:
+    """The API's Lambda client: an asynchronous invoke is accepted at once (202) and runs later.
+    Each hand-off is released to the splitter only once its POST /jobs has been answered."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: dict[int, list[dict]] = {}
+        self.ready: Queue[dict] = Queue()
+
+    def invoke(self, **kwargs: object) -> dict:
+        with self.lock:
+            self.pending.setdefault(threading.get_ident(), []).append(json.loads(str(kwargs["Payload"], "utf-8")))
+        return {"StatusCode": 202}
+
+    def release(self) -> None:
+        with self.lock:
+            for payload in self.pending.pop(threading.get_ident(), []):
+                self.ready.put(payload)
+
+
 class Deployment(ThreadingHTTPServer):
     """POST /jobs and GET /jobs/{id} as API Gateway hands them to the API function."""
 
@@ -49,9 +73,10 @@ class Deployment(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.headers_seen: list[dict[str, str]] = []
-        #: When set, the next job started fails with this reason once it is running (as a GPU
+        #: When set, the next job started fails with this reason while it is in progress (as a GPU
         #: task that dies does), so the DAG meets the failure while it waits.
         self.fail_next_job: str | None = None
+        self.lambda_client = AsyncLambda()
 
     def server_bind(self) -> None:  # no getfqdn: no DNS
         import socketserver
@@ -88,6 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
             m = jobs.load(runtime.services().settings.jobs.bucket, json.loads(resp["body"])["job_id"])
             jobs.fail(m, self.server.fail_next_job)
             self.server.fail_next_job = None
+        self.server.lambda_client.release()
         out = (resp.get("body") or "").encode()
         self.send_response(resp["statusCode"])
         self.send_header("content-type", "application/json")
@@ -122,14 +148,29 @@ def deployment(moto_endpoint, tiny_clip_dir) -> Iterator[dict]:
         "WORKER_RESERVE_SECONDS": "5",
         "ECS_CLUSTER": "",
         "ECS_TASK_DEFINITION": "",
+        "SPLITTER_FUNCTION": "splitter",  # as template.yaml sets it
     }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         runtime.reset()
+        import handler.s3_event as s3_event
         import handler.worker as worker
 
+        srv = Deployment()
+        runtime.services().clients._made["lambda"] = srv.lambda_client
         stop, paused = threading.Event(), threading.Event()
+
+        def splitter() -> None:  # Lambda running the asynchronous invokes of the splitter
+            while not stop.is_set():
+                try:
+                    payload = srv.lambda_client.ready.get(timeout=0.2)
+                except Empty:
+                    continue
+                try:
+                    s3_event.lambda_handler(payload, LocalContext(timeout_s=900))
+                except Exception:  # noqa: BLE001 - Lambda would retry; the job's status shows it stuck
+                    traceback.print_exc()
 
         def event_source() -> None:  # SQS -> worker, as Lambda's event source mapping does
             while not stop.is_set():
@@ -147,15 +188,19 @@ def deployment(moto_endpoint, tiny_clip_dir) -> Iterator[dict]:
                     if m["MessageId"] not in failed:
                         sqs.delete_message(QueueUrl=queue, ReceiptHandle=m["ReceiptHandle"])
 
-        srv = Deployment()
-        threads = [threading.Thread(target=srv.serve_forever, daemon=True), threading.Thread(target=event_source)]
+        threads = [
+            threading.Thread(target=srv.serve_forever, daemon=True),
+            threading.Thread(target=event_source),
+            threading.Thread(target=splitter),
+        ]
         for t in threads:
             t.start()
         yield {"s3": s3, "bucket": bucket, "server": srv, "paused": paused}
         stop.set()
         srv.shutdown()
         srv.server_close()
-        threads[1].join(timeout=30)
+        for t in threads[1:]:
+            t.join(timeout=30)
         runtime.reset()
 
 
@@ -181,8 +226,9 @@ def wait_done(api: JobsApi, job_id: str, timeout: float = 180) -> dict:
 def test_client_runs_a_job_to_done(deployment, server) -> None:
     api = JobsApi(deployment["server"].url, auth="none")
     job = api.start(put_csv(deployment, "exports/a.csv", server))
-    assert job["state"] == "running" and job["chunks"]["total"] == 3
+    assert job["state"] == "splitting", job  # answered before the split: the splitter does it
     st = wait_done(api, job["job_id"])
+    assert st["chunks"] == {"done": 3, "total": 3}
     assert st["rows"] == {"done": 45, "total": 45} and st["output"].endswith("scored/exports/a_scored.csv")
     key = st["output"].split("/", 3)[3]
     text = deployment["s3"].get_object(Bucket=deployment["bucket"], Key=key)["Body"].read().decode()
@@ -194,7 +240,7 @@ def test_client_raises_the_jobs_reason(deployment, server) -> None:
     api = JobsApi(deployment["server"].url, auth="none")
     job = api.start(put_csv(deployment, "exports/bad.csv", server, header="id,link,caption"))
     with pytest.raises(JobFailed, match="no image URL column"):
-        api.check(job["job_id"])
+        wait_done(api, job["job_id"])  # the splitter fails it, after POST /jobs answered
 
 
 def test_client_reports_api_errors(deployment) -> None:
@@ -305,7 +351,7 @@ def test_dag_run_waits_for_the_job_and_reports(airflow_db, deployment, server) -
     out = r.stdout + r.stderr
     assert "STATE success" in r.stdout, out[-6000:]
     assert {"TASK submit success", "TASK wait success", "TASK report success"} <= set(r.stdout.splitlines())
-    assert "30 rows -> s3://" in out and "scored/2026-12-01_scored.csv" in out
+    assert "30 rows -> s3://" in out and "scored/exports/2026-12-01_scored.csv" in out
 
 
 def test_dag_run_fails_with_the_jobs_reason(airflow_db, deployment, server) -> None:
@@ -314,13 +360,14 @@ def test_dag_run_fails_with_the_jobs_reason(airflow_db, deployment, server) -> N
     r = run_airflow(airflow_db, "test", json.dumps(conf))
     out = r.stdout + r.stderr
     assert "STATE failed" in r.stdout, out[-6000:]
-    assert "TASK submit failed" in r.stdout
+    # POST /jobs answers `splitting`; the splitter rejects the file, and the wait meets the reason
+    assert {"TASK submit success", "TASK wait failed"} <= set(r.stdout.splitlines())
     assert "no image URL column" in out
 
 
 def test_dag_run_fails_when_the_job_fails_while_it_waits(airflow_db, deployment, server) -> None:
     put_csv(deployment, "exports/2026-12-01-gpu.csv", server)
-    deployment["paused"].set()  # no worker picks the chunks up: the job is still running when it fails
+    deployment["paused"].set()  # no worker picks the chunks up: the job is still in progress when it fails
     deployment["server"].fail_next_job = "GPU task stopped: OutOfMemoryError"
     try:
         conf = {"input": f"s3://{deployment['bucket']}/exports/{{ds}}-gpu.csv", "output": None, "excel_safe": False}

@@ -1039,3 +1039,135 @@ def test_post_jobs_default_output_keeps_the_inputs_folders(env, server, forbidde
     assert len(output_rows(env, "scored/uploads/2025/data_scored.csv")) == 6
     [job] = drop(env, "incoming/team/x.csv", make_csv(server, forbidden_server, rows=2))["jobs"]
     assert job_status(env, job["job_id"])["output"] == f"s3://{b}/scored/team/x_scored.csv"
+
+
+# ------------------------------------------------------------------------------ POST /jobs hands the split off
+class RecordingLambda:
+    """The Lambda client the API is composed with (``runtime.Clients``): records each asynchronous
+    invoke, as Lambda queues it, for the test to hand to the splitter (moto's invoke needs Docker)."""
+
+    def __init__(self) -> None:
+        self.invokes: list[dict] = []
+
+    def invoke(self, **kwargs) -> dict:
+        self.invokes.append(kwargs)
+        return {"StatusCode": 202}
+
+    def payloads(self) -> list[dict]:
+        return [json.loads(i["Payload"]) for i in self.invokes]
+
+
+@pytest.fixture
+def handoff(env, monkeypatch) -> RecordingLambda:
+    """The deployed composition: POST /jobs with SPLITTER_FUNCTION set (template.yaml)."""
+    monkeypatch.setenv("SPLITTER_FUNCTION", "stack-splitter")
+    runtime.reset()
+    fake = RecordingLambda()
+    runtime.services().clients._made["lambda"] = fake  # where the handlers' clients are made
+    return fake
+
+
+def split_payload(env, payload: dict) -> dict:
+    """The splitter function run on the invoke's payload, as Lambda runs it."""
+    return env["s3_event"].lambda_handler(payload, LocalContext(timeout_s=900))
+
+
+def test_post_jobs_answers_splitting_at_once_and_the_splitter_runs_the_job(env, handoff, server, forbidden_server):
+    """POST /jobs splits nothing itself (a file of 1M rows took 93 s, API Gateway waits 29): it
+    answers 202 `splitting`, and the splitter function, invoked asynchronously with the start
+    payload, takes the job to `running`; the workers finish it. The same payload again is harmless."""
+    import handler.api as api
+
+    b = env["bucket"]
+    body = make_csv(server, forbidden_server, rows=50)
+    env["s3"].put_object(Bucket=b, Key="uploads/big.csv", Body=body.encode())
+    head = env["s3"].head_object(Bucket=b, Key="uploads/big.csv")
+    req = {"input": f"s3://{b}/uploads/big.csv", "output": f"s3://{b}/results/big.csv", "excel_safe": True}
+    status, out = _api_call(api, "api_jobs_start.json", req)
+    assert status == 202 and out["state"] == "splitting", out
+    assert out["chunks"] == {"done": 0, "total": 0} and out["output"] == f"s3://{b}/results/big.csv"
+    assert queued(env) == 0  # nothing split, nothing sent
+    assert env["s3"].list_objects_v2(Bucket=b, Prefix=f"jobs/{out['job_id']}/chunks/")["KeyCount"] == 0
+    [invoke] = handoff.invokes
+    assert invoke["FunctionName"] == "stack-splitter" and invoke["InvocationType"] == "Event"
+    [payload] = handoff.payloads()
+    assert payload == {
+        "bucket": b,
+        "key": "uploads/big.csv",
+        "version_id": head["VersionId"],
+        "etag": head["ETag"].strip('"'),
+        "output": {"bucket": b, "key": "results/big.csv", "version_id": None, "etag": None},
+        "excel_safe": True,
+    }
+    assert _api_call(api, "api_jobs_status.json", job_id=out["job_id"])[1]["state"] == "splitting"
+    # the same request while it is splitting: the same job, not handed off twice
+    status, again = _api_call(api, "api_jobs_start.json", req)
+    assert status == 202 and again["job_id"] == out["job_id"] and len(handoff.invokes) == 1
+
+    [job] = split_payload(env, payload)["jobs"]
+    assert job["job_id"] == out["job_id"] and job["state"] == "running" and job["chunks"] == 2
+    assert queued(env) == 2
+    [dup] = split_payload(env, payload)["jobs"]  # Lambda delivering the event twice
+    assert dup["job_id"] == job["job_id"] and dup["state"] == "running" and queued(env) == 2
+    drain(env)
+    status, st = _api_call(api, "api_jobs_status.json", job_id=out["job_id"])
+    assert status == 200 and st["state"] == "done" and st["rows"] == {"done": 50, "total": 50}, st
+    assert split_payload(env, payload)["jobs"][0]["state"] == "done" and queued(env) == 0
+    rows = output_rows(env, "results/big.csv")
+    assert len(rows) == 51
+    # a missing input is still a 404 at once, and nothing is handed off
+    assert _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/missing.csv"})[0] == 404
+    assert len(handoff.invokes) == 1
+
+
+def test_start_payload_for_a_version_gone_fails_the_job_with_the_reason(env, handoff) -> None:
+    """The version POST /jobs checked is deleted before the splitter runs: the job fails, saying so."""
+    import handler.api as api
+
+    b = env["bucket"]
+    env["s3"].put_object(Bucket=b, Key="uploads/gone.csv", Body=b"id,url,caption\n1,http://127.0.0.1:9/x.png,a\n")
+    status, out = _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/gone.csv"})
+    assert status == 202 and out["state"] == "splitting", out
+    [payload] = handoff.payloads()
+    env["s3"].delete_object(Bucket=b, Key="uploads/gone.csv", VersionId=payload["version_id"])
+    [job] = split_payload(env, payload)["jobs"]
+    assert job["state"] == "failed" and "does not exist" in job["reason"], job
+    st = _api_call(api, "api_jobs_status.json", job_id=out["job_id"])[1]
+    assert st["state"] == "failed" and st["reason"] == job["reason"] and queued(env) == 0
+
+
+def test_a_refused_hand_off_is_a_503_and_the_same_request_again_starts_the_job(env, handoff) -> None:
+    import handler.api as api
+
+    b = env["bucket"]
+    env["s3"].put_object(Bucket=b, Key="uploads/r.csv", Body=b"id,url,caption\n")
+    refused = {"n": 1}
+    record = handoff.invoke
+
+    def invoke(**kwargs) -> dict:
+        if refused["n"]:
+            refused["n"] -= 1
+            raise ClientError({"Error": {"Code": "TooManyRequestsException", "Message": "Rate"}}, "Invoke")
+        return record(**kwargs)
+
+    handoff.invoke = invoke
+    status, out = _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/r.csv"})
+    assert status == 503 and out["error"]["code"] == "splitter_unavailable", out
+    status, out = _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/r.csv"})
+    assert status == 202 and out["state"] == "splitting", out
+    [job] = split_payload(env, handoff.payloads()[0])["jobs"]
+    assert job["state"] == "done" and len(output_rows(env, "scored/uploads/r_scored.csv")) == 1  # the header
+
+
+def test_sample_start_payload_is_what_post_jobs_hands_the_splitter() -> None:
+    """events/s3_start.json (`sam local invoke S3EventFunction -e events/s3_start.json`) is a
+    start payload the splitter accepts, for the same job as the sample S3 put."""
+    from similarity.jobs import StartRequest
+
+    start = StartRequest.model_validate_json((EVENTS / "s3_start.json").read_text())
+    put = json.loads((EVENTS / "s3_put.json").read_text())["Records"][0]["s3"]
+    assert (start.bucket, start.key, start.version_id) == (
+        put["bucket"]["name"],
+        urllib.parse.unquote_plus(put["object"]["key"]),
+        put["object"]["versionId"],
+    )

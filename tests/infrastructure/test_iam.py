@@ -3,7 +3,9 @@
 Each handler runs with the credentials of a role whose policies are the SAM-translated template's,
 resolved to this stack's names (tests/support/aws_template.py), in the environment the template
 gives that function; moto is patched with the rules of AWS it lacks (tests/support/moto_iam.py,
-e.g. 403 instead of 404 for a missing key without s3:ListBucket). Two things are proven for every
+e.g. 403 instead of 404 for a missing key without s3:ListBucket), and its Lambda runs nothing on
+an invoke but records it (tests/support/moto_lambda.py), so the start POST /jobs hands the splitter
+is run here as that function. Two things are proven for every
 principal (each function's execution role, and the GPU task's role):
 
 * with the template's policies, every one of its scenarios works;
@@ -31,6 +33,7 @@ from botocore.exceptions import ClientError
 from handler import runtime
 from handler.invoke import LocalContext
 from similarity.jobs.objects import MIN_PART
+from support import moto_lambda
 from support.aws_template import ACCOUNT_ID, Stack
 from support.imageserver import png_bytes
 from support.moto_ecs import register_instance
@@ -94,8 +97,16 @@ class Deployment:
     """The template's bucket, queues, ECS cluster and task definition, and one role per principal,
     on moto with IAM enforced."""
 
-    def __init__(self, endpoint: str, admin: dict[str, str], mp: pytest.MonkeyPatch, image_url: str) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        admin: dict[str, str],
+        mp: pytest.MonkeyPatch,
+        image_url: str,
+        invokes: moto_lambda.Invokes,
+    ) -> None:
         self.endpoint, self.admin, self.mp, self.image_url = endpoint, admin, mp, image_url
+        self.invokes = invokes
         self.name = f"t{uuid.uuid4().hex[:8]}"
         # Every handler run builds its clients anew (a fresh environment per principal); one loader
         # shared by their botocore sessions parses each service model once instead of per client
@@ -164,6 +175,15 @@ class Deployment:
             role = self.stack.function_role(p) if kind == "AWS::Lambda::Function" else p
             self.roles[p] = r.name(role)
             self.creds[p] = role_credentials(endpoint, admin, self.roles[p], self.stack.policies(p))
+        # The splitter, for POST /jobs to invoke (asynchronously; moto runs nothing, the test hands
+        # the recorded payload to the handler: ``start``).
+        self.splitter = client(endpoint, "lambda", admin).create_function(
+            FunctionName=r.name("S3EventFunction"),
+            Runtime="python3.12",
+            Role=f"arn:aws:iam::{ACCOUNT_ID}:role/{self.roles['S3EventFunction']}",
+            Handler="handler.s3_event.lambda_handler",
+            Code={"ZipFile": _zip()},
+        )["FunctionName"]
 
     def close(self) -> None:
         set_auth(self.endpoint, False)
@@ -225,6 +245,20 @@ class Deployment:
         with self.acting_as(as_principal):
             [job] = s3_event.lambda_handler(self.s3_event(key, head), LocalContext(timeout_s=900))["jobs"]
         return dict(job)
+
+    def start(self, payload: dict[str, Any], as_principal: str = "S3EventFunction") -> dict[str, Any]:
+        """The splitter run on a start payload (what POST /jobs invokes it with)."""
+        import handler.s3_event as s3_event
+
+        with self.acting_as(as_principal):
+            [job] = s3_event.lambda_handler(payload, LocalContext(timeout_s=900))["jobs"]
+        return dict(job)
+
+    def handed_off(self) -> dict[str, Any]:
+        """The one start payload POST /jobs handed the splitter since the last call."""
+        [(function, kind, payload)] = self.invokes.take()
+        assert (function, kind) == (self.splitter, "Event")
+        return dict(json.loads(payload))
 
     def receive(self, n: int = 10, queue: str | None = None) -> list[dict[str, Any]]:
         resp = self.sqs.receive_message(QueueUrl=queue or self.queue, MaxNumberOfMessages=n, AttributeNames=["All"])
@@ -294,21 +328,34 @@ class Deployment:
         raise AssertionError("queue did not drain")
 
 
+def _zip() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("handler.py", "def lambda_handler(event, context):\n    return {}\n")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def dep(moto_endpoint, moto_admin, server) -> Iterator[Deployment]:
     import random
 
     url = server.image("/iam/red.png", png_bytes(draw("red", "circle", random.Random(3))))
+    invokes, undo_lambda = moto_lambda.install()
     with pytest.MonkeyPatch.context() as mp:
         try:
-            d = Deployment(moto_endpoint, moto_admin, mp, url)
+            d = Deployment(moto_endpoint, moto_admin, mp, url, invokes)
         except BaseException:
             set_auth(moto_endpoint, False)  # never leave enforcement on for the rest of the suite
+            undo_lambda()
             raise
         try:
             yield d
         finally:
             d.close()
+            undo_lambda()
 
 
 def uid() -> str:
@@ -335,6 +382,34 @@ def s3_gpu(d: Deployment) -> None:
     assert job["state"] == "gpu", job
     tasks = d.ecs.describe_tasks(cluster=d.cluster, tasks=d.ecs.list_tasks(cluster=d.cluster)["taskArns"])["tasks"]
     assert f"job-{job['job_id']}"[:36] in {t.get("startedBy") for t in tasks}
+
+
+def _payload(d: Deployment, key: str, body: bytes, output: str | None = None) -> dict[str, Any]:
+    head = d.put(key, body)
+    out = {"bucket": d.bucket, "key": output} if output else None
+    return {
+        "bucket": d.bucket,
+        "key": key,
+        "version_id": head["VersionId"],
+        "etag": head["ETag"].strip('"'),
+        "output": out,
+    }
+
+
+def s3_start_payload(d: Deployment) -> None:
+    """POST /jobs's hand-off: an input anywhere in the bucket, the output where the request says."""
+    d.purge()
+    job = d.start(_payload(d, f"uploads/{uid()}/x.csv", d.csv(3), output=f"results/{uid()}.csv"))
+    assert job["state"] == "running" and job["chunks"] == 2, job
+    assert d.queued() == 2
+    d.purge()
+
+
+def s3_start_header_only_elsewhere(d: Deployment) -> None:
+    out_key = f"results/{uid()}.csv"
+    job = d.start(_payload(d, f"uploads/{uid()}.csv", d.csv(0, header_only=True), output=out_key))
+    assert job["state"] == "done", job
+    assert d.exists(out_key)
 
 
 def worker_job(d: Deployment) -> None:
@@ -378,36 +453,47 @@ def worker_abort(d: Deployment) -> None:
 
 
 def api_start_and_status(d: Deployment) -> None:
+    """POST /jobs answers `splitting` having split nothing, and hands the split to the splitter."""
     d.purge()
+    d.invokes.take()
     key = f"uploads/{uid()}.csv"
     d.put(key, d.csv(3))
     status, out = d.api("api_jobs_start.json", {"input": f"s3://{d.bucket}/{key}"})
-    assert status == 202 and out["state"] == "running", out
+    assert status == 202 and out["state"] == "splitting", out
+    status, st = d.api("api_jobs_status.json", job_id=out["job_id"])
+    assert status == 200 and st["state"] == "splitting" and d.queued() == 0, st
+    job = d.start(d.handed_off())
+    assert job["job_id"] == out["job_id"] and job["state"] == "running", job
     status, st = d.api("api_jobs_status.json", job_id=out["job_id"])
     assert status == 200 and st["chunks"] == {"done": 0, "total": 2}, st
     d.purge()
 
 
 def api_missing_input(d: Deployment) -> None:
+    d.invokes.take()
     status, out = d.api("api_jobs_start.json", {"input": f"s3://{d.bucket}/uploads/missing-{uid()}.csv"})
-    assert status == 404, out
+    assert status == 404 and d.invokes.take() == [], out
 
 
 def api_header_only_output(d: Deployment) -> None:
+    d.invokes.take()
     key, out_key = f"uploads/{uid()}.csv", f"results/{uid()}.csv"
     d.put(key, d.csv(0, header_only=True))
     status, out = d.api(
         "api_jobs_start.json", {"input": f"s3://{d.bucket}/{key}", "output": f"s3://{d.bucket}/{out_key}"}
     )
-    assert status == 202 and out["state"] == "done", out
+    assert status == 202 and out["state"] == "splitting", out
+    assert d.start(d.handed_off())["state"] == "done"
     assert d.exists(out_key)
 
 
 def api_gpu(d: Deployment) -> None:
+    d.invokes.take()
     key = f"uploads/{uid()}.csv"
     d.put(key, d.csv(8))
     status, out = d.api("api_jobs_start.json", {"input": f"s3://{d.bucket}/{key}"})
-    assert status == 202 and out["state"] == "gpu", out
+    assert status == 202 and out["state"] == "splitting", out
+    assert d.start(d.handed_off())["state"] == "gpu"
 
 
 def model_sync(d: Deployment, tmp: Path | None = None) -> None:
@@ -482,7 +568,7 @@ def task_stopped_unknown_job(d: Deployment) -> None:
 
 
 SCENARIOS: dict[str, list[Callable[[Deployment], None]]] = {
-    "S3EventFunction": [s3_split, s3_header_only, s3_gpu],
+    "S3EventFunction": [s3_split, s3_header_only, s3_gpu, s3_start_payload, s3_start_header_only_elsewhere],
     "WorkerFunction": [worker_job, worker_handback, worker_abort],
     "ApiFunction": [api_start_and_status, api_missing_input, api_header_only_output, api_gpu],
     "ModelSyncFunction": [model_sync],

@@ -362,8 +362,8 @@ def test_mount_targets_are_exactly_the_subnets_everything_runs_in(extra: dict[st
     for f in efs_functions:
         assert sorted(s.resolve(s.resources[f]["Properties"]["VpcConfig"]["SubnetIds"])) == sorted(subnets), f
         assert "MountTargetsReady" in s.resources[f]["DependsOn"], f
-    for f in ("ApiFunction", "S3EventFunction"):  # where RunTask sends the GPU task
-        assert sorted(s.env(f)["ECS_SUBNETS"].split(",")) == sorted(subnets), f
+    # where RunTask sends the GPU task (only the splitter starts it: POST /jobs hands it the split)
+    assert sorted(s.env("S3EventFunction")["ECS_SUBNETS"].split(",")) == sorted(subnets)
     asg = s.resolve(s.resources["GpuAutoScalingGroup"]["Properties"]["VPCZoneIdentifier"])
     assert sorted(asg) == sorted(subnets)
 
@@ -426,7 +426,7 @@ def test_principals_that_read_keys_that_may_be_missing_may_list_the_bucket() -> 
         assert allows(s, p, "s3:GetObject", f"arn:aws:s3:::{bucket}/jobs/x/manifest.json"), p
         assert allows(s, p, "s3:ListBucket", f"arn:aws:s3:::{bucket}"), p
     assert allows(s, "S3EventFunction", "s3:GetObjectVersion", f"arn:aws:s3:::{bucket}/incoming/x.csv")
-    assert allows(s, "ApiFunction", "s3:GetObjectVersion", f"arn:aws:s3:::{bucket}/uploads/x.csv")
+    assert allows(s, "S3EventFunction", "s3:GetObjectVersion", f"arn:aws:s3:::{bucket}/uploads/x.csv")  # POST /jobs
     assert allows(s, "GpuTaskRole", "s3:GetObjectVersion", f"arn:aws:s3:::{bucket}/incoming/x.csv")
 
 
@@ -500,7 +500,7 @@ def test_pass_role_only_to_ecs_tasks_and_only_the_gpu_tasks_roles() -> None:
                 found += 1
                 assert listed(st["Action"]) == ["iam:PassRole"] and sorted(listed(st["Resource"])) == roles, p
                 assert st["Condition"] == {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}}, p
-    assert found == 2  # the splitter and the API (POST /jobs of a big file)
+    assert found == 1  # the splitter (POST /jobs hands its splits to it too)
     assert not any(
         "iam:PassRole" in json.dumps(statements(stack(GpuImageUri=""), p)) for p in ("ApiFunction", "S3EventFunction")
     )
@@ -513,7 +513,7 @@ def test_run_task_only_on_the_gpu_task_family() -> None:
     assert td.endswith(f"task-definition/{family}:1")
     for p in PRINCIPALS:
         runs = allows(s, p, "ecs:RunTask", td)
-        assert runs == (p in ("ApiFunction", "S3EventFunction")), p
+        assert runs == (p == "S3EventFunction"), p
         assert not allows(s, p, "ecs:RunTask", td.replace(family, "some-other-family")), p
 
 
@@ -606,3 +606,21 @@ def test_translated_template_lints_clean(params: dict[str, str], tmp_path) -> No
     cfn_lint = Path(sys.executable).with_name("cfn-lint")
     r = subprocess.run([str(cfn_lint), str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_post_jobs_hands_the_split_to_the_splitter() -> None:
+    """POST /jobs answers within API Gateway's 29 s whatever the file's size: the API invokes the
+    S3 event function (asynchronously, with its retries and on-failure destination) to split it,
+    and may invoke nothing else; the splitter may read any input and write any output POST /jobs
+    accepts, but never where uploads start jobs."""
+    s = stack()
+    bucket = s.r.name("DataBucket")
+    splitter = s.resolve({"Fn::GetAtt": ["S3EventFunction", "Arn"]})
+    assert s.env("ApiFunction")["SPLITTER_FUNCTION"] == s.r.name("S3EventFunction")
+    for p in PRINCIPALS:
+        assert allows(s, p, "lambda:InvokeFunction", splitter) == (p == "ApiFunction"), p
+    assert not allows(s, "ApiFunction", "lambda:InvokeFunction", splitter.replace("splitter", "worker"))
+    for key in ("uploads/2024/x.csv", "results/x.csv", "scored/x.csv"):
+        assert allows(s, "S3EventFunction", "s3:GetObjectVersion", f"arn:aws:s3:::{bucket}/{key}"), key
+        assert allows(s, "S3EventFunction", "s3:PutObject", f"arn:aws:s3:::{bucket}/{key}"), key
+    assert not allows(s, "S3EventFunction", "s3:PutObject", f"arn:aws:s3:::{bucket}/incoming/x.csv")

@@ -17,17 +17,20 @@ import pytest
 from fakes import Clock, FakeLauncher, FakeObjectStore, FakeQueue, FakeScorer, Injected, whole_file
 
 from similarity.config import JobSettings
-from similarity.errors import RunError
+from similarity.errors import InputNotFound, RunError
 from similarity.jobs import (
     ChunkDeadline,
     ChunkMessage,
     JobService,
     JobState,
     JobStore,
+    LambdaSplitStarter,
     Location,
     Manifest,
     MergeBusy,
     PreconditionFailed,
+    SplitNotStarted,
+    StartRequest,
 )
 from similarity.jobs.service import FINAL_WRITE_TRIES
 
@@ -558,3 +561,127 @@ def test_a_start_overtaken_by_another_writes_nothing_more() -> None:
     assert len(w.queue.sent) == 13  # sent once, by the first
     w.drain()
     assert w.state(m0.job_id) == JobState.DONE
+
+
+# ------------------------------------------------------------------------------ POST /jobs hands the split off
+class RecordingSplitter:
+    """The splitter function's queue of asynchronous invokes: what POST /jobs handed over."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.requests: list[StartRequest] = []
+        self.refuse = refuse
+
+    def start(self, request: StartRequest) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise SplitNotStarted("TooManyRequestsException")
+        self.requests.append(request)
+
+
+def with_splitter(w: World, splitter: RecordingSplitter) -> JobService:
+    return JobService(
+        w.settings, w.jobs.store, w.queue, w.launcher, clock=w.clock, sleep=lambda _s: None, splitter=splitter
+    )
+
+
+def run_split(w: World, req: StartRequest) -> Manifest:
+    """What the splitter function does with a hand-off (handler.s3_event)."""
+    return w.jobs.start(
+        req.bucket, req.key, version_id=req.version_id, etag=req.etag, output=req.output, excel_safe=req.excel_safe
+    )
+
+
+def test_submit_with_a_splitter_answers_splitting_before_any_split() -> None:
+    w, splitter = World(), RecordingSplitter()
+    api = with_splitter(w, splitter)
+    body = make_csv()
+    v = w.objects._write(B, "uploads/x.csv", body.encode())
+    out = Location(bucket=B, key="results/x.csv")
+    m = api.submit(B, "uploads/x.csv", output=out, excel_safe=True)
+    assert m.state == JobState.SPLITTING and m.chunk_count == 0 and w.queue.sent == []
+    assert not [k for k in w.objects.keys(B, f"jobs/{m.job_id}/") if "/chunks/" in k]
+    [req] = splitter.requests
+    assert (req.bucket, req.key, req.version_id, req.etag) == (B, "uploads/x.csv", v.version_id, v.etag)
+    assert req.output == out and req.excel_safe is True
+    assert api.status(B, m.job_id)["state"] == "splitting"
+    # the same request while it is splitting: the same job, not handed off again
+    assert api.submit(B, "uploads/x.csv", output=out, excel_safe=True).job_id == m.job_id
+    assert len(splitter.requests) == 1
+    started = run_split(w, req)
+    assert started.job_id == m.job_id and started.state == JobState.RUNNING and len(w.queue.sent) == 13
+    assert started.created_at == m.created_at
+    assert run_split(w, req).state == JobState.RUNNING and len(w.queue.sent) == 13  # a duplicate: harmless
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE and w.objects.text(B, "results/x.csv") == whole_file(
+        body, excel_safe=True
+    )
+
+
+def test_submit_of_a_missing_input_creates_nothing() -> None:
+    w, splitter = World(), RecordingSplitter()
+    with pytest.raises(InputNotFound):
+        with_splitter(w, splitter).submit(B, "uploads/none.csv")
+    assert splitter.requests == [] and w.objects.keys(B, "jobs/") == []
+
+
+def test_a_refused_hand_off_fails_the_job_and_the_same_request_hands_it_off_again() -> None:
+    w, splitter = World(), RecordingSplitter(refuse=1)
+    api = with_splitter(w, splitter)
+    w.objects._write(B, "uploads/x.csv", make_csv(3).encode())
+    with pytest.raises(SplitNotStarted):
+        api.submit(B, "uploads/x.csv")
+    [job_id] = {k.split("/")[1] for k in w.objects.keys(B, "jobs/")}
+    failed = w.jobs.load(B, job_id)
+    assert failed.state == JobState.FAILED and failed.reason.startswith("split_not_started: TooManyRequests")
+    m = api.submit(B, "uploads/x.csv")
+    assert m.job_id == job_id and m.state == JobState.SPLITTING and m.reason is None
+    [req] = splitter.requests
+    assert run_split(w, req).state == JobState.RUNNING
+
+
+def test_submit_of_a_job_not_fanned_out_hands_it_off_again() -> None:
+    w, splitter = World(), RecordingSplitter()
+    w.queue.fail_at_batch, w.queue.fail_times = 1, 1
+    with pytest.raises(Injected):
+        w.drop(make_csv())
+    m = with_splitter(w, splitter).submit(B, KEY)
+    assert m.state == JobState.RUNNING and len(splitter.requests) == 1
+    assert w.jobs.store.fanned_out(run_split(w, splitter.requests[0]))
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE
+
+
+def test_a_hand_off_never_picked_up_fails_by_the_status_timeout() -> None:
+    w = World()
+    api = with_splitter(w, RecordingSplitter())
+    w.objects._write(B, "uploads/x.csv", make_csv(3).encode())
+    m = api.submit(B, "uploads/x.csv")
+    w.clock.advance(w.settings.start_timeout_seconds + 1)
+    st = api.status(B, m.job_id)
+    assert st["state"] == "failed" and st["reason"].startswith("start_failed")
+
+
+def test_lambda_split_starter_invokes_the_splitter_asynchronously() -> None:
+    import json
+
+    import boto3
+    from botocore.stub import Stubber
+
+    client = boto3.client("lambda", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    req = StartRequest(
+        bucket=B, key="uploads/a b.csv", version_id="v1", etag="e1", output=Location(bucket=B, key="r/x.csv")
+    )
+    payload = json.dumps(req.model_dump(mode="json")).encode()
+    with Stubber(client) as stub:
+        stub.add_response(
+            "invoke",
+            {"StatusCode": 202},
+            {"FunctionName": "stack-splitter", "InvocationType": "Event", "Payload": payload},
+        )
+        stub.add_client_error("invoke", "TooManyRequestsException", http_status_code=429)
+        starter = LambdaSplitStarter(client, "stack-splitter")
+        starter.start(req)
+        with pytest.raises(SplitNotStarted, match="TooManyRequestsException"):
+            starter.start(req)
+        stub.assert_no_pending_responses()
+    assert StartRequest.model_validate(json.loads(payload)) == req  # what the splitter reads back

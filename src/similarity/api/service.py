@@ -19,7 +19,7 @@ from ..config import ServiceSettings
 from ..errors import InputNotFound, SimilarityError
 from ..fetch import Fetcher
 from ..io.streams import split_s3
-from ..jobs import JobService, Location
+from ..jobs import JobService, Location, SplitNotStarted
 from ..model import ClipModel
 from ..types import Record, ScoreResult, ScoreStats
 from .body import Body, decode_body, parse_json, validate
@@ -68,6 +68,13 @@ class Handled:
 def error_response(exc: HttpError) -> ApiResponse:
     headers = {"Allow": ", ".join(exc.allowed)} if isinstance(exc, MethodNotAllowed) else {}
     return ApiResponse(exc.status, error_body(exc.code, exc.message, exc.fields), headers)
+
+
+class SplitterUnavailable(HttpError):
+    """``POST /jobs`` could not hand the job to the splitter function; the same request again may."""
+
+    status = 503
+    code = "splitter_unavailable"
 
 
 INTERNAL_ERROR = ApiResponse(500, error_body("internal_error", "internal error"))  # no detail leaves
@@ -193,7 +200,8 @@ class ApiService:
                 fields=[{"field": "output", "message": "reserved prefix"}],
             )
         try:
-            m = jobs.start(
+            # With a splitter function this answers at once (`splitting`); the split runs there.
+            m = jobs.submit(
                 bucket,
                 key,
                 output=Location(bucket=out_bucket, key=out_key) if out_key else None,
@@ -201,6 +209,8 @@ class ApiService:
             )
         except InputNotFound:
             raise NotFound(f"{req.input} does not exist") from None
+        except SplitNotStarted:
+            raise SplitterUnavailable("the job could not be handed to the splitter; retry later") from None
         return ApiResponse(202, jobs.status(bucket, m.job_id) or {})
 
     def job_status(self, job_id: str) -> ApiResponse:

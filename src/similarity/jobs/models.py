@@ -56,6 +56,19 @@ class Manifest(BaseModel):
     start_attempt: int = 0
 
 
+class StartRequest(BaseModel):
+    """What ``POST /jobs`` hands the splitter (an asynchronous invoke of the S3 event function):
+    the source version it checked, and what it asked for. The splitter's ``JobService.start`` on
+    it carries on from the ``splitting`` manifest the API created."""
+
+    bucket: str
+    key: str
+    version_id: str | None = None
+    etag: str | None = None
+    output: Location | None = None
+    excel_safe: bool = False
+
+
 class ChunkMessage(BaseModel):
     job_id: str
     bucket: str

@@ -1,9 +1,11 @@
 """What the job service needs from the outside besides object storage (``objects``): a queue for
-chunk messages, a launcher for the GPU task, and a scorer for one chunk. AWS adapters here;
+chunk messages, a launcher for the GPU task, a starter for the splitter (``POST /jobs`` hands the
+split to it), and a scorer for one chunk. AWS adapters here;
 in-memory fakes in the tests (``tests/unit/fakes.py``)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
@@ -13,7 +15,7 @@ from ..config import JobSettings
 from ..fetch import Fetcher
 from ..model import ClipModel
 from ..pipeline import FileResult, score_stream
-from .models import ChunkMessage, Manifest
+from .models import ChunkMessage, Manifest, StartRequest
 
 
 class ChunkQueue(Protocol):
@@ -29,6 +31,16 @@ class GpuLauncher(Protocol):
     def launch(self, m: Manifest) -> str:
         """Start the GPU task for the job (at most one per job, however often it is called);
         return its id (ARN) or raise."""
+
+
+class SplitNotStarted(Exception):
+    """The splitter could not be handed the job (the invoke was refused or failed)."""
+
+
+class SplitStarter(Protocol):
+    def start(self, request: StartRequest) -> None:
+        """Hand the split to the splitter, without waiting for it; raise ``SplitNotStarted`` when
+        it was not accepted."""
 
 
 class ChunkScorer(Protocol):
@@ -129,3 +141,21 @@ class EcsGpuLauncher:
         if resp.get("failures") or not resp.get("tasks"):
             raise RuntimeError(f"RunTask failed for job {m.job_id}: {resp.get('failures')}")
         return str(resp["tasks"][0]["taskArn"])
+
+
+class LambdaSplitStarter:
+    """Invokes the splitter function asynchronously: Lambda queues the event and answers 202 at
+    once, retries a failed run (EventInvokeConfig) and keeps the last failure (OnFailure)."""
+
+    def __init__(self, lambda_client: Any, function_name: str) -> None:
+        self.lambda_client = lambda_client
+        self.function_name = function_name
+
+    def start(self, request: StartRequest) -> None:
+        payload = json.dumps(request.model_dump(mode="json")).encode()
+        try:
+            resp = self.lambda_client.invoke(FunctionName=self.function_name, InvocationType="Event", Payload=payload)
+        except Exception as exc:  # botocore's ClientError or a connection error, after its retries
+            raise SplitNotStarted(f"invoking {self.function_name}: {type(exc).__name__}: {exc}") from exc
+        if resp.get("StatusCode") != 202:  # an Event invoke is accepted with 202, or not at all
+            raise SplitNotStarted(f"invoking {self.function_name}: status {resp.get('StatusCode')}")

@@ -11,7 +11,10 @@ retry it:
 * **Start.** A job counts as fanned out only once every chunk message is sent (``fanout.json``); a
   re-delivered start (Lambda's retry, a duplicate event, ``POST /jobs``) sends them all again.
   Bad input fails the job at once; any other error is raised for a retry, and the start that
-  reaches ``JOB_START_ATTEMPTS`` fails the job with the error as its reason. Each write a start
+  reaches ``JOB_START_ATTEMPTS`` fails the job with the error as its reason. ``POST /jobs`` with a
+  splitter (``submit``) only creates the job ``splitting`` and hands the split to the splitter
+  function: a lost hand-off is failed by ``status`` after ``JOB_START_TIMEOUT_SECONDS``, a refused
+  one at once (and the same request again hands it off anew). Each write a start
   makes to the manifest is conditional on the manifest it read or last wrote (``_Claim``), so of
   two deliveries racing, the one overtaken writes nothing more: no job moves backwards.
 * **Merge.** The lock names its owner and expires when the owner's invocation ends; it is released
@@ -27,6 +30,7 @@ retry it:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -43,9 +47,9 @@ from ..io.chunking import merge_parts, split_csv
 from ..io.csvfile import header_line
 from ..io.text import TextLines
 from ..pipeline import FileResult
-from .models import ChunkMarker, ChunkMessage, JobPath, JobState, Location, Manifest
+from .models import ChunkMarker, ChunkMessage, JobPath, JobState, Location, Manifest, StartRequest
 from .objects import ObjectChanged, ObjectMissing, PreconditionFailed
-from .ports import ChunkQueue, ChunkScorer, GpuLauncher
+from .ports import ChunkQueue, ChunkScorer, GpuLauncher, SplitNotStarted, SplitStarter
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,8 @@ MERGE_LOCK_STALE_S = 900
 STATUS_MARKERS = 500
 #: Tries of the write that marks a job done before the attempt gives up (and is retried).
 FINAL_WRITE_TRIES = 3
+#: The reason of a job whose splitter could not be invoked: the same request again starts it anew.
+SPLIT_NOT_STARTED = "split_not_started"
 
 
 class JobTooLarge(RunError):
@@ -116,6 +122,8 @@ class JobService:
         launcher: GpuLauncher | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        *,
+        splitter: SplitStarter | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -123,6 +131,7 @@ class JobService:
         self.launcher = launcher
         self.clock = clock
         self.sleep = sleep
+        self.splitter = splitter
 
     def load(self, bucket: str, job_id: str) -> Manifest | None:
         return self.store.load(bucket, job_id)
@@ -155,6 +164,57 @@ class JobService:
         rel = key[len(s.input_prefix) :] if key.startswith(s.input_prefix) else key
         stem = rel[:-4] if rel.lower().endswith(".csv") else rel
         return f"{s.output_prefix}{stem}_scored.csv"
+
+    def submit(self, bucket: str, key: str, output: Location | None = None, excel_safe: bool = False) -> Manifest:
+        """``POST /jobs``. With a splitter: check the input, create the job ``splitting`` and hand
+        the split to the splitter without waiting (a large file takes longer to split than API
+        Gateway waits for an answer). Without one: ``start`` here. Raises ``InputNotFound`` for a
+        missing object, ``SplitNotStarted`` when the splitter refused the job."""
+        if self.splitter is None:
+            return self.start(bucket, key, output=output, excel_safe=excel_safe)
+        try:
+            info = self.store.head_source(bucket, key)
+        except ObjectMissing:
+            raise InputNotFound(f"s3://{bucket}/{key} does not exist") from None
+        src = Location(bucket=bucket, key=key, version_id=info.version_id, etag=info.etag or None)
+        job_id = self.job_id(src, output, excel_safe)
+        request = StartRequest(
+            bucket=bucket, key=key, version_id=src.version_id, etag=src.etag, output=output, excel_safe=excel_safe
+        )
+        existing, etag = self.store.load_tagged(bucket, job_id)
+        if existing is not None and existing.state == JobState.RUNNING and not self.store.fanned_out(existing):
+            self.splitter.start(request)  # its messages are not all out: the splitter sends them again
+            return existing
+        if existing is not None and not _never_handed_off(existing):
+            # Under way or finished. A job still `splitting` is not handed off again: each start
+            # claims an attempt, and repeated requests would use up JOB_START_ATTEMPTS.
+            return existing
+        now = self.clock()
+        m = Manifest(
+            job_id=job_id,
+            state=JobState.SPLITTING,
+            source=src,
+            output=output or Location(bucket=bucket, key=self.default_output(key)),
+            created_at=now,
+            updated_at=now,
+            chunk_rows=self.settings.chunk_rows,
+            excel_safe=excel_safe,
+        )
+        try:
+            etag = self.store.save_if(m, etag)  # created only if absent (or still the refused one)
+        except PreconditionFailed:
+            # An S3 drop's start or another request wrote the job first: it is theirs to carry on.
+            return self.store.load(bucket, job_id) or m
+        try:
+            self.splitter.start(request)
+        except SplitNotStarted as exc:
+            # Failed now rather than left `splitting` until the status times it out; the same
+            # request again creates it anew (_never_handed_off).
+            m.state, m.reason, m.finished_at = JobState.FAILED, f"{SPLIT_NOT_STARTED}: {exc}", self.clock()
+            with contextlib.suppress(PreconditionFailed):  # a start got it after all: theirs
+                self.store.save_if(m, etag)
+            raise
+        return m
 
     def start(
         self,
@@ -534,6 +594,11 @@ class JobService:
             "compute_seconds": round(seconds, 3),
             "estimated_cost_usd": round(cost, 6),
         }
+
+
+def _never_handed_off(m: Manifest) -> bool:
+    """The job failed because its splitter could not be invoked, and no start ever ran for it."""
+    return m.state == JobState.FAILED and m.start_attempt == 0 and (m.reason or "").startswith(SPLIT_NOT_STARTED)
 
 
 def _killed(attempts: int | None) -> str:
