@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import itertools
 import os
 import random
 import sqlite3
@@ -19,24 +18,16 @@ from similarity.cache.keys import image_key
 from similarity.cache.sqlite_store import SqliteStore
 from similarity.fetch import AddressPolicy, Fetcher
 from similarity.model.preprocess import decode_limits, set_decode_limits
-from support.conditional import ConditionalImages
+from support.conditional import ConditionalImages, sqlite_cache, true_pairs
 from support.imageserver import png_bytes
-from support.shapes import COLOURS, SHAPES, draw
-
-_paths = itertools.count()
+from support.shapes import draw
 
 
 def _images(images: ConditionalImages, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        c, s = list(COLOURS)[i % 4], SHAPES[i % 3]
-        out.append((images.put(f"/limits/{next(_paths)}.png", png_bytes(draw(c, s, rng))), f"a {c} {s}"))
-    return out
+    return true_pairs(images, n, "limits", seed)
 
 
-def _cache(tmp_path, **kw) -> EmbeddingCache:
-    return EmbeddingCache(SqliteStore(tmp_path / "cache.db", 10**8), **kw)
+_cache = sqlite_cache
 
 
 def _score(records, model, fetcher, cache):

@@ -3,7 +3,6 @@ answers conditional requests like a static host: what a rerun fetches, embeds an
 
 from __future__ import annotations
 
-import itertools
 import random
 import sqlite3
 
@@ -14,25 +13,16 @@ from similarity.cache import EmbeddingCache
 from similarity.cache.sqlite_store import SqliteStore
 from similarity.hardware import has_native_bf16
 from similarity.model import load_model
-from support.conditional import ConditionalImages
+from support.conditional import ConditionalImages, sqlite_cache, true_pairs
 from support.imageserver import png_bytes
-from support.shapes import COLOURS, SHAPES, draw
-
-_paths = itertools.count()
+from support.shapes import draw
 
 
 def _images(images: ConditionalImages, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """n distinct images on the server with a true caption each."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        c, s = list(COLOURS)[i % 4], SHAPES[i % 3]
-        out.append((images.put(f"/cache/{next(_paths)}.png", png_bytes(draw(c, s, rng))), f"a {c} {s}"))
-    return out
+    return true_pairs(images, n, "cache", seed)
 
 
-def _cache(tmp_path, **kw) -> EmbeddingCache:
-    return EmbeddingCache(SqliteStore(tmp_path / "cache.db", 10**8), **kw)
+_cache = sqlite_cache
 
 
 def _score(records, model, fetcher, cache):

@@ -5,10 +5,16 @@ every request (path, the validators it sent, the status answered) for the cache 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import random
 import threading
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+from typing import Any
 
+from similarity.cache import EmbeddingCache
+from similarity.cache.sqlite_store import SqliteStore
 from support.imageserver import Handler, ImageServer
 
 
@@ -76,3 +82,24 @@ class ConditionalImages:
     def reset_log(self) -> None:
         with self._lock:
             self.log.clear()
+
+
+_paths = itertools.count()
+
+
+def true_pairs(images: ConditionalImages, n: int, folder: str, seed: int = 0) -> list[tuple[str, str]]:
+    """n distinct shape images served under ``/<folder>/``, each with its true caption."""
+    from support.imageserver import png_bytes
+    from support.shapes import COLOURS, SHAPES, draw
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        c, s = list(COLOURS)[i % 4], SHAPES[i % 3]
+        out.append((images.put(f"/{folder}/{next(_paths)}.png", png_bytes(draw(c, s, rng))), f"a {c} {s}"))
+    return out
+
+
+def sqlite_cache(tmp_path: Path, **kw: Any) -> EmbeddingCache:
+    """An embedding cache on a SQLite file in ``tmp_path`` (100 MB)."""
+    return EmbeddingCache(SqliteStore(tmp_path / "cache.db", 10**8), **kw)

@@ -189,17 +189,7 @@ class JobService:
             # Under way or finished. A job still `splitting` is not handed off again: each start
             # claims an attempt, and repeated requests would use up JOB_START_ATTEMPTS.
             return existing
-        now = self.clock()
-        m = Manifest(
-            job_id=job_id,
-            state=JobState.SPLITTING,
-            source=src,
-            output=output or Location(bucket=bucket, key=self.default_output(key)),
-            created_at=now,
-            updated_at=now,
-            chunk_rows=self.settings.chunk_rows,
-            excel_safe=excel_safe,
-        )
+        m = self._new_job(job_id, src, output, excel_safe)
         try:
             etag = self.store.save_if(m, etag)  # created only if absent (or still the refused one)
         except PreconditionFailed:
@@ -215,6 +205,24 @@ class JobService:
                 self.store.save_if(m, etag)
             raise
         return m
+
+    def _new_job(
+        self, job_id: str, src: Location, output: Location | None, excel_safe: bool,
+        existing: Manifest | None = None, attempt: int = 0,
+    ) -> Manifest:  # fmt: skip
+        """A ``splitting`` manifest for ``src`` (keeping ``existing``'s creation time)."""
+        now = self.clock()
+        return Manifest(
+            job_id=job_id,
+            state=JobState.SPLITTING,
+            source=src,
+            output=output or Location(bucket=src.bucket, key=self.default_output(src.key)),
+            created_at=existing.created_at if existing is not None else now,
+            updated_at=now,
+            chunk_rows=self.settings.chunk_rows,
+            excel_safe=excel_safe,
+            start_attempt=attempt,
+        )
 
     def start(
         self,
@@ -248,18 +256,7 @@ class JobService:
         if existing is not None and resend:
             m = existing
         else:
-            now = self.clock()
-            m = Manifest(
-                job_id=job_id,
-                state=JobState.SPLITTING,
-                source=src,
-                output=output or Location(bucket=bucket, key=self.default_output(key)),
-                created_at=existing.created_at if existing is not None else now,
-                updated_at=now,
-                chunk_rows=self.settings.chunk_rows,
-                excel_safe=excel_safe,
-                start_attempt=attempt,
-            )
+            m = self._new_job(job_id, src, output, excel_safe, existing, attempt)
         try:
             if resend:
                 log.warning("job %s: resending its %d chunk messages (attempt %d)", job_id, m.chunk_count, attempt)
