@@ -13,8 +13,8 @@ from similarity import cli
 from similarity.errors import ROW_ERROR_CODES
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
-CLI_DOC = (ROOT / "docs" / "cli.md").read_text()
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+CLI_DOC = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
 
 
 def _section(text: str, heading: str) -> str:

@@ -31,7 +31,7 @@ def _imports() -> dict[str, set[str]]:
         if module == "similarity":
             continue  # the public facade re-exports everything
         deps = graph.setdefault(_unit(module), set())
-        for node in ast.parse(path.read_text()).body:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
             names: list[str] = []
             if isinstance(node, ast.ImportFrom):
                 if node.level:
@@ -63,5 +63,5 @@ def test_no_import_cycles_between_concerns() -> None:
 
 def test_library_has_no_lambda_code() -> None:
     for path in SRC.rglob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert "aws_lambda_powertools" not in text and "lambda_handler" not in text, path
