@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .backends import BackendChoice, DeviceChoice, DtypeChoice
@@ -221,8 +221,8 @@ class JobSettings(Section):
     chunk_rows: int = Field(500, ge=1, validation_alias="CHUNK_ROWS")
     gpu_min_rows: int = Field(200_000, ge=0, validation_alias="GPU_MIN_ROWS")
     ecs_cluster: str = Field("", validation_alias="ECS_CLUSTER")
-    ecs_task_definition: str = Field("", validation_alias="ECS_TASK_DEFINITION")
-    ecs_subnets: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias="ECS_SUBNETS")
+    ecs_task_definition: str = Field("", validate_default=True, validation_alias="ECS_TASK_DEFINITION")
+    ecs_subnets: Annotated[tuple[str, ...], NoDecode] = Field((), validate_default=True, validation_alias="ECS_SUBNETS")
     ecs_security_groups: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias="ECS_SECURITY_GROUPS")
     ecs_capacity_provider: str = Field("", validation_alias="ECS_CAPACITY_PROVIDER")
     ecs_container_name: str = Field("scorer", validation_alias="ECS_CONTAINER_NAME")
@@ -256,6 +256,22 @@ class JobSettings(Section):
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return _split(value)
+
+    # Half a GPU configuration would only show at the first large file: without the task
+    # definition every file silently takes the Lambda path; without subnets RunTask fails there.
+    @field_validator("ecs_task_definition")
+    @classmethod
+    def _cluster_and_task_together(cls, value: str, info: ValidationInfo) -> str:
+        if bool(value) != bool(info.data.get("ecs_cluster")):
+            raise ValueError("ECS_CLUSTER and ECS_TASK_DEFINITION are set together (the GPU path) or not at all")
+        return value
+
+    @field_validator("ecs_subnets")
+    @classmethod
+    def _gpu_needs_subnets(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("ecs_cluster") and info.data.get("ecs_task_definition") and not value:
+            raise ValueError("the GPU path (ECS_CLUSTER) needs the task's subnets, comma-separated")
+        return value
 
     @property
     def gpu_enabled(self) -> bool:

@@ -120,3 +120,25 @@ def test_the_variable_named_is_the_one_that_was_set(monkeypatch) -> None:
     monkeypatch.setenv("SIMILARITY_MEMORY_MB", "abc")
     with pytest.raises(ConfigError, match="SIMILARITY_MEMORY_MB: Input should be a valid integer"):
         load(Settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ECS_CLUSTER": "gpu", "ECS_TASK_DEFINITION": "td"}, "ECS_SUBNETS: .*needs the task's subnets"),
+        ({"ECS_CLUSTER": "gpu", "ECS_SUBNETS": "subnet-a"}, "ECS_TASK_DEFINITION: .*set together"),
+        ({"ECS_TASK_DEFINITION": "td"}, "ECS_TASK_DEFINITION: .*set together"),
+    ],
+)
+def test_half_a_gpu_configuration_is_refused_at_start(monkeypatch, env, message) -> None:
+    # Before: no subnets failed only at RunTask, on the first large file; a cluster without its
+    # task definition sent every file down the Lambda path without a word.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        load(ServiceSettings)
+    monkeypatch.setenv("ECS_CLUSTER", "gpu")
+    monkeypatch.setenv("ECS_TASK_DEFINITION", "td")
+    monkeypatch.setenv("ECS_SUBNETS", "subnet-a, subnet-b")
+    jobs = load(ServiceSettings).jobs
+    assert jobs.gpu_enabled and jobs.ecs_subnets == ("subnet-a", "subnet-b")

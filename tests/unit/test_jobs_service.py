@@ -54,8 +54,10 @@ class World:
         self.queue = FakeQueue()
         self.launcher = FakeLauncher()
         self.clock = Clock()
-        extra = {"ecs_cluster": "gpu", "ecs_task_definition": "td", "gpu_min_rows": 10} if gpu else {}
-        self.settings = JobSettings(bucket=B, chunk_queue_url="q", chunk_rows=chunk_rows, **extra, **settings)
+        gpu_path = {"ecs_cluster": "gpu", "ecs_task_definition": "td", "ecs_subnets": "subnet-a", "gpu_min_rows": 10}
+        self.settings = JobSettings(
+            bucket=B, chunk_queue_url="q", chunk_rows=chunk_rows, **(gpu_path if gpu else {}), **settings
+        )
         self.jobs = JobService(
             self.settings,
             JobStore(self.objects, clock=self.clock),
