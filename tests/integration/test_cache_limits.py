@@ -13,10 +13,11 @@ import pytest
 
 from similarity import Record, score_pairs
 from similarity.cache import EmbeddingCache
-from similarity.cache.codec import encode_embedding
+from similarity.cache.codec import decode_url, encode_embedding, encode_url
 from similarity.cache.keys import image_key
 from similarity.cache.sqlite_store import SqliteStore
 from similarity.fetch import AddressPolicy, Fetcher
+from similarity.fetch.guard import parse_networks
 from similarity.model.preprocess import decode_limits, set_decode_limits
 from support.conditional import ConditionalImages, sqlite_cache, true_pairs
 from support.imageserver import png_bytes
@@ -153,6 +154,47 @@ def test_a_trusted_url_the_guard_refuses_is_blocked_address(
     images.reset_log()
     again, s2 = _score(records, tiny_model, fetcher, cache)  # allowed again: trusted, no request
     assert again == first and s2.cache["url_trusted"] == 3 and images.log == []
+
+
+def test_a_trusted_url_redirected_to_a_host_the_guard_refuses_is_blocked_address(
+    tiny_model, fetcher, fast_settings, server, forbidden_server, tmp_path
+) -> None:
+    # Before: only the URL's own host was checked on the TTL path, so a run that may not reach
+    # 127.0.0.2 was answered from the cache for a URL whose bytes came from there.
+    target = forbidden_server.image("/via/target.png", png_bytes(draw("blue", "circle", random.Random(3))))
+    records = [Record(server.redirect("/via/start.png", target), "a blue circle")]
+    cache = _cache(tmp_path, url_ttl=3600)
+    wider = Fetcher(fast_settings, AddressPolicy(parse_networks("127.0.0.1/32,127.0.0.2/32")))
+    try:
+        first, _ = _score(records, tiny_model, wider, cache)
+        trusted, s = _score(records, tiny_model, wider, cache)
+    finally:
+        wider.close()
+    assert _codes(first) == [""] and trusted == first and s.cache["url_trusted"] == 1
+    uncached, _ = _score(records, tiny_model, fetcher, None)  # 127.0.0.1 only
+    cached, s2 = _score(records, tiny_model, fetcher, cache)
+    assert _codes(uncached) == ["blocked_address"]
+    assert _codes(cached) == _codes(uncached) and s2.cache["url_trusted"] == 0
+
+
+def test_a_url_record_that_does_not_say_where_it_was_redirected_is_revalidated(
+    tiny_model, fetcher, images, tmp_path
+) -> None:
+    records = [Record(u, c) for u, c in _images(images, 2)]
+    cache = _cache(tmp_path, url_ttl=3600)
+    first, _ = _score(records, tiny_model, fetcher, cache)
+    db = sqlite3.connect(tmp_path / "cache.db")
+    for key, value in db.execute("SELECT key, value FROM entries WHERE key LIKE 'u:%'").fetchall():
+        rec = decode_url(value)
+        assert rec is not None and rec.via == ()
+        db.execute("UPDATE entries SET value = ? WHERE key = ?", (encode_url(dataclasses.replace(rec, via=None)), key))
+    db.commit()
+    db.close()
+    images.reset_log()
+    second, s = _score(records, tiny_model, fetcher, cache)
+    assert second == first and s.cache["url_trusted"] == 0 and images.statuses() == [304] * 2
+    third, s3 = _score(records, tiny_model, fetcher, cache)  # renewed with its hops: trusted again
+    assert third == first and s3.cache["url_trusted"] == 2
 
 
 def test_a_trusted_host_is_resolved_once_per_run_not_per_url(

@@ -132,6 +132,35 @@ def test_the_workers_ask_the_embedding_cache_like_the_threads(tiny_model, server
     cache.close()
 
 
+def test_the_workers_check_cache_hits_against_the_runs_pixel_limit(tiny_model, server, fetcher, tmp_path) -> None:
+    """A run whose ``PreprocessConfig`` sets its own pixel limit: the workers decode under it, so
+    their cache hits are checked against it too, not against the process's limit."""
+    import copy
+
+    from similarity.cache import open_cache
+    from similarity.config import CacheConfig
+    from similarity.model.preprocess import set_decode_limits
+    from support.conditional import ConditionalImages
+
+    images = ConditionalImages(server)
+    urls = [images.put(f"/proc-limit/{i}.png", _img(i)) for i in range(4)]
+    records = [Record(u, f"a {SHAPES[i][0]} {SHAPES[i][1]}") for i, u in enumerate(urls)]
+    model = copy.copy(tiny_model)
+    model.preprocess = dataclasses.replace(tiny_model.preprocess, max_pixels=10**7)
+    cache = open_cache(CacheConfig(store=f"sqlite:///{tmp_path / 'cache.db'}"))
+    assert cache is not None
+    before = decode_limits()
+    set_decode_limits(dataclasses.replace(before, max_pixels=100))  # the process's: below every image
+    try:
+        plain = _scores(score_pairs(records, model, fetcher, batch_size=4))
+        runs = [_scores(score_pairs(records, model, fetcher, batch_size=4, processes=2, cache=cache)) for _ in "ab"]
+    finally:
+        set_decode_limits(before)
+        cache.close()
+    assert [e for _, _, e in plain] == [None] * 4
+    assert runs == [plain, plain]  # before: the second run's hits were too_many_pixels
+
+
 def _killing_route(data: bytes, kills: int):
     """A route that SIGKILLs the worker process downloading it, its first ``kills`` times."""
     seen = {"n": 0}

@@ -69,6 +69,9 @@ def test_url_record_round_trip_and_damage() -> None:
     data = encode_url(rec)
     assert decode_url(data) == rec
     assert decode_url(encode_url(UrlRecord("cd" * 32, 1.0))) == UrlRecord("cd" * 32, 1.0)
+    hops = UrlRecord("cd" * 32, 1.0, via=("https://cdn.example/a.png", "https://cdn2.example/b"))
+    assert decode_url(encode_url(hops)) == hops
+    assert decode_url(encode_url(UrlRecord("cd" * 32, 1.0, via=None))).via is None  # not known: never trusted
     for n in range(len(data)):
         assert decode_url(data[:n]) is None
     bad = bytearray(data)

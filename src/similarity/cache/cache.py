@@ -8,8 +8,9 @@ miss too, and the fresh embedding overwrites it.
 
 A hit gives the result the fetch and decode would have given under this run's limits: an image
 entry keeps the image's byte size and dimensions, checked against the fetcher's byte cap and the
-decoder's pixel limit on every hit, and a URL trusted within the TTL has its host checked against
-the fetcher's address policy first (resolved, never connected to).
+decoder's pixel limit on every hit, and a URL trusted within the TTL has its host, and each host
+its last fetch was redirected to, checked against the fetcher's address policy first (resolved,
+never connected to).
 """
 
 from __future__ import annotations
@@ -239,9 +240,14 @@ class EmbeddingCache:
 
 
 class RunCache:
-    def __init__(self, cache: EmbeddingCache, model: ClipModel | None, fp: Fingerprint, dim: int) -> None:
+    def __init__(
+        self, cache: EmbeddingCache, model: ClipModel | None, fp: Fingerprint, dim: int, max_pixels: int | None = None
+    ) -> None:
+        """``max_pixels``: the decoder's pixel limit where there is no ``model`` to read it from
+        (a loader process decodes with the run's ``PreprocessConfig``)."""
         self.cache = cache
         self.model = model
+        self.max_pixels = max_pixels
         self.fingerprint = fp
         self.dim = dim
         self.counts = Counts(cache.totals)
@@ -284,8 +290,10 @@ class RunCache:
         return decoded
 
     def _pixel_limit(self) -> int:
-        """The decoder's pixel limit (``preprocess.open_image``): the model's, else the process's."""
-        limit = getattr(getattr(self.model, "preprocess", None), "max_pixels", None)
+        """The decoder's pixel limit (``preprocess.open_image``): the run's, else the process's."""
+        limit = self.max_pixels
+        if limit is None:
+            limit = getattr(getattr(self.model, "preprocess", None), "max_pixels", None)
         return int(limit) if limit is not None else decode_limits().max_pixels
 
     def _check(self, info: ImageInfo, fetcher: Fetcher, url: str = "") -> None:
@@ -334,6 +342,11 @@ class RunCache:
             self._hosts[memo] = time.monotonic()
         return True
 
+    def _hops_allowed(self, url: str, rec: UrlRecord, fetcher: Fetcher) -> bool:
+        """The address guard admits the URL's host and every host its last fetch was redirected
+        to (a record that does not say where it was redirected is not trusted)."""
+        return rec.via is not None and all(self._address_allowed(u, fetcher) for u in (url, *rec.via))
+
     def _url(self, key: str) -> UrlRecord | None:
         [raw] = self.cache.get([key], self.counts)
         rec = decode_url(raw)
@@ -344,7 +357,7 @@ class RunCache:
     def load_image(self, url: str, fetcher: Fetcher, pixels: Callable[[bytes], np.ndarray]) -> Hit | Miss:
         """The image's embedding from the cache, or its pixels to embed. For http(s) and s3 URLs
         the URL record is consulted first: trusted within the TTL (when the address guard admits
-        its host), else revalidated with a conditional request (a 304 downloads nothing). Fetch
+        its host and those it was redirected to), else revalidated with a conditional request (a 304 downloads nothing). Fetch
         and decode errors propagate as the ``RowError`` they are; a hit over this run's byte cap
         or pixel limit raises the ``TooLarge`` or ``TooManyPixels`` the fetch or decode would."""
         if not _remote(url):
@@ -356,7 +369,7 @@ class RunCache:
         known = entry[0] if entry is not None else None
         if rec is not None and entry is not None:
             ttl = self.cache.url_ttl
-            if ttl is not None and 0 <= now - rec.checked_at <= ttl and self._address_allowed(url, fetcher):
+            if ttl is not None and 0 <= now - rec.checked_at <= ttl and self._hops_allowed(url, rec, fetcher):
                 self._check(entry[1], fetcher, url)
                 self.counts.add("url_hits")
                 self.counts.add("url_trusted")
@@ -371,13 +384,19 @@ class RunCache:
             self.counts.add("url_not_modified")
             self.counts.add("image_hits")
             renewed = dataclasses.replace(
-                rec, checked_at=now, etag=got.etag or rec.etag, last_modified=got.last_modified or rec.last_modified
+                rec,
+                checked_at=now,
+                etag=got.etag or rec.etag,
+                last_modified=got.last_modified or rec.last_modified,
+                via=got.via,
             )
             self.cache.put({key: encode_url(renewed)}, self.counts)
             return Hit(entry[0])
         data = got.data or b""
         self.counts.add("url_misses")
-        record = UrlRecord(sha256=content_hash(data), checked_at=now, etag=got.etag, last_modified=got.last_modified)
+        record = UrlRecord(
+            sha256=content_hash(data), checked_at=now, etag=got.etag, last_modified=got.last_modified, via=got.via
+        )
         same = rec is not None and rec.sha256 == record.sha256
         return self._by_content(data, fetcher, pixels, key, record, entry if same else None, looked_up=same)
 

@@ -134,10 +134,19 @@ class UrlRecord:
     checked_at: float
     etag: str | None = None
     last_modified: str | None = None
+    #: The URLs that fetch was redirected to; None when not known (a record written before they
+    #: were kept), which the TTL never trusts.
+    via: tuple[str, ...] | None = ()
 
 
 def encode_url(rec: UrlRecord) -> bytes:
-    payload = {"sha256": rec.sha256, "at": rec.checked_at, "etag": rec.etag, "modified": rec.last_modified}
+    payload = {
+        "sha256": rec.sha256,
+        "at": rec.checked_at,
+        "etag": rec.etag,
+        "modified": rec.last_modified,
+        "via": None if rec.via is None else list(rec.via),
+    }
     head = MAGIC + bytes([VERSION]) + _URL
     return _seal(head + json.dumps(payload, separators=(",", ":")).encode())
 
@@ -157,4 +166,9 @@ def decode_url(data: bytes | None) -> UrlRecord | None:
         return None
     if not all(v is None or isinstance(v, str) for v in (etag, modified)):
         return None
-    return UrlRecord(sha256=sha, checked_at=float(at), etag=etag, last_modified=modified)
+    via = raw.get("via")
+    if via is not None and not (isinstance(via, list) and all(isinstance(v, str) for v in via)):
+        return None
+    return UrlRecord(
+        sha256=sha, checked_at=float(at), etag=etag, last_modified=modified, via=None if via is None else tuple(via)
+    )

@@ -28,11 +28,14 @@ class Validators:
 
 @dataclass(frozen=True)
 class Fetched:
-    """``data`` is None when the source answered "not modified" to the validators sent."""
+    """``data`` is None when the source answered "not modified" to the validators sent. ``via``:
+    the URLs redirected to on the way, in order (a cache that later trusts the answer without
+    asking again checks their hosts too)."""
 
     data: bytes | None
     etag: str | None = None
     last_modified: str | None = None
+    via: tuple[str, ...] = ()
 
     @property
     def not_modified(self) -> bool:

@@ -207,19 +207,21 @@ class HttpSource:
     ) -> Fetched:
         # The validators go on every hop: they belong to where the redirects end.
         headers = validators.headers() if validators else None
+        via: list[str] = []
         for _hop in range(s.max_redirects + 1):
             resp = self._request_with_retries(url, host, deadline, s, headers)
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
                 url, host = parse(redirect_target(url, resp.headers["Location"]), redirected=True)
+                via.append(url)
                 continue
             try:
                 etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
                 if resp.status_code == 304 and headers:
-                    return Fetched(None, etag, modified)
+                    return Fetched(None, etag, modified, tuple(via))
                 if not 200 <= resp.status_code < 300:  # an unasked 304, a 3xx without Location, 4xx, 5xx
                     raise HttpStatusError(resp.status_code, f"{resp.reason or ''} from {host}".strip())
-                return Fetched(self._read_body(resp, deadline, s), etag, modified)
+                return Fetched(self._read_body(resp, deadline, s), etag, modified, tuple(via))
             finally:
                 resp.close()
         raise TooManyRedirects(f"more than {s.max_redirects} redirects")

@@ -131,7 +131,8 @@ def _init(spec: LoaderSpec, slots: Any, claimed: Any) -> None:
         from ..cache import open_cache
 
         opened = open_cache(*spec.cache.origin)  # None (with a warning) if the store is out of reach
-        run_cache = RunCache(opened, None, spec.cache.fingerprint, spec.cache.dim) if opened is not None else None
+        fp, dim = spec.cache.fingerprint, spec.cache.dim
+        run_cache = RunCache(opened, None, fp, dim, spec.preprocess.max_pixels) if opened is not None else None
     pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="load")
     _worker = _Worker(spec, fetcher, pool, slots, slot, run_cache)
 
