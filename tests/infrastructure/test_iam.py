@@ -533,6 +533,21 @@ def gpu_task_run(d: Deployment) -> None:
     assert d.exists(m["output"]["key"])
 
 
+def gpu_task_input_overwritten(d: Deployment) -> None:
+    """The input is uploaded again while the task runs, and the new version has no job yet: the
+    task's check for a newer job must read "no such manifest" (404), not AccessDenied."""
+    from handler.gpu_task import main as gpu_main
+
+    job, task = _gpu_job(d)
+    [override] = task["overrides"]["containerOverrides"]
+    cmd = override["command"]
+    d.put(cmd[cmd.index("--input-key") + 1], d.csv(9))
+    with d.acting_as("GpuTaskRole"):
+        assert gpu_main(cmd) == 0
+    m = d.manifest(job["job_id"])
+    assert m["state"] == "done" and m["scored"] == 8, m
+
+
 def gpu_task_abort(d: Deployment) -> None:
     _aborted_upload(d, "GpuTaskRole")
 
@@ -573,7 +588,7 @@ SCENARIOS: dict[str, list[Callable[[Deployment], None]]] = {
     "ApiFunction": [api_start_and_status, api_missing_input, api_header_only_output, api_gpu],
     "ModelSyncFunction": [model_sync],
     "GpuTaskStoppedFunction": [task_stopped, task_stopped_unknown_job],
-    "GpuTaskRole": [gpu_task_run, gpu_task_abort],
+    "GpuTaskRole": [gpu_task_run, gpu_task_input_overwritten, gpu_task_abort],
 }
 
 
