@@ -175,6 +175,20 @@ def test_cut_offs_beyond_the_attempts_raise(s3, store) -> None:
         store.open("b", "k").read()
 
 
+def test_cut_offs_far_apart_never_use_up_the_attempts(s3) -> None:
+    # Before: the attempts counted every cut-off of the stream, so a long read (the GPU task's
+    # input over hours) failed on its fifth cut however far apart, each resume having held.
+    store = S3ObjectStore(s3, part_size=MIN_PART, sleep=lambda _s: None, resume_progress=100_000)
+    s3.put("k", DATA)
+    s3.cuts = [(120_000, "drop")] * 8  # every GET is cut once it has sent 120 kB
+    with store.open("b", "k") as f:
+        assert f.read() == DATA
+    assert len(s3.gets) == 9
+    s3.cuts = [(120_000, "drop")] + [(50_000, "drop")] * 5  # then too little progress, five times
+    with pytest.raises(Exception, match="IncompleteRead|Connection broken|ended at byte"):
+        store.open("b", "k").read()
+
+
 @pytest.mark.parametrize("how", ["drop", "short"])
 def test_small_get_is_read_again_after_a_cut(s3, store, how) -> None:
     s3.put("jobs/j/done/part-00000.json", b'{"rows": 3}' * 100)

@@ -124,12 +124,17 @@ class S3ObjectStore:
         read_attempts: int = 5,
         backoff: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
+        resume_progress: int = 8 * 1024 * 1024,
     ) -> None:
+        """``read_attempts``: cut-offs in a row a stream survives; ``resume_progress``: bytes read
+        after a resume that make the next cut-off count as the first again (a multi-GB input read
+        at scoring pace for hours may be cut more often than that in all)."""
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is under S3's minimum of {MIN_PART} bytes")
         self.s3 = s3
         self.part_size = part_size
         self.read_attempts = read_attempts
+        self.resume_progress = resume_progress
         self.backoff = backoff
         self.sleep = sleep
         self._read_errors = _read_errors()
@@ -223,6 +228,7 @@ class _ResumingReader(io.RawIOBase):
         self.version_id = version_id
         self.pos = 0
         self.attempt = 0
+        self.resumed_at = 0  # where the stream was last (re)opened
         resp = self._get()
         self.size = int(resp["ContentLength"])
         self.etag = str(resp.get("ETag", "")).strip('"')
@@ -260,7 +266,10 @@ class _ResumingReader(io.RawIOBase):
                     raise ConnectionError(f"s3://{self.bucket}/{self.key} ended at byte {self.pos} of {self.size}")
                 break
             except self.store._read_errors:
+                if self.pos - self.resumed_at >= self.store.resume_progress:
+                    self.attempt = 0  # the last resume held for long enough: a new cut-off
                 self.attempt += 1
+                self.resumed_at = self.pos
                 if self.attempt >= self.store.read_attempts:
                     raise
                 log.warning("read of s3://%s/%s cut off at byte %d; resuming", self.bucket, self.key, self.pos)
