@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from similarity.config import ModelSyncSettings, validated
+from similarity.errors import ModelNotFound
 from similarity.io.streams import split_s3
 from similarity.model import MODEL_META_FILE, check_model_dir, read_identity
 
 from . import runtime
 from .observability import logger
+
+#: A staging or old directory this much older than now belongs to no sync still running (the
+#: function's timeout is 900 s): one killed at its timeout left it behind.
+STALE_SECONDS = 3600
 
 
 def copy_from_s3(s3: Any, uri: str, dest: Path) -> list[str]:
@@ -30,18 +35,33 @@ def copy_from_s3(s3: Any, uri: str, dest: Path) -> list[str]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix) :]
-            if not rel or rel.endswith("/") or ".." in Path(rel).parts:
+            # "prefix//etc/x" names an absolute path: only keys that stay inside dest are copied.
+            if not rel or rel.endswith("/") or rel.startswith("/") or ".." in Path(rel).parts:
+                logger.warning("key skipped: not a file inside the model directory", extra={"key": obj["Key"]})
                 continue
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, obj["Key"], str(target))
             copied.append(rel)
+    if not copied:
+        raise ModelNotFound(f"no model files under s3://{bucket}/{prefix} (MODEL_SOURCE_S3_URI)")
     return copied
+
+
+def _sweep(dest: Path) -> None:
+    """Remove the staging and old directories of syncs killed before they cleaned up."""
+    now = time.time()
+    for leftover in dest.parent.glob(f".{dest.name}.*-*"):
+        kind = leftover.name[len(dest.name) + 2 :].split("-", 1)[0]
+        if kind in ("staging", "old") and leftover.is_dir() and now - leftover.stat().st_mtime > STALE_SECONDS:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def sync(
     dest: Path, model_id: str, revision: str | None, source_s3_uri: str, s3: Any, export: bool = True
 ) -> dict[str, Any]:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(dest)
     staging = dest.parent / f".{dest.name}.staging-{int(time.time())}"
     staging.mkdir(parents=True)
     try:
@@ -62,9 +82,15 @@ def sync(
 
             export_onnx(staging, int8=True)
         old = dest.parent / f".{dest.name}.old-{int(time.time())}"
-        if dest.exists():
+        moved = dest.exists()
+        if moved:
             dest.rename(old)
-        staging.rename(dest)  # readers see the old model or the new one, never a mix
+        try:
+            staging.rename(dest)  # readers see the old model or the new one, never a mix
+        except BaseException:
+            if moved:
+                old.rename(dest)  # the old model back where readers look for it
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
