@@ -501,6 +501,13 @@ def model_info(directory: str, settings: Settings) -> tuple[dict[str, Any], str 
     if not backends[picked.backend]["can_run"]:
         what = "ONNX files (run `similarity model export`)" if spec.needs_onnx else "model.safetensors"
         return info, f"the {picked.backend} backend needs {what}, which {path} lacks"
+    if spec.needs_onnx:
+        from .backends.files import check_exported_from
+
+        try:
+            check_exported_from(path)
+        except ModelIncomplete as exc:
+            return info, str(exc)
     if picked.backend == "onnx" and picked.dtype == "int8":  # OpenVINO's int8 reads the fp32 files
         if not onnx_files_present(path, "int8"):
             return info, f"int8 needs the int8 ONNX files, which {path} lacks (run `similarity model export`)"
@@ -539,6 +546,11 @@ def _cmd_model(args: argparse.Namespace) -> int:
             written = export_onnx(directory, int8=not args.no_int8)
         except ImportError as exc:
             raise BackendUnavailable(f"exporting needs {exc.name or 'torch'}: pip install '.[export]'") from None
+        except (RunError, ModelError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt weights: exit 3 with what failed
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            raise ModelIncomplete(f"cannot export {directory}: {type(exc).__name__}: {first}") from None
         for path in written:
             _err(f"wrote {path}")
         return EXIT_OK
@@ -648,5 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"error: S3 failed: {s3_reason(exc)}")  # a dropped connection, an endpoint that does not answer
         return EXIT_INPUT
     except KeyboardInterrupt:
-        _err("interrupted: the output is not complete; the rows committed so far are kept: rerun with --resume")
+        if args.command == "score":
+            _err("interrupted: the output is not complete; the rows committed so far are kept: rerun with --resume")
+        elif args.command == "model":
+            _err("interrupted: the model directory may hold partial files: run the command again")
+        else:
+            _err("interrupted")
         return EXIT_INTERRUPTED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +20,12 @@ _NAMES: dict[str, tuple[str, str]] = {
 #: CPUs without VNNI (``similarity.tools.onnx_export``).
 INT8_WEIGHTS_KEY = "similarity.int8_weights"
 INT8_WEIGHTS = "per_tensor"
+#: Written by ``model export`` beside the graphs, last: the identity of the weights they were made
+#: from, so graphs left behind by another checkpoint (a ``model fetch`` into the same directory)
+#: are refused instead of scoring with the old model's weights.
+EXPORTED_FROM_FILE = "exported-from.json"
+_HEAD = _TAIL = 64 * 1024
+_BLOCK = 4096
 
 
 def onnx_paths(model_dir: Path, dtype: str = "fp32") -> dict[str, Path]:
@@ -37,4 +45,66 @@ def require_onnx_files(model_dir: Path, dtype: str) -> dict[str, Path]:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise ModelIncomplete(f"ONNX files missing: {', '.join(missing)}; run `similarity model export {model_dir}`")
+    check_exported_from(Path(model_dir))
     return paths
+
+
+def _weights_files(model_dir: Path) -> list[Path]:
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    try:
+        index = json.loads((model_dir / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        shards = sorted({str(v) for v in index.get("weight_map", {}).values()})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [model_dir / name for name in shards]
+
+
+def weights_fingerprint(model_dir: Path) -> str | None:
+    """A cheap identity of the checkpoint's bytes: each weights file's name and size, and a hash of
+    samples of it (the head, which holds the safetensors header, three inner blocks and the tail);
+    None without weights (a directory that ships only the graphs). Two checkpoints differ in
+    nearly every byte, so the samples tell them apart without reading 600 MB at every load."""
+    files = _weights_files(model_dir)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                h.update(f"{path.name}:{size}:".encode())
+                for at, n in ((0, _HEAD), (size // 4, _BLOCK), (size // 2, _BLOCK), (3 * size // 4, _BLOCK)):
+                    f.seek(at)
+                    h.update(f.read(n))
+                f.seek(max(0, size - _TAIL))
+                h.update(f.read(_TAIL))
+        except OSError:
+            return None  # a shard that cannot be read: loading the weights says what is wrong
+    return h.hexdigest()
+
+
+def mark_exported_from(model_dir: Path) -> None:
+    """Record which weights the graphs in ``onnx/`` were made from (``model export``, last)."""
+    mark = Path(model_dir) / ONNX_SUBDIR / EXPORTED_FROM_FILE
+    mark.write_text(json.dumps({"weights": weights_fingerprint(Path(model_dir))}) + "\n", encoding="utf-8")
+
+
+def check_exported_from(model_dir: Path) -> None:
+    """``ModelIncomplete`` when the graphs were exported from other weights than the directory
+    holds. Graphs without the mark (exported before it was written) and a directory without
+    weights are taken as they are: there is nothing to compare."""
+    mark = model_dir / ONNX_SUBDIR / EXPORTED_FROM_FILE
+    try:
+        recorded = json.loads(mark.read_text(encoding="utf-8")).get("weights")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        recorded = "unreadable"
+    current = weights_fingerprint(model_dir)
+    if current is not None and recorded != current:
+        raise ModelIncomplete(
+            f"{model_dir / ONNX_SUBDIR} was exported from other weights than {model_dir} holds now "
+            f"(a model fetched into the same directory?): run `similarity model export {model_dir}` again"
+        )

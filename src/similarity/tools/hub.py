@@ -7,8 +7,10 @@ Only this command talks to the hub. It records the model id and the resolved com
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from ..backends.files import ONNX_SUBDIR, weights_fingerprint
 from ..errors import ModelFetchFailed
 from ..model.directory import DEFAULT_MODEL_ID, MODEL_META_FILE, check_model_dir
 
@@ -42,6 +44,7 @@ def fetch_model(dest: str | Path, model_id: str = DEFAULT_MODEL_ID, revision: st
     except ImportError:
         raise ModelFetchFailed("huggingface_hub is not installed (pip install '.[hub]')") from None
     dest = Path(dest)
+    before = weights_fingerprint(dest) if dest.is_dir() else None
     try:
         info = HfApi().model_info(model_id, revision=revision)
         sha = info.sha or revision or "main"
@@ -51,6 +54,9 @@ def fetch_model(dest: str | Path, model_id: str = DEFAULT_MODEL_ID, revision: st
         raise ModelFetchFailed(
             f"could not download {model_id}: {msg[:300]}\n" + PROVIDE_HINT.format(model_id=model_id)
         ) from None
+    if before is not None and weights_fingerprint(dest) != before:
+        # Graphs exported from the weights just replaced would score with the old model.
+        shutil.rmtree(dest / ONNX_SUBDIR, ignore_errors=True)
     meta = {"model_id": model_id, "revision": sha}
     (dest / MODEL_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     check_model_dir(dest)

@@ -13,7 +13,14 @@ import os
 import shutil
 from pathlib import Path
 
-from ..backends.files import INT8_WEIGHTS, INT8_WEIGHTS_KEY, ONNX_SUBDIR, onnx_paths
+from ..backends.files import (
+    EXPORTED_FROM_FILE,
+    INT8_WEIGHTS,
+    INT8_WEIGHTS_KEY,
+    ONNX_SUBDIR,
+    mark_exported_from,
+    onnx_paths,
+)
 from ..model.directory import check_model_dir
 
 OPSET = 17
@@ -32,6 +39,7 @@ def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True, openvino: 
     path = check_model_dir(model_dir)
     out_dir = path / ONNX_SUBDIR
     out_dir.mkdir(exist_ok=True)
+    (out_dir / EXPORTED_FROM_FILE).unlink(missing_ok=True)  # written again once every graph is
     # Plain attention math exports cleanly with the TorchScript exporter.
     model = CLIPModel.from_pretrained(
         str(path), local_files_only=True, use_safetensors=True, attn_implementation="eager"
@@ -103,6 +111,8 @@ def export_onnx(model_dir: str | os.PathLike[str], int8: bool = True, openvino: 
             written.append(q[tower])
     if openvino:
         written += _openvino_pieces(path)
+    mark_exported_from(path)
+    written.append(out_dir / EXPORTED_FROM_FILE)
     return written
 
 
