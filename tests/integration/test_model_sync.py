@@ -49,7 +49,9 @@ def test_sync_records_identity_when_source_has_none(s3, bucket, tiny_clip_dir, t
 
 
 def test_an_empty_prefix_says_so(s3, bucket, tmp_path) -> None:
-    with pytest.raises(ModelNotFound, match=rf"no model files under s3://{bucket}/models/typo/ \(MODEL_SOURCE_S3_URI\)"):
+    with pytest.raises(
+        ModelNotFound, match=rf"no model files under s3://{bucket}/models/typo/ \(MODEL_SOURCE_S3_URI\)"
+    ):
         sync(tmp_path / "clip", "x", None, f"s3://{bucket}/models/typo", s3, export=False)
     assert list(tmp_path.iterdir()) == []  # no staging directory left
 
