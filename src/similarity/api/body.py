@@ -26,7 +26,9 @@ MAX_DEPTH = 64
 Body = bytes | bytearray | memoryview | str | None
 
 # A JSON string, unrolled so the regex engine never backtracks: '"', runs of ordinary bytes, escapes.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# The closing quote is optional: a string that never closes is consumed once, to the end, instead
+# of failing there and being scanned again from every later quote (quadratic: minutes for 1 MiB).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _OPEN = np.zeros(256, dtype=np.int8)
 _OPEN[[ord("["), ord("{")]] = 1
 _OPEN[[ord("]"), ord("}")]] = -1
