@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,11 +168,17 @@ class ApiService:
             )
         req: ScoreRequest = validate(ScoreRequest, data)
         model = self.model()
-        # Every image must finish (or become a `timeout` row) inside the caller's deadline.
+        # Every image must finish (or become a `timeout` row) inside the caller's deadline, less the
+        # reserve for inference and the answer. Each fetch's own deadline starts only when a pool
+        # thread takes it up, so the request's end bounds them all: images still waiting for a
+        # thread when it passes become `timeout` rows at once.
         remaining = 29.0 if time_left is None else time_left
-        deadline = max(1.0, min(api.fetch_deadline, remaining - api.reserve_seconds))
+        budget = remaining - api.reserve_seconds
+        end = time.monotonic() + max(budget, 0.0)
+        deadline = max(1.0, min(api.fetch_deadline, budget))
         base = self.runtime.fetcher
         fetcher = base.with_settings(deadline=deadline, read_timeout=min(deadline, base.settings.read_timeout))
+        fetcher = fetcher.until(end)
         records = [Record(p.image, p.caption) for p in req.pairs]
         results = self._score_rows(records, fetcher)
         body = {
