@@ -122,6 +122,22 @@ def test_stored_procedure_scores_a_table_into_a_new_one(session, spec, server) -
     assert out["SIMILARITY"].iloc[2:].isna().all() and out["TRUNCATED"].dtype == bool
 
 
+def test_stored_procedure_carries_a_column_named_like_its_scratch_column(session, spec, server) -> None:
+    # Before: the procedure's scratch column __SIMILARITY replaced the table's own, whose values
+    # were lost to the UDF's objects.
+    url = server.url("/eng/0.png")
+    register_udf(session, spec, packages=())
+    register_procedure(session, packages=())
+    source = pd.DataFrame(
+        {"ID": [1, 2], "URL": [url, url], "CAPTION": ["a red circle", "x"], "__SIMILARITY": ["a", "b"]}
+    )
+    session.create_dataframe(source).write.save_as_table("SCRATCH", mode="overwrite")
+    session.call(PROC_NAME, "SCRATCH", "SCRATCH_SCORED", "url", "caption", UDF_NAME)
+    out = session.table("SCRATCH_SCORED").to_pandas().sort_values("ID")
+    assert list(out.columns) == ["ID", "URL", "CAPTION", "__SIMILARITY", "SIMILARITY", "COSINE", "ERROR", "TRUNCATED"]
+    assert list(out["__SIMILARITY"]) == ["a", "b"] and out["ERROR"].isna().all()
+
+
 def test_stored_procedure_names_a_missing_column(session, spec) -> None:
     register_procedure(session, packages=())
     session.create_dataframe(pd.DataFrame({"URL": ["u"], "TEXT": ["c"]})).write.save_as_table("T", mode="overwrite")

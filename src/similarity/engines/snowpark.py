@@ -175,8 +175,13 @@ def score_table(
     clash = [c for c in df.columns if c.strip('"').upper() in ("SIMILARITY", "COSINE", "ERROR", "TRUNCATED")]
     if clash:
         raise ColumnConflict(f"{source} already has {', '.join(clash)}; the scores would replace it")
-    scored = df.with_column("__SIMILARITY", call_udf(udf_name, col(url), col(caption)))
-    result = col("__SIMILARITY")
+    # The UDF's object lands in a scratch column; one the table already has would be replaced.
+    taken = {c.strip('"').upper() for c in df.columns}
+    scratch = "__SIMILARITY"
+    while scratch in taken:
+        scratch += "_"
+    scored = df.with_column(scratch, call_udf(udf_name, col(url), col(caption)))
+    result = col(scratch)
     out = scored.select(
         *[col(c) for c in df.columns],
         result["similarity"].cast(DoubleType()).alias("SIMILARITY"),
