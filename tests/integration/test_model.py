@@ -179,6 +179,24 @@ def test_missing_and_incomplete_model_dir(tmp_path, tiny_clip_dir) -> None:
         load_model(partial, backend="torch")
 
 
+def test_a_sharded_checkpoint_missing_a_shard_is_incomplete(tmp_path, tiny_clip_dir) -> None:
+    # Before: the index alone passed the check, and `model info` said the weights were there.
+    import json
+
+    d = tmp_path / "sharded"
+    shutil.copytree(tiny_clip_dir, d)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    names = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    with pytest.raises(ModelIncomplete, match="lacks model-00002-of-00002.safetensors"):
+        check_model_dir(d)
+    from similarity.model.directory import has_weights
+
+    assert not has_weights(d)
+    (d / "model-00002-of-00002.safetensors").write_bytes(b"")
+    assert check_model_dir(d) == d and has_weights(d)
+
+
 @pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_torch_path_sets_openmp_wait_policy_and_threads(tiny_clip_dir, preset, expected) -> None:
     """OpenMP reads its wait policy once, when torch loads it: the first import must come from us,

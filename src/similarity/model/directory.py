@@ -28,8 +28,26 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def missing_weights(model_dir: Path) -> list[str]:
+    """The weights files the directory lacks: ``model.safetensors``, or the shards its index names
+    (a sharded download cut short leaves the index and some of them)."""
+    if (model_dir / "model.safetensors").is_file():
+        return []
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    weight_map = read_json(index).get("weight_map")
+    shards = sorted({str(v) for v in weight_map.values()}) if isinstance(weight_map, dict) else []
+    if not shards:
+        raise ModelIncomplete(f"{index} names no weights files")
+    return [name for name in shards if not (model_dir / name).is_file()]
+
+
 def has_weights(model_dir: Path) -> bool:
-    return (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
+    try:
+        return not missing_weights(model_dir)
+    except ModelIncomplete:
+        return False
 
 
 def check_model_dir(model_dir: str | os.PathLike[str], need_weights: bool = True) -> Path:
@@ -42,8 +60,8 @@ def check_model_dir(model_dir: str | os.PathLike[str], need_weights: bool = True
         (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
     ):
         missing.append("tokenizer.json")
-    if need_weights and not has_weights(path):
-        missing.append("model.safetensors")
+    if need_weights:
+        missing += missing_weights(path)
     if missing:
         raise ModelIncomplete(f"model directory {str(path)!r} lacks {', '.join(missing)}")
     for name in ("config.json", "preprocessor_config.json"):
