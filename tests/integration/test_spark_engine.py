@@ -161,3 +161,48 @@ def test_spark_submit_script_csv_to_parquet(spark, hostile, tiny_clip_dir, work)
     got = spark.read.parquet(str(out)).toPandas()
     assert sorted(got["id"]) == sorted(r[0] for r in rows)
     assert_same_scores(frame_scores(got), {r[0]: hostile["cli"][r[0]] for r in rows})
+
+
+def test_carried_columns_skip_pandas_nan_and_extreme_timestamps_survive(spark, hostile, tiny_clip_dir) -> None:
+    """Only the URL and caption reach Python: a NaN double (alone or in an array) stays NaN, not
+    null, and timestamps pandas cannot hold (9999-12-31, 0001-01-01, TIMESTAMP_NTZ 2300-01-01)
+    come back unchanged instead of failing the job."""
+    import math
+
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    carried = [("NaN", "9999-12-31 00:00:00"), (None, "0001-01-01 00:00:00"), ("0.5", None)]
+    good = [r for r in hostile["hostile"].rows if r[3] == "good"][:6]
+    rows = [[*r[:3], *carried[i % len(carried)]] for i, r in enumerate(good)]
+    df = (
+        spark.createDataFrame(rows, ["id", "url", "caption", "ratio_text", "ts_text"])
+        .withColumn("ratio", F.col("ratio_text").cast("double"))
+        .withColumn("ts", F.col("ts_text").cast("timestamp"))
+        .withColumn("ntz", F.lit("2300-01-01 00:00:00").cast("timestamp_ntz"))
+        .withColumn("arr", F.array(F.col("ratio"), F.lit(float("nan")), F.lit(None).cast("double")))
+        .repartition(2)
+    )
+    out = score_dataframe(df, tiny_clip_dir, **ENGINE_SETTINGS)
+    assert out.columns == [*df.columns, *OUT_COLUMNS]
+    assert [f.dataType for f in out.schema.fields[: len(df.columns)]] == [f.dataType for f in df.schema.fields]
+    assert out.filter(F.isnan("ratio")).count() == df.filter(F.isnan("ratio")).count() == 2
+    assert out.filter(F.col("ratio").isNull()).count() == df.filter(F.col("ratio").isNull()).count() == 2
+
+    got = {
+        r["id"]: r
+        for r in out.selectExpr("*", "CAST(ts AS STRING) AS ts_str", "CAST(ntz AS STRING) AS ntz_str")
+        .drop("ts", "ntz")  # as strings: Python's datetime cannot hold 0001-01-01 in every zone
+        .collect()
+    }
+    assert sorted(got) == sorted(r[0] for r in rows)
+    for row in rows:
+        r = got[row[0]]
+        ratio_text, ts_text = row[3], row[4]
+        want = {"NaN": "nan", None: None, "0.5": 0.5}[ratio_text]
+        for value in (r["ratio"], r["arr"][0]):
+            assert (value is not None and math.isnan(value)) if want == "nan" else value == want, (row, r)
+        assert r["arr"][1] is not None and math.isnan(r["arr"][1]) and r["arr"][2] is None, (row, r)
+        assert (r["ts_str"], r["ntz_str"]) == (ts_text, "2300-01-01 00:00:00"), (row, r)
+    scores = pd.DataFrame([{k: got[i][k] for k in ["id", *OUT_COLUMNS]} for i in got])
+    assert_same_scores(frame_scores(scores), {r[0]: hostile["cli"][r[0]] for r in rows})
