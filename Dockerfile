@@ -49,8 +49,9 @@ CMD ["handler.model_sync.lambda_handler"]
 # ---------------------------------------------------------------- ECS GPU task
 FROM public.ecr.aws/docker/library/python:${PYTHON_VERSION}-slim AS gpu
 COPY --from=wheel /wheels /wheels
-# PyPI's Linux torch wheel bundles CUDA; the ECS GPU-optimised AMI supplies the driver.
-RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch,cache,gpu]" && rm -rf /wheels
+# PyPI's Linux torch wheel bundles CUDA; the ECS GPU-optimised AMI supplies the driver. [lambda]:
+# the task logs and reports through powertools like the functions (its tracer is off outside Lambda).
+RUN pip install --no-cache-dir "torch==2.13.0" "$(ls /wheels/*.whl)[torch,cache,gpu,lambda]" && rm -rf /wheels
 WORKDIR /app
 COPY src/handler /app/handler
 RUN python -m compileall -q /app/handler

@@ -197,7 +197,7 @@ def test_dockerfile_targets() -> None:
         assert target in text
     assert "COPY models" not in text and "/mnt/models" in text  # model never baked in
     gpu_stage = text.split("AS gpu", 1)[1].split("\nFROM ", 1)[0]
-    assert "[torch,cache,gpu]" in gpu_stage  # SIMILARITY_PIXELS=nvjpeg's nvImageCodec, in the GPU task's image
+    assert "[torch,cache,gpu,lambda]" in gpu_stage  # nvjpeg's nvImageCodec; powertools (test_image_imports)
 
 
 def test_lambda_image_settings() -> None:
