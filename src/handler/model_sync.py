@@ -1,6 +1,8 @@
 """Put the model on EFS: invoke once after deploy (and again to change model or revision).
 
-    aws lambda invoke --function-name <ModelSyncFunctionName> --payload '{}' out.json
+    aws lambda invoke --function-name <ModelSyncFunctionName> --cli-read-timeout 900 out.json
+
+(the read timeout: the CLI's default 60 s would give up on a sync of minutes and retry it).
 
 Copies the model from an S3 prefix (``MODEL_SOURCE_S3_URI``) or downloads it from the Hugging Face
 hub (``MODEL_ID``/``MODEL_REVISION``), exports the ONNX files the Lambda backend runs, and swaps the
