@@ -32,6 +32,11 @@ GOLDEN = {
     # not divisible by the DCT scale (photo_odd_exif8.jpg, added with this version) the same
     # config gives other pixels than version 1 did. Undrafted pixels are unchanged.
     2: "77c8e9015b293aae3c626fc40b958a5ff8b4ddb4307de60813a41d7156faea04",
+    # 3: crop-only resizes take the full resize's pass order (tall_banner.png), 16-bit grey with a
+    # tRNS level composites on white (gray16_trns.png), and an EXIF orientation is applied without
+    # writing the EXIF back (photo_bad_exif_tag.jpg, a decode_error before); the three files were
+    # added with this version. The first six files' pixels are unchanged.
+    3: "544437ac90c90187007d4b75c0e433ad6857c4e6fcb4a716af44498d7bbc2aff",
 }
 
 
@@ -53,6 +58,9 @@ def _golden_digest(tiny_clip_dir: Path) -> str:
         IMAGES / "gray16.png",  # 16-bit grey scaled, not clamped
         IMAGES / "palette.gif",  # palette image, wide aspect
         EXAMPLES / "red_circle.png",
+        IMAGES / "tall_banner.png",  # 40x1100: crop-only resize in the full resize's pass order
+        IMAGES / "gray16_trns.png",  # 16-bit grey with a tRNS level: composited on white
+        IMAGES / "photo_bad_exif_tag.jpg",  # EXIF orientation 6 beside a tag Pillow cannot write back
     ]
     h = hashlib.sha256()
     for cfg in _configs(tiny_clip_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageOps
 
-from similarity.errors import DecodeError, NotAnImage, RowError, TooManyPixels
+from similarity.errors import DecodeError, ModelIncomplete, NotAnImage, RowError, TooManyPixels
 from similarity.model.preprocess import (
     CROP_ONLY_FACTOR,
     PreprocessConfig,
@@ -242,6 +243,31 @@ def test_crop_only_resize_stays_close_to_the_reference(reference_processor, size
     assert levels.max() <= 3.01 and levels.mean() < 0.5, (levels.max(), levels.mean())
 
 
+def _banner(size: tuple[int, int]) -> Image.Image:
+    """Sharp-edged stripes and bars: where the two pass orders round differently."""
+    from PIL import ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    pen = ImageDraw.Draw(img)
+    for y in range(0, h, 97):
+        pen.rectangle((0, y, w, y + 8), fill=(200, 0, 0))
+    for y in range(3, h, 40):
+        pen.rectangle((5, y, w - 5, y + 3), fill=(0, 0, 0))
+    return img
+
+
+@pytest.mark.parametrize("size", [(100, 2000), (120, 2400), (2000, 100), (30, 9000)])
+def test_crop_only_resize_takes_the_full_resizes_pass_order(reference_processor, size) -> None:
+    # Before: a tall image narrower than the edge was resized vertical pass first in its box (Pillow
+    # chooses the order from the sizes it is given) and horizontal first by the reference: 16-19
+    # levels apart on these edges.
+    img = _banner(size)
+    ref = reference_processor(images=img, return_tensors="np")["pixel_values"][0]
+    levels = np.abs(preprocess(img, CFG) - ref) * np.asarray(CFG.std, dtype=np.float32)[:, None, None] * 255
+    assert levels.max() <= 1.01, levels.max()
+
+
 def test_crop_only_resize_pads_like_the_full_resize(monkeypatch) -> None:
     """A crop larger than the shortest edge is padded with zeros on both paths alike."""
     import similarity.model.preprocess as pre
@@ -336,3 +362,52 @@ print(" ".join(sorted(m.split(".")[1] for m in sys.modules if m.startswith("PIL.
     # Pillow's preinit() registers PPM too; MPO files open through the JPEG plugin.
     expected = {f"{name}ImagePlugin" for name in ("Jpeg", "Mpo", "Png", "Gif", "WebP", "Bmp", "Tiff", "Ppm")}
     assert set(r.stdout.split()) <= expected, set(r.stdout.split()) - expected
+
+
+# ------------------------------------------------------------------ EXIF, 16-bit transparency, configs
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "preprocess"
+
+
+def test_a_rotated_jpeg_whose_exif_pillow_cannot_write_back_decodes(reference_processor) -> None:
+    # Before: ImageOps.exif_transpose turned the picture, then wrote the EXIF back and raised on a
+    # tag of an unexpected type (0x0107 as ASCII): a decode_error row for a picture that decodes.
+    data = (FIXTURES / "photo_bad_exif_tag.jpg").read_bytes()
+    upright = Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.Transpose.ROTATE_270)  # orientation 6
+    ref = reference_processor(images=upright, return_tensors="np")["pixel_values"][0]
+    assert np.abs(load_pixels(data, CFG) - ref).max() < 1e-5
+    if importlib.util.find_spec("torch") is not None:
+        from similarity.model.device_pixels import DevicePixels
+
+        assert np.abs(DevicePixels(CFG, "cpu")(data) - ref).max() < 1e-5
+
+
+def test_sixteen_bit_grey_with_a_transparent_level_composites_on_white() -> None:
+    # Before: the 16-bit branch scaled the levels and never looked at tRNS: the transparent
+    # pixels came out black, where the 8-bit picture (and the reference) give white.
+    data = (FIXTURES / "gray16_trns.png").read_bytes()
+    wide = Image.open(io.BytesIO(data))
+    assert wide.mode == "I;16" and wide.info["transparency"] == 0
+    narrow = Image.fromarray(((np.asarray(wide).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    buf = io.BytesIO()
+    narrow.save(buf, "PNG", transparency=0)
+    ours = np.asarray(decode(data, CFG))
+    assert (ours[:, :45] == 255).all() and np.array_equal(ours, np.asarray(decode(buf.getvalue(), CFG)))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"size": {"height": 64, "width": 64}}, "only size.shortest_edge"),
+        ({"do_normalize": False}, "do_normalize false is not supported"),
+        ({"do_center_crop": False, "do_resize": False}, "do_resize, do_center_crop false"),
+    ],
+)
+def test_a_preprocessor_config_this_recipe_cannot_follow_is_refused(tiny_clip_dir, tmp_path, change, message) -> None:
+    # Before: {"height", "width"} was read as shortest_edge 224 and the do_* switches were ignored:
+    # other pixels than CLIPImageProcessor's, silently (0.5 in cosine on the test model).
+    import json
+
+    cfg = json.loads((tiny_clip_dir / "preprocessor_config.json").read_text())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ModelIncomplete, match=message):
+        PreprocessConfig.from_model_dir(tmp_path)

@@ -14,8 +14,10 @@ limit from the memory the process has.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DecodeError, ModelIncomplete, NotAnImage, TooManyPixels
 from .directory import read_json
@@ -101,7 +103,14 @@ CROP_ONLY_FACTOR = 16
 #: tests/unit/test_cache_keys.py holds the golden hash of each version's output on fixed images.
 #: 2: an opted-in JPEG draft resizes the exact picture box (other pixels for sides not divisible by
 #: the DCT scale); draft decoding off by default.
-PREPROCESS_VERSION = 2
+#: 3: crop-only resizes take the full resize's pass order (tall images narrower than the edge);
+#: 16-bit grey with a tRNS level composites those pixels on white; an EXIF orientation is applied
+#: without rewriting the EXIF (pictures whose tags Pillow cannot write decode instead of failing).
+PREPROCESS_VERSION = 3
+
+
+#: CLIPImageProcessor's switches for the steps this preprocessing always takes.
+_STEPS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,13 @@ class PreprocessConfig:
         raw = read_json(path)
         cfg: dict[str, Any] = raw.get("image_processor", raw)
         size = cfg.get("size", 224)
-        shortest = size.get("shortest_edge", 224) if isinstance(size, dict) else int(size)
+        if isinstance(size, dict) and "shortest_edge" not in size:
+            # {"height", "width"} resizes to exactly that size: not CLIP's recipe, not this one.
+            raise ModelIncomplete(f"{path}: size {size!r} is not supported: only size.shortest_edge (CLIP's resize)")
+        off = [flag for flag in _STEPS if cfg.get(flag) is False]
+        if off:
+            raise ModelIncomplete(f"{path}: {', '.join(off)} false is not supported: every CLIP step is always applied")
+        shortest = size["shortest_edge"] if isinstance(size, dict) else int(size)
         crop = cfg.get("crop_size", shortest)
         ch, cw = (crop.get("height", shortest), crop.get("width", shortest)) if isinstance(crop, dict) else (crop, crop)
         if ch is None or cw is None:
@@ -250,7 +265,7 @@ def decode_cost(im: Image.Image) -> int:
     else:
         weight = MODE_WEIGHT.get(mode, WIDE_WEIGHT)
     if _transposes(im):
-        # exif_transpose holds the decoded image and its transposed copy at once, before any
+        # The EXIF turn holds the decoded image and its transposed copy at once, before any
         # conversion starts: the costlier of the two steps counts (a 48 MP RGB JPEG rotated by
         # its EXIF peaked at 385 MB, upright at 201 MB).
         weight = max(weight, TRANSPOSE_WEIGHT.get(mode, 2))
@@ -258,7 +273,7 @@ def decode_cost(im: Image.Image) -> int:
 
 
 def _transposes(im: Image.Image) -> bool:
-    """Whether ``load_rgb``'s ``exif_transpose`` will transpose ``im``, from its header alone."""
+    """Whether ``load_rgb`` will turn ``im`` by its EXIF orientation, from its header alone."""
     if im.format == "PNG" and "exif" not in im.info:
         # PngImageFile.getexif decodes the pixels to look for an eXIf chunk after them (and its
         # answer is cached): only an EXIF read with the header counts. Writers put eXIf first.
@@ -303,8 +318,10 @@ def load_rgb(im: Image.Image) -> Image.Image:
     try:
         geometry = im.info.get(DRAFT_GEOMETRY)  # set by open_image; conversions need not keep info
         im.load()  # truncated data raises here
-        ImageOps.exif_transpose(im, in_place=True)  # without in_place it copies every upright image
-        out = to_rgb(im)
+        upright = _upright(im)
+        if upright is not im:
+            im.close()  # the turned copy replaces the decode: its pixels go now, as in place
+        out = to_rgb(upright)
         if geometry:
             out.info[DRAFT_GEOMETRY] = geometry
         return out
@@ -312,6 +329,30 @@ def load_rgb(im: Image.Image) -> Image.Image:
         raise TooManyPixels(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, ValueError, struct.error, ...
         raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+
+
+#: EXIF orientation -> the transpose that stands the picture upright (ImageOps.exif_transpose's).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF (or XMP) orientation says. Not ``ImageOps.exif_transpose``: it
+    writes the EXIF back afterwards, and a tag of an unexpected type (which Pillow reads but
+    cannot write) fails a picture that decoded. An EXIF Pillow cannot read is taken as upright."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - broken EXIF, readable pixels
+        return im
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return im.transpose(method) if method is not None else im
 
 
 def decode(data: bytes, cfg: PreprocessConfig) -> Image.Image:
@@ -328,12 +369,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # convert() would clamp 16-bit values to 0..255; scale them instead: round(x / 257) in
         # integers ((x + 128) // 257: no x / 257 lies halfway), a third of float64's memory.
-        wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        raw = np.asarray(im)
+        wide = np.clip(raw, 0, 65535).astype(np.uint32)
         wide += 128
         wide //= 257
-        grey = Image.fromarray(wide.astype(np.uint8))
+        narrow = wide.astype(np.uint8)
         del wide
-        return grey.convert("RGB")
+        key = im.info.get("transparency")
+        if isinstance(key, int):  # a tRNS grey level: those pixels are transparent, so white
+            narrow[raw == key] = 255
+        return Image.fromarray(narrow).convert("RGB")
     if mode == "F":
         arr = np.asarray(im, dtype=np.float64)  # in place from here: one float64 copy at a time
         if arr.size and np.nanmax(arr) <= 1.0:
@@ -434,13 +479,70 @@ def _resize_crop_only(
     sx, sy = bw / new_w, bh / new_h
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + cfg.crop_width, new_w), min(top + cfg.crop_height, new_h)
-    part = im.resize(
-        (x1 - x0, y1 - y0), resample=cfg.resample, box=(bx + x0 * sx, by + y0 * sy, bx + x1 * sx, by + y1 * sy)
-    )
+    full_vertical_first = _vertical_first(width, height, new_w, new_h, cfg.resample)
+    if box is None and full_vertical_first != _vertical_first(width, height, x1 - x0, y1 - y0, cfg.resample):
+        # Pillow picks the pass order from the sizes it is given, and the box resize's sizes pick
+        # the other order than the full resize's (a tall image narrower than the edge: the full
+        # resize enlarges both axes, the box shrinks the height): up to 23 levels apart on sharp
+        # edges. Two single-axis resizes in the full resize's order give its rounding.
+        part = _two_passes(im, cfg.resample, (x0, y0, x1, y1), (sx, sy), full_vertical_first)
+    else:
+        part = im.resize(
+            (x1 - x0, y1 - y0), resample=cfg.resample, box=(bx + x0 * sx, by + y0 * sy, bx + x1 * sx, by + y1 * sy)
+        )
     arr = np.zeros((cfg.crop_height, cfg.crop_width, 3), dtype=np.uint8)
     oy, ox = y0 - top, x0 - left  # > 0 only where the crop is larger than the resized image
     arr[oy : oy + (y1 - y0), ox : ox + (x1 - x0)] = np.asarray(part, dtype=np.uint8)
     return arr
+
+
+def _vertical_first(width: int, height: int, new_w: int, new_h: int, resample: int) -> bool:
+    """Whether the installed Pillow resizes ``width x height`` to ``new_w x new_h`` vertical pass
+    first (recent releases do when the height shrinks by more than twice the width's reduction)."""
+    shrink_h, shrink_w = height - new_h, width - new_w
+    return _pillow_reorders(resample) and shrink_h > 0 and shrink_h > shrink_w * 2
+
+
+@functools.lru_cache(maxsize=4)
+def _pillow_reorders(resample: int) -> bool:
+    """Whether this Pillow takes the larger reduction first, found on a probe whose two orders
+    round differently (a tall image shrunk mostly in height)."""
+    probe = Image.fromarray(np.random.default_rng(7).integers(0, 256, (97, 23, 3), dtype=np.uint8))
+    whole = np.asarray(probe.resize((19, 11), resample=resample))
+    v_first = probe.resize((23, 11), resample=resample).resize((19, 11), resample=resample)
+    return bool(np.array_equal(whole, np.asarray(v_first)))
+
+
+def _two_passes(
+    im: Image.Image,
+    resample: int,
+    out: tuple[int, int, int, int],
+    scale: tuple[float, float],
+    vertical_first: bool,
+) -> Image.Image:
+    """The output box ``out`` (x0, y0, x1, y1) of the full resize at ``scale`` (source pixels per
+    output pixel), as two single-axis resizes in the full resize's order. The first pass covers
+    only the strip of rows (or columns) the second one's filter reads, with margin: away from the
+    image's edges no tap is clipped, at them the same taps as the full resize's are."""
+    x0, y0, x1, y1 = out
+    sx, sy = scale
+    width, height = im.size
+    support = {Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0, Image.Resampling.LANCZOS: 3.0}.get(
+        Image.Resampling(resample), 3.0
+    )
+    if vertical_first:
+        reach = support * max(sx, 1.0) + 2
+        c0, c1 = max(0, math.floor(x0 * sx - reach)), min(width, math.ceil(x1 * sx + reach))
+        strip = im.crop((c0, 0, c1, height)).resize(
+            (c1 - c0, y1 - y0), resample=resample, box=(0, y0 * sy, c1 - c0, y1 * sy)
+        )
+        return strip.resize((x1 - x0, y1 - y0), resample=resample, box=(x0 * sx - c0, 0, x1 * sx - c0, y1 - y0))
+    reach = support * max(sy, 1.0) + 2
+    r0, r1 = max(0, math.floor(y0 * sy - reach)), min(height, math.ceil(y1 * sy + reach))
+    strip = im.crop((0, r0, width, r1)).resize(
+        (x1 - x0, r1 - r0), resample=resample, box=(x0 * sx, 0, x1 * sx, r1 - r0)
+    )
+    return strip.resize((x1 - x0, y1 - y0), resample=resample, box=(0, y0 * sy - r0, x1 - x0, y1 * sy - r0))
 
 
 def normalise(arr: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -484,7 +586,7 @@ def _draft(im: Image.Image, cfg: PreprocessConfig) -> tuple[tuple[int, int], tup
     if drafted is None or im.size == (width, height):
         return None
     box = drafted[1]
-    orientation = im.getexif().get(0x0112, 1)  # what exif_transpose will apply after load
+    orientation = im.getexif().get(0x0112, 1)  # what _upright will apply after load
     if orientation in (5, 6, 7, 8):  # the transposing ones swap the sides
         return (height, width), _oriented_box(box, im.size, orientation)
     return (width, height), _oriented_box(box, im.size, orientation)
