@@ -224,6 +224,19 @@ def test_workers_that_cannot_start_end_the_run(fetcher, tiny_model) -> None:
         loader.close()
 
 
+def test_the_workers_fetch_within_the_parents_end(tiny_model, server, fetcher) -> None:
+    """A request's end (``Fetcher.until``) reaches the loader processes: images not fetched by
+    then are ``timeout`` rows there too, not fetched for their whole deadline."""
+    import time
+
+    slow = [server.drip(f"/proc-end/{i}.png", _img(i), interval=0.2) for i in range(4)]
+    records = [Record(u, "a red circle") for u in slow]
+    started = time.monotonic()
+    out = _scores(score_pairs(records, tiny_model, fetcher.until(started + 1.0), batch_size=4, processes=2))
+    assert [e for _, _, e in out] == ["timeout"] * 4
+    assert time.monotonic() - started < 3.5  # fast_settings' own deadline is 4 s per image
+
+
 def test_workers_share_the_decode_budget(fetcher, tiny_model) -> None:
     spec = LoaderSpec.of(fetcher, tiny_model.preprocess, uint8=True, threads=16, processes=4)
     assert spec.limits.budget_megapixels == pytest.approx(decode_limits().budget_megapixels / 4)

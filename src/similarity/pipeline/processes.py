@@ -62,6 +62,9 @@ class LoaderSpec:
     limits: DecodeLimits
     base_dir: str | None = None
     cache: CacheSpec | None = None
+    #: The parent fetcher's end (``Fetcher.until``): ``time.monotonic()`` is the system's monotonic
+    #: clock, the same in every process of the machine.
+    end: float | None = None
 
     @classmethod
     def of(
@@ -87,6 +90,7 @@ class LoaderSpec:
             limits=limits,
             base_dir=str(fetcher.base_dir) if fetcher.base_dir is not None else None,
             cache=cache,
+            end=fetcher.end,
         )
 
 
@@ -126,6 +130,7 @@ def _init(spec: LoaderSpec, slots: Any, claimed: Any) -> None:
     signal.signal(signal.SIGTERM, terminated)
     set_decode_limits(spec.limits)
     fetcher = Fetcher(spec.fetch, spec.policy, base_dir=Path(spec.base_dir) if spec.base_dir else None)
+    fetcher = fetcher.until(spec.end)
     run_cache = None
     if spec.cache is not None:
         from ..cache import open_cache
