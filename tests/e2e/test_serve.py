@@ -250,6 +250,10 @@ def test_jobs_input_that_does_not_exist(served, aws) -> None:
         json={"input": f"s3://{aws['bucket']}/a.csv", "output": f"s3://{aws['bucket']}/jobs/x.csv"},
     )
     assert r.status_code == 400 and r.json()["error"]["fields"] == [{"field": "output", "message": "reserved prefix"}]
+    # Before: an output equal to the input was accepted, and the scored file replaced the input.
+    same = f"s3://{aws['bucket']}/uploads/a.csv"
+    r = call(served, "POST", "/jobs", json={"input": same, "output": same})
+    assert r.status_code == 400 and r.json()["error"]["fields"] == [{"field": "output", "message": "same as input"}]
 
 
 def test_a_body_that_never_arrives_is_408(served) -> None:

@@ -56,7 +56,7 @@ class World:
         self.clock = Clock()
         gpu_path = {"ecs_cluster": "gpu", "ecs_task_definition": "td", "ecs_subnets": "subnet-a", "gpu_min_rows": 10}
         self.settings = JobSettings(
-            bucket=B, chunk_queue_url="q", chunk_rows=chunk_rows, **(gpu_path if gpu else {}), **settings
+            bucket=B, chunk_queue_url="q", chunk_rows=chunk_rows, **{**(gpu_path if gpu else {}), **settings}
         )
         self.jobs = JobService(
             self.settings,
@@ -641,12 +641,19 @@ def test_a_refused_hand_off_fails_the_job_and_the_same_request_hands_it_off_agai
     assert run_split(w, req).state == JobState.RUNNING
 
 
-def test_submit_of_a_job_not_fanned_out_hands_it_off_again() -> None:
+def test_submit_of_a_job_not_fanned_out_hands_it_off_again_once_its_start_is_past() -> None:
+    # Before: every repeated POST /jobs during the fan-out handed the job off again; each start
+    # claimed an attempt, and the fourth failed the healthy job as killed (no output ever).
     w, splitter = World(), RecordingSplitter()
     w.queue.fail_at_batch, w.queue.fail_times = 1, 1
     with pytest.raises(Injected):
         w.drop(make_csv())
-    m = with_splitter(w, splitter).submit(B, KEY)
+    api = with_splitter(w, splitter)
+    for _ in range(4):  # as if its start were still sending the messages: left to it
+        assert api.submit(B, KEY).state == JobState.RUNNING
+    assert splitter.requests == []
+    w.clock.advance(w.settings.start_timeout_seconds + 1)  # that start is long dead
+    m = api.submit(B, KEY)
     assert m.state == JobState.RUNNING and len(splitter.requests) == 1
     assert w.jobs.store.fanned_out(run_split(w, splitter.requests[0]))
     w.drain()
@@ -687,3 +694,25 @@ def test_lambda_split_starter_invokes_the_splitter_asynchronously() -> None:
             starter.start(req)
         stub.assert_no_pending_responses()
     assert StartRequest.model_validate(json.loads(payload)) == req  # what the splitter reads back
+
+
+def test_a_newer_versions_failed_job_does_not_hold_back_the_older_output() -> None:
+    # Before: the input overwritten by a broken file (its job failed at once) made the running
+    # job of the older version fail as superseded: no output at all.
+    w = World(chunk_rows=2)
+    v1 = w.objects._write(B, KEY, make_csv(6).encode())
+    j1 = w.jobs.start(B, KEY, version_id=v1.version_id, etag=v1.etag)
+    v2 = w.objects._write(B, KEY, b"id,caption\n1,a cat\n")
+    assert w.jobs.start(B, KEY, version_id=v2.version_id, etag=v2.etag).state == JobState.FAILED
+    w.drain()
+    assert w.state(j1.job_id) == JobState.DONE and (B, OUT) in w.objects.objects
+
+
+def test_past_lambda_max_rows_the_gpu_path_takes_the_file_even_below_gpu_min_rows() -> None:
+    # Before: with the GPU path configured, LAMBDA_MAX_ROWS was not applied: a file between it and
+    # GPU_MIN_ROWS took the Lambda path, whose merge cannot finish in a worker.
+    w = World(chunk_rows=2, gpu=True, lambda_max_rows=8, gpu_min_rows=100)
+    assert w.drop(make_csv(20)).state == JobState.GPU
+    assert World(chunk_rows=2, gpu=True, lambda_max_rows=8, gpu_min_rows=100).drop(make_csv(6)).state == (
+        JobState.RUNNING
+    )

@@ -201,6 +201,11 @@ class ApiService:
                 f"input and output must be in s3://{s.jobs.bucket}/",
                 fields=[{"field": "input", "message": "other bucket"}],
             )
+        if out_key is not None and out_key.lstrip("/") == key.lstrip("/"):
+            raise BadRequest(
+                "output must not be the input: the scored file would replace it",
+                fields=[{"field": "output", "message": "same as input"}],
+            )
         if out_key is not None and (out_key.startswith(s.jobs.input_prefix) or out_key.startswith(s.jobs.jobs_prefix)):
             raise BadRequest(
                 f"output must not be under {s.jobs.input_prefix} or {s.jobs.jobs_prefix}",

@@ -183,7 +183,10 @@ class JobService:
         )
         existing, etag = self.store.load_tagged(bucket, job_id)
         if existing is not None and existing.state == JobState.RUNNING and not self.store.fanned_out(existing):
-            self.splitter.start(request)  # its messages are not all out: the splitter sends them again
+            # Its messages are not all out. A start still sending them (written within the
+            # splitter's time) is left to finish; one that died long ago is replaced.
+            if self.clock() - existing.updated_at > self.settings.start_timeout_seconds:
+                self.splitter.start(request)
             return existing
         if existing is not None and not _never_handed_off(existing):
             # Under way or finished. A job still `splitting` is not handed off again: each start
@@ -292,15 +295,18 @@ class JobService:
             # an InputEncodingError naming its offset, which fails the job with that reason.
             header, chunks = split_csv(TextLines(raw), s.chunk_rows)
             m.header = header
+            # Past LAMBDA_MAX_ROWS the merge cannot finish in a worker: the GPU task takes it even
+            # below GPU_MIN_ROWS.
+            gpu_from = min(s.gpu_min_rows, s.lambda_max_rows)
             rows = count = 0
             with ThreadPoolExecutor(8) as pool:
                 pending: list[Future[None]] = []
                 for chunk in chunks:
                     rows += chunk.rows
                     count += 1
-                    if s.gpu_enabled and rows > s.gpu_min_rows:
+                    if s.gpu_enabled and rows > gpu_from:
                         break  # too big for the Lambda fleet: the GPU task scores the whole file
-                    if not s.gpu_enabled and rows > s.lambda_max_rows:
+                    if rows > s.lambda_max_rows:
                         raise JobTooLarge(
                             f"more than LAMBDA_MAX_ROWS ({s.lambda_max_rows}) rows: the merge would not finish "
                             "within the worker's timeout; split the file, or deploy the GPU path (GpuImageUri)"
@@ -312,7 +318,7 @@ class JobService:
                         pending = []
                 for f in pending:
                     f.result()
-        if s.gpu_enabled and rows > s.gpu_min_rows:
+        if s.gpu_enabled and rows > gpu_from:
             return self._start_gpu(m, claim)
         m.chunk_count, m.row_count = count, rows
         if count == 0:  # a header and no rows: the output is the header alone
@@ -363,7 +369,7 @@ class JobService:
         current = Location(bucket=src.bucket, key=src.key, version_id=info.version_id, etag=info.etag or None)
         for excel_safe in (m.excel_safe, not m.excel_safe):
             newer = self.store.load(src.bucket, self.job_id(current, m.output, excel_safe))
-            if newer is not None:
+            if newer is not None and newer.state != JobState.FAILED:  # a failed one writes nothing
                 raise JobSuperseded(
                     f"{src.uri} was overwritten: its current version ({info.version_id or info.etag}) has job "
                     f"{newer.job_id}, which writes {m.output.uri}; this job's version "
