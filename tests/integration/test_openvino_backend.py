@@ -277,3 +277,61 @@ def test_int8_dequantises_to_the_weights(exported) -> None:
         ref = w if attrs["transpose_b"] else w.T
         assert (np.abs(q).max(axis=1) == 127).all()  # each output channel uses the whole range
         assert np.abs(q * scale - ref).max() <= scale.max() / 2 + 1e-7
+
+
+def test_loads_sharing_a_blob_cache_compile_in_turn(exported, tmp_path) -> None:
+    """OpenVINO writes its blobs in place, and a process mapping one another is still writing died
+    of SIGBUS (2 of 60 loads, 4 processes at once on an empty cache). With the cache's lock held
+    here, a load in another process waits for it, then loads."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    import openvino as ov
+
+    from similarity.backends.openvino import compiled_cache_dir
+
+    cache = tmp_path / "shared"
+    blobs = compiled_cache_dir(ov, cache)
+    blobs.mkdir(parents=True)
+    code = (
+        "from similarity.model import load_model\n"
+        f"load_model({str(exported)!r}, backend='openvino', dtype='fp32', cache_dir={str(cache)!r})\n"
+        "print('loaded')\n"
+    )
+    with open(blobs / ".compile.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        time.sleep(8)  # far longer than the load takes on its own (about 1 s)
+        assert proc.poll() is None, "the load did not wait for the cache's lock"
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "loaded"
+    assert list(blobs.glob("*.blob"))
+
+
+def test_pieces_that_cannot_be_written_are_used_from_memory(exported, tiny_model, monkeypatch) -> None:
+    """OpenVINO reports a failed write (a full disk) as RuntimeError: the load goes on with the
+    pieces in memory, leaving no half-written directory (before: the load failed)."""
+    import openvino as ov
+
+    px, caps = parity_inputs(tiny_model.preprocess)
+    want = similarities(load_model(exported, backend="openvino", dtype="int8", cache_dir="off"), px, caps)
+
+    def full(*_a, **_k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", full)  # a full disk cannot be made here without mounting one
+    got = similarities(load_model(exported, backend="openvino", dtype="int8"), px, caps)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not list((exported / "onnx").rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_a_damaged_graph_is_model_incomplete_naming_the_export(exported, backend) -> None:
+    from similarity.errors import ModelIncomplete
+
+    vision = exported / "onnx" / "vision.onnx"
+    vision.write_bytes(vision.read_bytes()[: vision.stat().st_size // 3])  # an interrupted copy
+    with pytest.raises(ModelIncomplete, match=f"{backend} cannot load the model.*similarity model export"):
+        load_model(exported, backend=backend, dtype="fp32", cache_dir="off")

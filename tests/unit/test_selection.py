@@ -150,6 +150,10 @@ def test_cpu_feature_detection_reads_cpu_flags() -> None:
         (("torch", "cpu", "int8"), "torch backend supports fp32, bf16 or fp16, not int8"),
         (("tpu", "cpu", "auto"), "unknown backend 'tpu' \\(auto, torch, onnx or openvino\\)"),
         (("auto", "npu", "auto"), "unknown device 'npu'"),
+        # Before: auto answered cpu for cuda + int8, and ran fp16 on the CPU at a quarter of fp32's speed.
+        (("auto", "cuda", "int8"), "int8 runs on the CPU only"),
+        (("auto", "auto", "fp16"), "fp16 is for cuda"),
+        (("torch", "cpu", "fp16"), "fp16 is for cuda"),
     ],
 )
 def test_combinations_no_backend_offers_are_refused(monkeypatch, exported, asked, message) -> None:

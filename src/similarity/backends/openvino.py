@@ -30,11 +30,14 @@ different CPU types can share one cache directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,8 @@ from ..hardware import cpu_feature_key
 from .base import BF16_FP32_IMAGE_LAYERS, BackendName, Device, Dtype, PixelNorm, require_module
 from .files import ONNX_SUBDIR, require_onnx_files
 from .streams import plan, row_parts
+
+log = logging.getLogger(__name__)
 
 #: Image-tower encoder layers kept fp32 (with the patch embedding) on the mixed path, per dtype.
 FP32_LAYERS = {"bf16": BF16_FP32_IMAGE_LAYERS, "int8": 0}
@@ -123,11 +128,7 @@ class OpenVinoBackend:
                 "vision": (pieces.graphs["vision"], core_cfg),
                 "text": (pieces.graphs["text"], core_cfg),
             }
-        # Compiling is native code that releases the GIL, so the graphs load side by side.
-        with ThreadPoolExecutor(len(graphs)) as pool:
-            compiled = dict(
-                zip(graphs, pool.map(lambda g: core.compile_model(_arg(g[0]), "CPU", g[1]), graphs.values()))
-            )
+        compiled = _compile_all(core, graphs, fp32.get("CACHE_DIR"))
         self._embed_u8 = compiled.get("embed_u8")
         self._embed = compiled.get("embed")  # with uint8 crops coming, float input compiles it when first seen
         self._vision, self._text = compiled["vision"], compiled["text"]
@@ -195,6 +196,51 @@ def cache_root(model_dir: str | Path, cache_dir: str | Path | None) -> Path | No
 def compiled_cache_dir(ov: Any, cache: Path) -> Path:
     """Where OpenVINO keeps its compiled blobs: one directory per OpenVINO version and CPU type."""
     return cache / f"ov{ov.get_version().split('-')[0]}-cpu{cpu_feature_key()}"
+
+
+def _compile_all(core: Any, graphs: dict[str, tuple[Any, dict[str, Any]]], cache_dir: str | None) -> dict[str, Any]:
+    """Each graph compiled, side by side (native code that releases the GIL). OpenVINO writes its
+    blobs in place: a process reading one another is still writing dies of SIGBUS, so with a blob
+    cache the compiles of every process sharing it take turns (an advisory lock file there). A
+    compile that fails on the cache is done again without it."""
+
+    def compile_all(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        with ThreadPoolExecutor(len(graphs)) as pool:
+            return dict(
+                zip(graphs, pool.map(lambda n: core.compile_model(_arg(graphs[n][0]), "CPU", configs[n]), graphs))
+            )
+
+    configs = {n: cfg for n, (_g, cfg) in graphs.items()}
+    if not cache_dir:
+        return compile_all(configs)
+    try:
+        with _cache_lock(Path(cache_dir)):
+            return compile_all(configs)
+    except RuntimeError as exc:  # a blob half-written by a process that died, a full disk
+        log.warning("OpenVINO compile with the blob cache failed (%s); compiling without it", str(exc)[:200])
+        return compile_all({n: {k: v for k, v in cfg.items() if k != "CACHE_DIR"} for n, cfg in configs.items()})
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``cache_dir/.compile.lock`` while held; nothing where the file
+    cannot be made or locked (read-only, a file system without locks, Windows)."""
+    try:
+        import fcntl
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir / ".compile.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks here: as before
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _writable(path: str | Path) -> Path | None:
@@ -317,7 +363,7 @@ def _save(ov: Any, pieces: Pieces, d: Path) -> bool:
             ov.save_model(g, str(tmp / f"{n}.xml"), compress_to_fp16=False)
         np.savez(tmp / "projections.npz", vision=pieces.projections["vision"], text=pieces.projections["text"])
         tmp.rename(d)
-    except OSError:
+    except (OSError, RuntimeError):  # OpenVINO reports a failed write (a full disk) as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
     return (d / "projections.npz").is_file()
 

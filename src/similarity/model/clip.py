@@ -28,7 +28,7 @@ from ..backends import (
     DtypeChoice,
     PixelNorm,
 )
-from ..errors import BackendUnavailable, ModelNotFound
+from ..errors import BackendUnavailable, ModelIncomplete, ModelNotFound, SimilarityError
 from .device_pixels import PixelPath
 from .directory import check_model_dir, max_caption_tokens, read_identity
 from .preprocess import PreprocessConfig, load_pixels, normalise
@@ -137,9 +137,18 @@ def load_model(
     tokenizer = CaptionTokenizer(path, max_caption_tokens(path))
     preprocess = PreprocessConfig.from_model_dir(path, draft_factor=jpeg_draft)
     norm = PixelNorm(preprocess.mean, preprocess.std, preprocess.rescale_factor)
-    impl = backends.create(
-        chosen.backend, path, chosen.device, chosen.dtype, BackendOptions(threads, streams, cache_dir, norm)
-    )
+    try:
+        impl = backends.create(
+            chosen.backend, path, chosen.device, chosen.dtype, BackendOptions(threads, streams, cache_dir, norm)
+        )
+    except SimilarityError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged graph or weights file: the runtime's own error
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        hint = f"; run `similarity model export {path}` again" if backends.REGISTRY[chosen.backend].needs_onnx else ""
+        raise ModelIncomplete(
+            f"{chosen.backend} cannot load the model in {path}: {type(exc).__name__}: {first}{hint}"
+        ) from None
     device_pixels = None
     if pixels != "pillow":
         from .device_pixels import DevicePixels

@@ -72,6 +72,8 @@ def _auto_backend(
 ) -> tuple[BackendName, DeviceChoice, DtypeChoice]:
     bf16_cpu = dtype in ("auto", "bf16") and device in ("auto", "cpu") and hardware.has_native_bf16()
     if dtype == "int8":
+        if device == "cuda":
+            raise BackendUnavailable("int8 runs on the CPU only (onnx or openvino): use --device cpu, or fp16 on cuda")
         if hardware.has_amx():
             raise BackendUnavailable(INT8_ON_AMX)
         ov_int8 = hardware.has_int8_dot() and runnable("openvino", model_dir)
@@ -115,6 +117,9 @@ def resolve(backend: BackendChoice, device: DeviceChoice, model_dir: Path, dtype
         raise BackendUnavailable(f"{backend} backend supports {_either(spec.dtypes)}, not {dtype}")
     if dtype == "bf16" and device == "cpu" and hardware.bf16_emulated():
         raise BackendUnavailable(BF16_EMULATED)
+    if dtype == "fp16" and device == "cpu":
+        # torch runs fp16 on the CPU without fast kernels: about 4x slower than fp32, for no gain.
+        raise BackendUnavailable("fp16 is for cuda; on the CPU use fp32, or bf16 where the CPU has it")
     return Selection(backend, device, dtype)
 
 
