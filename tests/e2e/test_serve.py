@@ -254,6 +254,10 @@ def test_jobs_input_that_does_not_exist(served, aws) -> None:
     same = f"s3://{aws['bucket']}/uploads/a.csv"
     r = call(served, "POST", "/jobs", json={"input": same, "output": same})
     assert r.status_code == 400 and r.json()["error"]["fields"] == [{"field": "output", "message": "same as input"}]
+    # Before: a .jsonl or .csv.gz input was accepted and failed later with a misleading reason.
+    for name in ("a.jsonl", "a.csv.gz", "a.parquet"):
+        r = call(served, "POST", "/jobs", json={"input": f"s3://{aws['bucket']}/uploads/{name}"})
+        assert r.status_code == 400 and r.json()["error"]["fields"] == [{"field": "input", "message": "not .csv"}]
 
 
 def test_a_body_that_never_arrives_is_408(served) -> None:

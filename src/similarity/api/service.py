@@ -201,6 +201,14 @@ class ApiService:
                 f"input and output must be in s3://{s.jobs.bucket}/",
                 fields=[{"field": "input", "message": "other bucket"}],
             )
+        if not key.lower().endswith(".csv"):
+            # The jobs read CSV (as the S3 drop, which only .csv keys trigger); any other file failed
+            # later with a misleading reason (an encoding, a URL column).
+            raise BadRequest(
+                f"input must be a .csv file, not {key.rsplit('/', 1)[-1][:100]!r}: score JSONL, Parquet or "
+                "compressed files with the CLI or an engine adapter",
+                fields=[{"field": "input", "message": "not .csv"}],
+            )
         if out_key is not None and out_key.lstrip("/") == key.lstrip("/"):
             raise BadRequest(
                 "output must not be the input: the scored file would replace it",
