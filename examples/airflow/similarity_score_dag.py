@@ -53,7 +53,9 @@ def _api() -> JobsApi:
         "input": Param(
             "s3://BUCKET/exports/{ds}.csv", type="string", description="s3:// URI in the deployment's bucket"
         ),
-        "output": Param(None, type=["null", "string"], description="default: scored/<key's folders>/<name>_scored.csv"),
+        "output": Param(
+            None, type=["null", "string"], description="default: scored/_/<key's folders>/<name>_scored.csv"
+        ),
         "excel_safe": Param(False, type="boolean"),
     },
     tags=["similarity"],

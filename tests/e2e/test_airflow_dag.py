@@ -229,7 +229,7 @@ def test_client_runs_a_job_to_done(deployment, server) -> None:
     assert job["state"] == "splitting", job  # answered before the split: the splitter does it
     st = wait_done(api, job["job_id"])
     assert st["chunks"] == {"done": 3, "total": 3}
-    assert st["rows"] == {"done": 45, "total": 45} and st["output"].endswith("scored/exports/a_scored.csv")
+    assert st["rows"] == {"done": 45, "total": 45} and st["output"].endswith("/scored/_/exports/a_scored.csv")
     key = st["output"].split("/", 3)[3]
     text = deployment["s3"].get_object(Bucket=deployment["bucket"], Key=key)["Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -351,7 +351,7 @@ def test_dag_run_waits_for_the_job_and_reports(airflow_db, deployment, server) -
     out = r.stdout + r.stderr
     assert "STATE success" in r.stdout, out[-6000:]
     assert {"TASK submit success", "TASK wait success", "TASK report success"} <= set(r.stdout.splitlines())
-    assert "30 rows -> s3://" in out and "scored/exports/2026-12-01_scored.csv" in out
+    assert "30 rows -> s3://" in out and "scored/_/exports/2026-12-01_scored.csv" in out
 
 
 def test_dag_run_fails_with_the_jobs_reason(airflow_db, deployment, server) -> None:

@@ -457,6 +457,12 @@ def test_large_file_routes_to_gpu_and_gpu_task_matches_lambda(
     [job] = drop(env, "incoming/huge.csv", body)["jobs"]
     assert job["state"] == "gpu" and job["path"] == "gpu"
     assert receive(env, 10) == []  # nothing fanned out
+    # Nothing split either (before: the chunks of the first 50 rows, never read), and the status
+    # counts the rows seen before the GPU path was chosen (before: 0 rows in total until done).
+    chunks = env["s3"].list_objects_v2(Bucket=env["bucket"], Prefix=f"jobs/{job['job_id']}/chunks/")
+    assert chunks["KeyCount"] == 0
+    st = job_status(env, job["job_id"])
+    assert st["state"] == "gpu" and st["rows"]["done"] == 0 and 50 < st["rows"]["total"] <= 90, st
     [task] = ecs.describe_tasks(cluster=cluster, tasks=ecs.list_tasks(cluster=cluster)["taskArns"])["tasks"]
     assert task["startedBy"] == f"job-{job['job_id']}"[:36]
     assert task["taskDefinitionArn"] == td
@@ -472,7 +478,7 @@ def test_large_file_routes_to_gpu_and_gpu_task_matches_lambda(
     rows = output_rows(env, "scored/huge_scored.csv")
     assert rows == cli_rows(tmp_path, tiny_clip_dir, body)
     st = job_status(env, job["job_id"])
-    assert st["state"] == "done" and st["rows"]["done"] == 90
+    assert st["state"] == "done" and st["rows"] == {"done": 90, "total": 90}
 
 
 def _api_call(mod, name: str, body: dict | None = None, job_id: str | None = None) -> tuple[int, dict]:
@@ -1022,8 +1028,9 @@ def test_post_jobs_with_another_output_or_escaping_is_another_job(env, server) -
 
 
 def test_post_jobs_default_output_keeps_the_inputs_folders(env, server, forbidden_server) -> None:
-    """Two inputs of the same name in different folders get different default outputs: the key's
-    folders are kept under scored/, as an S3 drop's folders under incoming/ are."""
+    """Two inputs of the same name in different folders get different default outputs: a key
+    outside incoming/ keeps its whole path under scored/_/, as an S3 drop's folders under
+    incoming/ are kept under scored/."""
     import handler.api as api
 
     b = env["bucket"]
@@ -1032,13 +1039,40 @@ def test_post_jobs_default_output_keeps_the_inputs_folders(env, server, forbidde
         key = f"uploads/{year}/data.csv"
         env["s3"].put_object(Bucket=b, Key=key, Body=make_csv(server, forbidden_server, rows=rows).encode())
         status, out = _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/{key}"})
-        assert status == 202 and out["output"] == f"s3://{b}/scored/uploads/{year}/data_scored.csv", out
+        assert status == 202 and out["output"] == f"s3://{b}/scored/_/uploads/{year}/data_scored.csv", out
         jobs[year] = out["job_id"]
     drain(env)
-    assert len(output_rows(env, "scored/uploads/2024/data_scored.csv")) == 4
-    assert len(output_rows(env, "scored/uploads/2025/data_scored.csv")) == 6
+    assert len(output_rows(env, "scored/_/uploads/2024/data_scored.csv")) == 4
+    assert len(output_rows(env, "scored/_/uploads/2025/data_scored.csv")) == 6
     [job] = drop(env, "incoming/team/x.csv", make_csv(server, forbidden_server, rows=2))["jobs"]
     assert job_status(env, job["job_id"])["output"] == f"s3://{b}/scored/team/x_scored.csv"
+
+
+def test_an_s3_drop_and_post_jobs_never_share_a_default_output(env, server, forbidden_server) -> None:
+    """incoming/uploads/x.csv (an S3 drop) and uploads/x.csv (POST /jobs), or incoming/x.CSV and
+    incoming/x.csv: different inputs, so different outputs. Before: both of each pair wrote one
+    output (scored/uploads/x_scored.csv, scored/x_scored.csv), both jobs said done, and the one
+    that merged last replaced the other's rows."""
+    import handler.api as api
+
+    b = env["bucket"]
+    [dropped] = drop(env, "incoming/uploads/x.csv", make_csv(server, forbidden_server, rows=30))["jobs"]
+    env["s3"].put_object(Bucket=b, Key="uploads/x.csv", Body=make_csv(server, forbidden_server, rows=10).encode())
+    status, posted = _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/x.csv"})
+    assert status == 202, posted
+    [upper] = drop(env, "incoming/x.CSV", make_csv(server, forbidden_server, rows=4))["jobs"]
+    [lower] = drop(env, "incoming/x.csv", make_csv(server, forbidden_server, rows=6))["jobs"]
+    drain(env)
+    expected = {
+        dropped["job_id"]: ("scored/uploads/x_scored.csv", 30),
+        posted["job_id"]: ("scored/_/uploads/x_scored.csv", 10),
+        upper["job_id"]: ("scored/x_scored.CSV", 4),
+        lower["job_id"]: ("scored/x_scored.csv", 6),
+    }
+    for job_id, (key, rows) in expected.items():
+        st = job_status(env, job_id)
+        assert st["state"] == "done" and st["output"] == f"s3://{b}/{key}", st
+        assert len(output_rows(env, key)) == rows + 1, key
 
 
 # ------------------------------------------------------------------------------ POST /jobs hands the split off
@@ -1156,7 +1190,7 @@ def test_a_refused_hand_off_is_a_503_and_the_same_request_again_starts_the_job(e
     status, out = _api_call(api, "api_jobs_start.json", {"input": f"s3://{b}/uploads/r.csv"})
     assert status == 202 and out["state"] == "splitting", out
     [job] = split_payload(env, handoff.payloads()[0])["jobs"]
-    assert job["state"] == "done" and len(output_rows(env, "scored/uploads/r_scored.csv")) == 1  # the header
+    assert job["state"] == "done" and len(output_rows(env, "scored/_/uploads/r_scored.csv")) == 1  # the header
 
 
 def test_sample_start_payload_is_what_post_jobs_hands_the_splitter() -> None:

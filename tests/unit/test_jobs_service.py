@@ -716,3 +716,110 @@ def test_past_lambda_max_rows_the_gpu_path_takes_the_file_even_below_gpu_min_row
     assert World(chunk_rows=2, gpu=True, lambda_max_rows=8, gpu_min_rows=100).drop(make_csv(6)).state == (
         JobState.RUNNING
     )
+
+
+# ------------------------------------------------------------------------------ status of failed and GPU jobs
+def test_a_failed_jobs_status_counts_the_chunks_it_scored() -> None:
+    # Before: a Lambda-path job that failed after its chunks were scored (here: superseded at the
+    # merge) showed 0 chunks and rows done, 0 compute seconds and $0, as if nothing had run.
+    w = World(chunk_rows=2)
+    v1 = w.objects._write(B, KEY, make_csv(6).encode())
+    j1 = w.jobs.start(B, KEY, version_id=v1.version_id, etag=v1.etag)
+    first = list(w.queue.sent)
+    for msg in first[:-1]:
+        w.work(msg)
+    w.drop(make_csv(4))  # the input overwritten: the new version's job takes the output
+    w.work(first[-1])  # the last chunk is scored, then the merge gives way
+    assert w.state(j1.job_id) == JobState.FAILED
+    st = w.jobs.status(B, j1.job_id)
+    assert st["state"] == "failed" and st["reason"].startswith("superseded: ")
+    assert st["chunks"] == {"done": 3, "total": 3} and st["rows"] == {"done": 6, "total": 6}
+    assert st["compute_seconds"] == pytest.approx(0.03) and st["estimated_cost_usd"] > 0
+
+
+def test_a_job_failed_at_the_split_reports_nothing_done() -> None:
+    w = World(lambda_max_rows=20)
+    m = w.drop(make_csv(25))
+    st = w.jobs.status(B, m.job_id)
+    assert st["state"] == "failed" and st["chunks"]["done"] == 0 and st["rows"]["done"] == 0
+    assert st["compute_seconds"] == 0 and st["estimated_cost_usd"] == 0
+
+
+def _chunk_objects(w: World) -> list[str]:
+    return [k for k in w.objects.keys(B, "jobs/") if "/chunks/" in k]
+
+
+def test_a_gpu_job_writes_no_chunks_and_reports_the_rows_it_counted() -> None:
+    # Before: the split wrote the chunks of the first GPU_MIN_ROWS rows (never read), and the
+    # status said 0 rows in total until the GPU task finished.
+    w = World(chunk_rows=2, gpu=True)  # GPU_MIN_ROWS = 10
+    m = w.drop(make_csv(25))
+    assert m.state == JobState.GPU and m.chunk_count == 0
+    assert _chunk_objects(w) == [] and w.queue.sent == []
+    st = w.jobs.status(B, m.job_id)
+    assert st["state"] == "gpu" and st["chunks"] == {"done": 0, "total": 0}
+    # While the task runs, the total is the rows counted before the GPU path was chosen: a lower bound.
+    assert st["rows"]["done"] == 0 and 10 < st["rows"]["total"] <= 25
+    result = w.jobs.score_whole(m, lambda src, dst: w.scorer(src, dst, excel_safe=False, on_row=lambda _n: None))
+    w.jobs.complete_whole(m, result)
+    st = w.jobs.status(B, m.job_id)
+    assert st["state"] == "done" and st["rows"] == {"done": 25, "total": 25}
+
+
+def test_a_file_under_the_gpu_threshold_is_split_once() -> None:
+    w = World(chunk_rows=2, gpu=True)  # GPU_MIN_ROWS = 10: 10 rows stay on the Lambda path
+    body = make_csv(10)
+    m = w.drop(body)
+    assert m.state == JobState.RUNNING and m.chunk_count == 5 and m.row_count == 10
+    assert len(_chunk_objects(w)) == 5 and all(len(w.objects.objects[(B, k)]) == 1 for k in _chunk_objects(w))
+    w.drain()
+    assert w.state(m.job_id) == JobState.DONE and w.output() == whole_file(body)
+
+
+# ------------------------------------------------------------------------------ default outputs
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("incoming/uploads/x.csv", "uploads/x.csv"),  # an S3 drop, and POST /jobs on a key outside incoming/
+        ("incoming/x.CSV", "incoming/x.csv"),
+        ("incoming/x", "incoming/x.csv"),
+        ("incoming/x.CSV.csv", "incoming/x.CSV"),
+        ("incoming/_/uploads/x.csv", "uploads/x.csv"),
+        ("incoming/__/x.csv", "incoming/_/x.csv"),
+        ("_/x.csv", "x.csv"),
+    ],
+)
+def test_two_inputs_never_share_a_default_output(a: str, b: str) -> None:
+    jobs = World().jobs
+    assert jobs.default_output(a) != jobs.default_output(b)
+
+
+@pytest.mark.parametrize(
+    "key, out",
+    [
+        ("incoming/x.csv", "scored/x_scored.csv"),
+        ("incoming/team/2024/x.csv", "scored/team/2024/x_scored.csv"),
+        ("incoming/x.CSV", "scored/x_scored.CSV"),
+        ("incoming/x", "scored/x_scored"),
+        ("incoming/_/x.csv", "scored/__/x_scored.csv"),
+        ("uploads/2024/x.csv", "scored/_/uploads/2024/x_scored.csv"),
+        ("x.csv", "scored/_/x_scored.csv"),
+    ],
+)
+def test_default_output(key: str, out: str) -> None:
+    assert World().jobs.default_output(key) == out
+
+
+def test_an_s3_drop_and_post_jobs_of_the_same_name_both_keep_their_output() -> None:
+    # Before: incoming/uploads/x.csv (S3 drop) and uploads/x.csv (POST /jobs) both wrote
+    # scored/uploads/x_scored.csv: both jobs said done, and one output replaced the other.
+    w = World(chunk_rows=10)
+    dropped, posted = make_csv(5), make_csv(7)
+    m1 = w.drop(dropped, key="incoming/uploads/x.csv")
+    w.objects._write(B, "uploads/x.csv", posted.encode())
+    m2 = w.jobs.submit(B, "uploads/x.csv")
+    assert m1.output.key != m2.output.key
+    w.drain()
+    assert (w.state(m1.job_id), w.state(m2.job_id)) == (JobState.DONE, JobState.DONE)
+    assert w.objects.text(B, m1.output.key) == whole_file(dropped)
+    assert w.objects.text(B, m2.output.key) == whole_file(posted)

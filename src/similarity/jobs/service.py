@@ -157,13 +157,31 @@ class JobService:
         return self.job_id_for(src, output, excel_safe)
 
     def default_output(self, key: str) -> str:
-        """``<input_prefix>a/b.csv`` -> ``<output_prefix>a/b_scored.csv``; any other key keeps its
-        folders too (``uploads/2024/b.csv`` -> ``<output_prefix>uploads/2024/b_scored.csv``), so
-        two inputs never share a default output."""
+        """The output of ``key`` when none is asked for. Two different input keys never share one:
+
+        * a key under the input prefix keeps its path below the output prefix, ``_scored`` going
+          before the name's extension, which is kept as it is: ``<input_prefix>a/b.csv`` ->
+          ``<output_prefix>a/b_scored.csv``, ``b.CSV`` -> ``b_scored.CSV``, ``b`` -> ``b_scored``;
+        * any other key (``POST /jobs`` only) keeps its whole path under ``<output_prefix>_/``:
+          ``uploads/2024/b.csv`` -> ``<output_prefix>_/uploads/2024/b_scored.csv``, never the output
+          of the S3 drop ``<input_prefix>uploads/2024/b.csv`` (``<output_prefix>uploads/2024/...``);
+        * so that no input-prefix key reaches ``_/`` either, a first folder made only of
+          underscores gets one more: ``<input_prefix>_/b.csv`` -> ``<output_prefix>__/b_scored.csv``.
+
+        One-to-one because the name's extension is found again in the output's name (``_scored``
+        has no dot), and the three kinds of path start differently below the output prefix."""
         s = self.settings
-        rel = key[len(s.input_prefix) :] if key.startswith(s.input_prefix) else key
-        stem = rel[:-4] if rel.lower().endswith(".csv") else rel
-        return f"{s.output_prefix}{stem}_scored.csv"
+        if key.startswith(s.input_prefix):
+            rel = key[len(s.input_prefix) :]
+            first, slash, _rest = rel.partition("/")
+            if slash and first and first.strip("_") == "":
+                rel = "_" + rel
+        else:
+            rel = "_/" + key
+        folder, slash, name = rel.rpartition("/")
+        dot = name.rfind(".")
+        stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+        return f"{s.output_prefix}{folder}{slash}{stem}_scored{ext}"
 
     def submit(self, bucket: str, key: str, output: Location | None = None, excel_safe: bool = False) -> Manifest:
         """``POST /jobs``. With a splitter: check the input, create the job ``splitting`` and hand
@@ -290,14 +308,24 @@ class JobService:
 
     def _split_and_send(self, m: Manifest, claim: _Claim) -> Manifest:
         s = self.settings
+        # Past LAMBDA_MAX_ROWS the merge cannot finish in a worker: the GPU task takes it even
+        # below GPU_MIN_ROWS.
+        gpu_from = min(s.gpu_min_rows, s.lambda_max_rows)
+        if s.gpu_enabled:
+            # Counted before any chunk is written, so a file for the GPU task leaves no chunks
+            # behind (it reads the source itself). The count stops past the threshold and holds
+            # one chunk at a time; a file that stays on the Lambda path is read a second time below.
+            counted = self._count_rows(m, stop_after=gpu_from)
+            if counted > gpu_from:
+                # Only the rows counted so far: a lower bound of the file's rows until the GPU task
+                # finishes and records them all (complete_whole); status reports it as the total.
+                m.row_count = counted
+                return self._start_gpu(m, claim)
         with self.store.open_source(m.source) as raw:
             # Decoded as the CLI decodes (UTF-8, or UTF-16 with its byte-order mark): a bad byte is
             # an InputEncodingError naming its offset, which fails the job with that reason.
             header, chunks = split_csv(TextLines(raw), s.chunk_rows)
             m.header = header
-            # Past LAMBDA_MAX_ROWS the merge cannot finish in a worker: the GPU task takes it even
-            # below GPU_MIN_ROWS.
-            gpu_from = min(s.gpu_min_rows, s.lambda_max_rows)
             rows = count = 0
             with ThreadPoolExecutor(8) as pool:
                 pending: list[Future[None]] = []
@@ -305,7 +333,9 @@ class JobService:
                     rows += chunk.rows
                     count += 1
                     if s.gpu_enabled and rows > gpu_from:
-                        break  # too big for the Lambda fleet: the GPU task scores the whole file
+                        # More rows than counted above: only an object overwritten between the two
+                        # reads (no version id to pin). The GPU task scores the whole file.
+                        break
                     if rows > s.lambda_max_rows:
                         raise JobTooLarge(
                             f"more than LAMBDA_MAX_ROWS ({s.lambda_max_rows}) rows: the merge would not finish "
@@ -319,6 +349,7 @@ class JobService:
                 for f in pending:
                     f.result()
         if s.gpu_enabled and rows > gpu_from:
+            m.row_count = rows  # a lower bound, as above
             return self._start_gpu(m, claim)
         m.chunk_count, m.row_count = count, rows
         if count == 0:  # a header and no rows: the output is the header alone
@@ -332,6 +363,20 @@ class JobService:
         claim.save(m)
         self._fan_out(m)
         return m
+
+    def _count_rows(self, m: Manifest, stop_after: int) -> int:
+        """The source's records, counted as the split counts them, up to the first chunk that
+        takes the count past ``stop_after`` (then a lower bound). Sets the manifest's header; bad
+        input raises as the split would."""
+        with self.store.open_source(m.source) as raw:
+            header, chunks = split_csv(TextLines(raw), self.settings.chunk_rows)
+            m.header = header
+            rows = 0
+            for chunk in chunks:
+                rows += chunk.rows
+                if rows > stop_after:
+                    break
+            return rows
 
     def _fan_out(self, m: Manifest) -> None:
         if self.queue is None:
@@ -555,6 +600,12 @@ class JobService:
 
     # ------------------------------------------------------------------ status
     def status(self, bucket: str, job_id: str) -> dict[str, Any] | None:
+        """``GET /jobs/{id}``. On the Lambda path (running, merging, and failed too) chunks and
+        rows done, errors and compute seconds follow from the chunk markers written so far;
+        ``rows.total`` is the file's rows. A GPU job has no chunks (``chunks`` 0 of 0) and, until
+        its task finishes, ``rows`` done 0 of the rows the split counted before it chose the GPU
+        path: a lower bound (just over ``GPU_MIN_ROWS``, or ``LAMBDA_MAX_ROWS`` where lower); done,
+        the task's count of every row. None for an unknown job."""
         m, etag = self.store.load_tagged(bucket, job_id)
         if m is None:
             return None
@@ -565,7 +616,13 @@ class JobService:
         errors_complete = True
         if m.state == JobState.DONE:
             chunks_done, rows_done, errors, seconds = m.chunk_count, m.row_count, dict(m.errors), m.compute_seconds
-        elif m.path == JobPath.LAMBDA and m.state in (JobState.RUNNING, JobState.MERGING):
+        elif (
+            m.path == JobPath.LAMBDA
+            and m.chunk_count
+            and m.state in (JobState.RUNNING, JobState.MERGING, JobState.FAILED)
+        ):
+            # A failed job counts too: its chunks may all have been scored (and paid for) before
+            # it failed (superseded at the merge, say).
             keys = self.store.done_keys(m)
             chunks_done = len(keys)
             # Every chunk holds chunk_rows records except the last: rows done follow from the keys.
