@@ -12,6 +12,7 @@ import pytest
 from handler import runtime
 from handler.invoke import LocalContext
 from support.imageserver import png_bytes
+from support.lambda_env import tiny_api_env
 from support.shapes import draw
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
@@ -27,12 +28,8 @@ def with_body(event: dict, body: object) -> dict:
 
 @pytest.fixture
 def api(monkeypatch, tiny_clip_dir, moto_endpoint):
-    monkeypatch.setenv("CLIP_MODEL_DIR", str(tiny_clip_dir))
-    monkeypatch.setenv("SIMILARITY_BACKEND", "torch")
-    monkeypatch.setenv("SIMILARITY_ALLOWED_NETWORKS", "127.0.0.1/32")
-    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
-    monkeypatch.setenv("MAX_PAIRS", "8")
-    monkeypatch.setenv("MAX_BODY_BYTES", "200000")
+    for name, value in tiny_api_env(tiny_clip_dir, MAX_PAIRS="8", MAX_BODY_BYTES="200000").items():
+        monkeypatch.setenv(name, value)
     runtime.reset()
     import handler.api as mod
 

@@ -22,6 +22,7 @@ from handler.invoke import LocalContext
 from similarity.errors import FetchTimeout
 from similarity.fetch import Fetcher
 from support.imageserver import png_bytes
+from support.lambda_env import tiny_api_env
 from support.shapes import draw
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
@@ -34,15 +35,11 @@ SLACK = 0.75  # inference of a few rows with the tiny model, the answer, a loade
 
 @pytest.fixture
 def api(monkeypatch, tiny_clip_dir, moto_endpoint):
-    monkeypatch.setenv("CLIP_MODEL_DIR", str(tiny_clip_dir))
-    monkeypatch.setenv("SIMILARITY_BACKEND", "torch")
-    monkeypatch.setenv("SIMILARITY_ALLOWED_NETWORKS", "127.0.0.1/32")
-    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
-    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
-    monkeypatch.setenv("API_FETCH_DEADLINE", "2")
-    monkeypatch.setenv("API_RESERVE_SECONDS", str(RESERVE))
-    monkeypatch.setenv("SIMILARITY_WORKERS", "2")
-    monkeypatch.setenv("MAX_PAIRS", "16")
+    settings = {"API_FETCH_DEADLINE": "2", "API_RESERVE_SECONDS": str(RESERVE), "SIMILARITY_WORKERS": "2"}
+    for name, value in tiny_api_env(
+        tiny_clip_dir, MAX_PAIRS="16", POWERTOOLS_METRICS_DISABLED="true", **settings
+    ).items():
+        monkeypatch.setenv(name, value)
     runtime.reset()
     import handler.api as mod
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from handler import runtime
 from handler.invoke import LocalContext
 from support.imageserver import png_bytes
+from support.lambda_env import tiny_api_env
 from support.shapes import COLOURS, SHAPES, draw
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
@@ -28,13 +29,10 @@ SCORE_EVENT = json.loads((EVENTS / "api_score.json").read_text())
 def api(tiny_clip_dir, moto_endpoint):
     """The handler with the tiny model; module-scoped so the property test's examples share it."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("CLIP_MODEL_DIR", str(tiny_clip_dir))
-    mp.setenv("SIMILARITY_BACKEND", "torch")
-    mp.setenv("SIMILARITY_ALLOWED_NETWORKS", "127.0.0.1/32")
-    mp.setenv("POWERTOOLS_TRACE_DISABLED", "true")
-    mp.setenv("POWERTOOLS_METRICS_DISABLED", "true")
-    mp.setenv("MAX_PAIRS", "8")
-    mp.setenv("MAX_BODY_BYTES", "200000")
+    for name, value in tiny_api_env(
+        tiny_clip_dir, MAX_PAIRS="8", MAX_BODY_BYTES="200000", POWERTOOLS_METRICS_DISABLED="true"
+    ).items():
+        mp.setenv(name, value)
     runtime.reset()
     import handler.api as mod
 

@@ -48,3 +48,15 @@ def dockerfile_env(stage: str, dockerfile: Path = ROOT / "Dockerfile") -> dict[s
                     raise ValueError(f"{dockerfile}: only ENV KEY=VALUE is read, not {line!r}")
                 env[key] = value
     return env
+
+
+def tiny_api_env(model_dir: str | Path, **overrides: str) -> dict[str, str]:
+    """The API function's settings in the in-process handler tests: the tiny model on torch, the
+    loopback image server admitted, powertools' tracer off; ``overrides`` on top."""
+    return {
+        "CLIP_MODEL_DIR": str(model_dir),
+        "SIMILARITY_BACKEND": "torch",
+        "SIMILARITY_ALLOWED_NETWORKS": "127.0.0.1/32",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        **overrides,
+    }

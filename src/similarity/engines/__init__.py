@@ -1,7 +1,7 @@
 """Thin adapters that run the library inside data engines: the engine distributes, the library scores.
 
 - ``similarity.engines.spark.score_dataframe``: a Spark DataFrame in, the same rows with
-  ``similarity``, ``cosine``, ``error`` and ``truncated`` appended (``mapInPandas``).
+  ``similarity``, ``cosine``, ``error`` and ``truncated`` appended (a pandas UDF over the URL and caption).
 - ``similarity.engines.ray.score_dataset``: the same for a Ray Dataset (``map_batches`` over an
   actor pool).
 - ``similarity.engines.ray_serve``: ``similarity serve``'s app as a Ray Serve deployment, one model
