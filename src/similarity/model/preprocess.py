@@ -586,7 +586,10 @@ def _draft(im: Image.Image, cfg: PreprocessConfig) -> tuple[tuple[int, int], tup
     if drafted is None or im.size == (width, height):
         return None
     box = drafted[1]
-    orientation = im.getexif().get(0x0112, 1)  # what _upright will apply after load
+    try:
+        orientation = im.getexif().get(0x0112, 1)  # what _upright will apply after load
+    except Exception:  # noqa: BLE001 - a broken EXIF: _upright takes the picture as upright too
+        orientation = 1
     if orientation in (5, 6, 7, 8):  # the transposing ones swap the sides
         return (height, width), _oriented_box(box, im.size, orientation)
     return (width, height), _oriented_box(box, im.size, orientation)
