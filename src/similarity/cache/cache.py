@@ -357,9 +357,10 @@ class RunCache:
     def load_image(self, url: str, fetcher: Fetcher, pixels: Callable[[bytes], np.ndarray]) -> Hit | Miss:
         """The image's embedding from the cache, or its pixels to embed. For http(s) and s3 URLs
         the URL record is consulted first: trusted within the TTL (when the address guard admits
-        its host and those it was redirected to), else revalidated with a conditional request (a 304 downloads nothing). Fetch
-        and decode errors propagate as the ``RowError`` they are; a hit over this run's byte cap
-        or pixel limit raises the ``TooLarge`` or ``TooManyPixels`` the fetch or decode would."""
+        its host and those it was redirected to), else revalidated with a conditional request (a
+        304 downloads nothing). Fetch and decode errors propagate as the ``RowError`` they are; a
+        hit over this run's byte cap or pixel limit raises the ``TooLarge`` or ``TooManyPixels``
+        the fetch or decode would."""
         if not _remote(url):
             return self._by_content(fetcher.fetch(url), fetcher, pixels)
         now = self.cache.now()
