@@ -49,24 +49,17 @@ def require_onnx_files(model_dir: Path, dtype: str) -> dict[str, Path]:
     return paths
 
 
-def _weights_files(model_dir: Path) -> list[Path]:
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    try:
-        index = json.loads((model_dir / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        shards = sorted({str(v) for v in index.get("weight_map", {}).values()})
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [model_dir / name for name in shards]
-
-
 def weights_fingerprint(model_dir: Path) -> str | None:
     """A cheap identity of the checkpoint's bytes: each weights file's name and size, and a hash of
     samples of it (the head, which holds the safetensors header, three inner blocks and the tail);
     None without weights (a directory that ships only the graphs). Two checkpoints differ in
     nearly every byte, so the samples tell them apart without reading 600 MB at every load."""
-    files = _weights_files(model_dir)
+    from ..model.directory import weights_files  # the model package imports the backends: not at import
+
+    try:
+        files = weights_files(model_dir)
+    except ModelIncomplete:
+        return None  # loading the weights says what is wrong
     if not files:
         return None
     h = hashlib.sha256()

@@ -43,7 +43,7 @@ from typing import Any, TextIO
 
 from ..config import JobSettings
 from ..errors import InputNotFound, MalformedCsv, RunError
-from ..io.chunking import merge_parts, split_csv
+from ..io.chunking import Chunk, merge_parts, split_csv
 from ..io.csvfile import header_line
 from ..io.text import TextLines
 from ..pipeline import FileResult
@@ -62,6 +62,9 @@ STATUS_MARKERS = 500
 FINAL_WRITE_TRIES = 3
 #: The reason of a job whose splitter could not be invoked: the same request again starts it anew.
 SPLIT_NOT_STARTED = "split_not_started"
+#: Chunk text the split holds back (with the GPU path) until the file is known to stay on the
+#: Lambda path: `gpu_from` rows of a usual CSV are far less; the splitter has 1 GB.
+HOLD_BYTES = 128 * 1024 * 1024
 
 
 class JobTooLarge(RunError):
@@ -311,45 +314,57 @@ class JobService:
         # Past LAMBDA_MAX_ROWS the merge cannot finish in a worker: the GPU task takes it even
         # below GPU_MIN_ROWS.
         gpu_from = min(s.gpu_min_rows, s.lambda_max_rows)
-        if s.gpu_enabled:
-            # Counted before any chunk is written, so a file for the GPU task leaves no chunks
-            # behind (it reads the source itself). The count stops past the threshold and holds
-            # one chunk at a time; a file that stays on the Lambda path is read a second time below.
-            counted = self._count_rows(m, stop_after=gpu_from)
-            if counted > gpu_from:
-                # Only the rows counted so far: a lower bound of the file's rows until the GPU task
-                # finishes and records them all (complete_whole); status reports it as the total.
-                m.row_count = counted
-                return self._start_gpu(m, claim)
         with self.store.open_source(m.source) as raw:
             # Decoded as the CLI decodes (UTF-8, or UTF-16 with its byte-order mark): a bad byte is
             # an InputEncodingError naming its offset, which fails the job with that reason.
             header, chunks = split_csv(TextLines(raw), s.chunk_rows)
             m.header = header
             rows = count = 0
+            # With the GPU path, chunks are held until the file is known to stay on the Lambda
+            # path, so a file for the GPU task (which reads the source itself) leaves none behind.
+            # At most `gpu_from` rows are held; past HOLD_BYTES they are written after all.
+            holding, held_bytes = s.gpu_enabled, 0
+            held: list[Chunk] = []
             with ThreadPoolExecutor(8) as pool:
                 pending: list[Future[None]] = []
-                for chunk in chunks:
-                    rows += chunk.rows
-                    count += 1
-                    if s.gpu_enabled and rows > gpu_from:
-                        # More rows than counted above: only an object overwritten between the two
-                        # reads (no version id to pin). The GPU task scores the whole file.
-                        break
-                    if rows > s.lambda_max_rows:
-                        raise JobTooLarge(
-                            f"more than LAMBDA_MAX_ROWS ({s.lambda_max_rows}) rows: the merge would not finish "
-                            "within the worker's timeout; split the file, or deploy the GPU path (GpuImageUri)"
-                        )
+
+                def write(chunk: Chunk) -> None:
+                    nonlocal pending
                     pending.append(pool.submit(self.store.put_chunk, m, chunk.index, chunk.text))
                     if len(pending) >= 64:
                         for f in pending:
                             f.result()
                         pending = []
+
+                for chunk in chunks:
+                    rows += chunk.rows
+                    count += 1
+                    if s.gpu_enabled and rows > gpu_from:
+                        break  # too big for the Lambda fleet: the GPU task scores the whole file
+                    if rows > s.lambda_max_rows:
+                        raise JobTooLarge(
+                            f"more than LAMBDA_MAX_ROWS ({s.lambda_max_rows}) rows: the merge would not finish "
+                            "within the worker's timeout; split the file, or deploy the GPU path (GpuImageUri)"
+                        )
+                    if not holding:
+                        write(chunk)
+                        continue
+                    held.append(chunk)
+                    held_bytes += len(chunk.text)
+                    if held_bytes > HOLD_BYTES:
+                        holding = False
+                        for c in held:
+                            write(c)
+                        held = []
+                to_gpu = s.gpu_enabled and rows > gpu_from
+                for c in [] if to_gpu else held:
+                    write(c)
                 for f in pending:
                     f.result()
-        if s.gpu_enabled and rows > gpu_from:
-            m.row_count = rows  # a lower bound, as above
+        if to_gpu:
+            # Only the rows read so far: a lower bound of the file's rows until the GPU task
+            # finishes and records them all (complete_whole); status reports it as the total.
+            m.row_count = rows
             return self._start_gpu(m, claim)
         m.chunk_count, m.row_count = count, rows
         if count == 0:  # a header and no rows: the output is the header alone
@@ -363,20 +378,6 @@ class JobService:
         claim.save(m)
         self._fan_out(m)
         return m
-
-    def _count_rows(self, m: Manifest, stop_after: int) -> int:
-        """The source's records, counted as the split counts them, up to the first chunk that
-        takes the count past ``stop_after`` (then a lower bound). Sets the manifest's header; bad
-        input raises as the split would."""
-        with self.store.open_source(m.source) as raw:
-            header, chunks = split_csv(TextLines(raw), self.settings.chunk_rows)
-            m.header = header
-            rows = 0
-            for chunk in chunks:
-                rows += chunk.rows
-                if rows > stop_after:
-                    break
-            return rows
 
     def _fan_out(self, m: Manifest) -> None:
         if self.queue is None:

@@ -28,19 +28,27 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def missing_weights(model_dir: Path) -> list[str]:
-    """The weights files the directory lacks: ``model.safetensors``, or the shards its index names
-    (a sharded download cut short leaves the index and some of them)."""
-    if (model_dir / "model.safetensors").is_file():
-        return []
+def weights_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's files: ``model.safetensors``, else the shards its index names (present
+    or not); ``[]`` with neither. ``ModelIncomplete`` for an index that names none."""
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = model_dir / "model.safetensors.index.json"
     if not index.is_file():
-        return ["model.safetensors"]
+        return []
     weight_map = read_json(index).get("weight_map")
     shards = sorted({str(v) for v in weight_map.values()}) if isinstance(weight_map, dict) else []
     if not shards:
         raise ModelIncomplete(f"{index} names no weights files")
-    return [name for name in shards if not (model_dir / name).is_file()]
+    return [model_dir / name for name in shards]
+
+
+def missing_weights(model_dir: Path) -> list[str]:
+    """The weights files the directory lacks: ``model.safetensors``, or the shards its index names
+    (a sharded download cut short leaves the index and some of them)."""
+    files = weights_files(model_dir)
+    return [p.name for p in files if not p.is_file()] if files else ["model.safetensors"]
 
 
 def has_weights(model_dir: Path) -> bool:

@@ -14,7 +14,6 @@ limit from the memory the process has.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import io
 import math
@@ -31,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DecodeError, ModelIncomplete, NotAnImage, TooManyPixels
 from .directory import read_json
+from .resize import FILTERS, pillow_order, vertical_first
 
 #: The formats we decode, each with the Pillow plugin that opens it. Content is sniffed by Pillow;
 #: the server's Content-Type is never trusted. Only these plugins are imported: ``Image.init()``
@@ -479,8 +479,10 @@ def _resize_crop_only(
     sx, sy = bw / new_w, bh / new_h
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + cfg.crop_width, new_w), min(top + cfg.crop_height, new_h)
-    full_vertical_first = _vertical_first(width, height, new_w, new_h, cfg.resample)
-    if box is None and full_vertical_first != _vertical_first(width, height, x1 - x0, y1 - y0, cfg.resample):
+    order = pillow_order(cfg.resample) if cfg.resample in FILTERS else None
+    full_vertical_first = order is not None and vertical_first(width, height, new_w, new_h, order)
+    box_vertical_first = order is not None and vertical_first(width, height, x1 - x0, y1 - y0, order)
+    if box is None and full_vertical_first != box_vertical_first:
         # Pillow picks the pass order from the sizes it is given, and the box resize's sizes pick
         # the other order than the full resize's (a tall image narrower than the edge: the full
         # resize enlarges both axes, the box shrinks the height): up to 23 levels apart on sharp
@@ -494,23 +496,6 @@ def _resize_crop_only(
     oy, ox = y0 - top, x0 - left  # > 0 only where the crop is larger than the resized image
     arr[oy : oy + (y1 - y0), ox : ox + (x1 - x0)] = np.asarray(part, dtype=np.uint8)
     return arr
-
-
-def _vertical_first(width: int, height: int, new_w: int, new_h: int, resample: int) -> bool:
-    """Whether the installed Pillow resizes ``width x height`` to ``new_w x new_h`` vertical pass
-    first (recent releases do when the height shrinks by more than twice the width's reduction)."""
-    shrink_h, shrink_w = height - new_h, width - new_w
-    return _pillow_reorders(resample) and shrink_h > 0 and shrink_h > shrink_w * 2
-
-
-@functools.lru_cache(maxsize=4)
-def _pillow_reorders(resample: int) -> bool:
-    """Whether this Pillow takes the larger reduction first, found on a probe whose two orders
-    round differently (a tall image shrunk mostly in height)."""
-    probe = Image.fromarray(np.random.default_rng(7).integers(0, 256, (97, 23, 3), dtype=np.uint8))
-    whole = np.asarray(probe.resize((19, 11), resample=resample))
-    v_first = probe.resize((23, 11), resample=resample).resize((19, 11), resample=resample)
-    return bool(np.array_equal(whole, np.asarray(v_first)))
 
 
 def _two_passes(
@@ -527,9 +512,7 @@ def _two_passes(
     x0, y0, x1, y1 = out
     sx, sy = scale
     width, height = im.size
-    support = {Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0, Image.Resampling.LANCZOS: 3.0}.get(
-        Image.Resampling(resample), 3.0
-    )
+    support = FILTERS[resample][1]
     if vertical_first:
         reach = support * max(sx, 1.0) + 2
         c0, c1 = max(0, math.floor(x0 * sx - reach)), min(width, math.ceil(x1 * sx + reach))

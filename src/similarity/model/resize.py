@@ -192,9 +192,17 @@ def resize(pixels: Any, size: tuple[int, int], coeffs: Coefficients, order: Pass
             return x.double()
         return _along_last(x.transpose(1, 2), coeffs(h, new_h), torch).transpose(1, 2)
 
+    if vertical_first(width, height, new_w, new_h, order):
+        return horizontal(vertical(pixels))
+    return vertical(horizontal(pixels))
+
+
+def vertical_first(width: int, height: int, new_w: int, new_h: int, order: PassOrder) -> bool:
+    """Whether Pillow, following ``order``, resizes ``width x height`` to ``new_w x new_h``
+    vertical pass first: under the larger-reduction rule, when the height shrinks by more than
+    twice the width's reduction."""
     shrink_h, shrink_w = height - new_h, width - new_w
-    vertical_first = order == "larger-reduction-first" and shrink_h > 0 and shrink_h > shrink_w * 2
-    return horizontal(vertical(pixels)) if vertical_first else vertical(horizontal(pixels))
+    return order == "larger-reduction-first" and shrink_h > 0 and shrink_h > shrink_w * 2
 
 
 #: ``check_device``'s resizes: (source size, target size), both pass orders, shrinking and
@@ -202,21 +210,36 @@ def resize(pixels: Any, size: tuple[int, int], coeffs: Coefficients, order: Pass
 CHECKS = (((97, 23), (19, 11)), ((23, 97), (11, 19)), ((301, 211), (64, 83)), ((40, 30), (91, 67)), ((50, 9), (50, 4)))
 
 
+#: A tall image shrunk mostly in height, where the two pass orders round differently.
+_PROBE = np.random.default_rng(7).integers(0, 256, (97, 23, 3), dtype=np.uint8)
+_PROBE_SIZE = (19, 11)
+
+
+@functools.lru_cache(maxsize=4)
+def pillow_order(resample: int) -> PassOrder | None:
+    """Which pass order the installed Pillow follows, from Pillow alone: its resize of the probe
+    against its own two single-axis resizes taken each way; None when neither matches."""
+    img = Image.fromarray(_PROBE)
+    want = np.asarray(img.resize(_PROBE_SIZE, resample=resample))
+    w, h = _PROBE_SIZE
+    v_first = img.resize((img.width, h), resample=resample).resize(_PROBE_SIZE, resample=resample)
+    h_first = img.resize((w, img.height), resample=resample).resize(_PROBE_SIZE, resample=resample)
+    if np.array_equal(np.asarray(v_first), want):
+        return "larger-reduction-first"
+    return "horizontal-first" if np.array_equal(np.asarray(h_first), want) else None
+
+
 @functools.lru_cache(maxsize=4)
 def pillow_pass_order(resample: int) -> PassOrder:
-    """Which pass order the installed Pillow uses, found by resizing a probe both ways (a tall
-    image shrunk mostly in height, where the two orders round differently)."""
+    """Pillow's pass order (``pillow_order``), checked to be what the device resize reproduces."""
     import torch
 
-    probe = np.random.default_rng(7).integers(0, 256, (97, 23, 3), dtype=np.uint8)
-    size = (19, 11)
-    want = np.asarray(Image.fromarray(probe).resize(size, resample=resample), dtype=np.uint8)
-    coeffs = Coefficients(torch, "cpu", resample)
-    x = torch.from_numpy(probe.copy()).permute(2, 0, 1)
-    orders: tuple[PassOrder, ...] = ("larger-reduction-first", "horizontal-first")
-    for order in orders:
-        got = resize(x, size, coeffs, order).permute(1, 2, 0).to(torch.uint8).numpy()
-        if np.array_equal(got, want):
+    order = pillow_order(resample)
+    if order is not None:
+        want = np.asarray(Image.fromarray(_PROBE).resize(_PROBE_SIZE, resample=resample), dtype=np.uint8)
+        x = torch.from_numpy(_PROBE.copy()).permute(2, 0, 1)
+        got = resize(x, _PROBE_SIZE, Coefficients(torch, "cpu", resample), order)
+        if np.array_equal(got.permute(1, 2, 0).to(torch.uint8).numpy(), want):
             return order
     raise BackendUnavailable(
         f"the installed Pillow ({PIL.__version__}) resizes in a way the device resize does not reproduce; "
